@@ -1,0 +1,55 @@
+"""Resolve a model setting to a checkpoint and load its processor and weights.
+
+`tiny` is the embedded random-weight checkpoint; anything else is a local directory or a hub
+id, loaded through the same `from_pretrained` calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llava_serve import tiny
+from llava_serve.config import ModelConfig
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    if cfg.name == "tiny":
+        return str(tiny.ensure(cfg.tiny_preset, cfg.cache_dir))
+    return str(Path(cfg.name)) if Path(cfg.name).exists() else cfg.name
+
+
+def load_processor(cfg: ModelConfig):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(resolve_path(cfg))
+
+
+def context_length(cfg: ModelConfig) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_path(cfg)).get_text_config().max_position_embeddings
+
+
+def pick_device(cfg: ModelConfig):
+    import torch
+
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def pick_dtype(cfg: ModelConfig, device):
+    import torch
+
+    if cfg.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_model(cfg: ModelConfig):
+    """The `LlavaForConditionalGeneration` in eval mode on the configured device and dtype."""
+    from transformers import LlavaForConditionalGeneration
+
+    device = pick_device(cfg)
+    model = LlavaForConditionalGeneration.from_pretrained(resolve_path(cfg), dtype=pick_dtype(cfg, device))
+    return model.to(device).eval()

@@ -1,0 +1,153 @@
+"""Declarative, validated configuration: one shape for `serve_config.yaml` args and Python.
+
+`AppConfig` is what `deployments.app.build_app` takes. `serve run deployments.app:build_app
+model=DIR` passes plain strings, so `model` also accepts a bare name or path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MiB = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    # A misspelt knob in YAML must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Which checkpoint to serve and how to place it."""
+
+    name: str = Field(
+        "tiny",
+        description="'tiny' (the embedded random-weight checkpoint, built on first use), "
+        "a local directory, or a hub id such as llava-hf/llava-1.5-7b-hf.",
+    )
+    served_name: str | None = Field(None, description="Name reported by /v1/models; defaults to `name`.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="'auto' means float16 on CUDA and float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tiny_preset: Literal["tiny", "small"] = Field(
+        "tiny", description="Which embedded checkpoint 'tiny' builds (small is for benchmarks)."
+    )
+    cache_dir: str | None = Field(
+        None, description="Where embedded checkpoints are built; default ~/.cache/llava-serve."
+    )
+
+    @property
+    def public_name(self) -> str:
+        return self.served_name or self.name
+
+
+class ImageConfig(_Strict):
+    """Limits on caller-supplied images; each one stops a specific abuse."""
+
+    max_bytes: int = Field(20 * MiB, gt=0, description="Encoded bytes per image, enforced while streaming.")
+    max_pixels: int = Field(
+        50_000_000, gt=0, description="Decoded width*height per image; stops decompression bombs."
+    )
+    max_images_per_request: int = Field(4, ge=0, description="Images across all messages of one request.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0, description="Longest silence between two reads.")
+    total_timeout_s: float = Field(20.0, gt=0, description="Whole fetch, so a slow drip cannot hold a slot.")
+    max_redirects: int = Field(3, ge=0)
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP"],
+        description="Pillow format names accepted after decoding the header.",
+    )
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs exempt from the private-address (SSRF) guard, e.g. an internal CDN.",
+    )
+    allowed_local_root: str | None = Field(
+        None, description="If set, file paths under this directory are accepted as image sources."
+    )
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [f.upper() for f in v]
+
+
+class GenerationConfig(_Strict):
+    """Defaults for sampling parameters a request leaves out, and the hard ceiling on output."""
+
+    max_tokens: int = Field(256, gt=0, description="Default when a request sets none.")
+    max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+
+
+class EngineConfig(_Strict):
+    """The model replica's continuous-batching engine."""
+
+    max_batch_size: int = Field(16, gt=0, description="Requests decoded together in one step.")
+    max_batch_tokens: int = Field(
+        32768, gt=0, description="KV budget: sum over running requests of prompt + max_tokens."
+    )
+    max_queue: int = Field(256, ge=0, description="Admitted-but-waiting requests; beyond it, 503.")
+    image_cache_bytes: int = Field(256 * MiB, ge=0, description="LRU of vision-tower outputs; 0 disables.")
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="Health check fails if work is pending and no step finished for this long."
+    )
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve knobs for one deployment."""
+
+    num_replicas: int | Literal["auto"] = 1
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, gt=0)
+    max_queued_requests: int = Field(-1, description="-1: unbounded; otherwise excess gets 503.")
+    autoscaling_config: dict[str, Any] | None = None
+    resources: dict[str, float] | None = Field(None, description="Custom Ray resources, e.g. a node label.")
+
+    def to_serve_options(self) -> dict[str, Any]:
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            actor["resources"] = self.resources
+        opts: dict[str, Any] = {
+            "ray_actor_options": actor,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+def _model_deployment_default() -> DeploymentOptions:
+    # The engine batches internally, so the replica must accept many concurrent streams.
+    return DeploymentOptions(num_cpus=1.0, max_ongoing_requests=256)
+
+
+class AppConfig(_Strict):
+    """Everything `build_app` needs; every field is reachable from `serve_config.yaml`."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    images: ImageConfig = Field(default_factory=ImageConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256))
+    image_preprocessor: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    prompt_tokenizer: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    llava_model: DeploymentOptions = Field(default_factory=_model_deployment_default)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> AppConfig:
+        if self.generation.max_tokens > self.generation.max_tokens_limit:
+            raise ValueError("generation.max_tokens must not exceed generation.max_tokens_limit")
+        return self

@@ -1,0 +1,71 @@
+"""Incremental detokenization that never emits broken UTF-8, and stop-string handling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Prompt tokens decoded as left context: SentencePiece tokenizers (Llama-2, so llava-1.5) drop
+# the leading space of a sequence's first token, which would glue the first word to nothing.
+_PROMPT_CONTEXT = 5
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a small window and emits only what changed past the already-read point; a
+    window ending in U+FFFD is an incomplete multi-byte character, so it waits for more.
+    """
+
+    tokenizer: object
+    ids: list[int] = field(default_factory=list)
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @classmethod
+    def after_prompt(cls, tokenizer, prompt_ids: list[int]) -> IncrementalDetokenizer:
+        ids = list(prompt_ids[-_PROMPT_CONTEXT:])
+        return cls(tokenizer, ids, 0, len(ids))
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
+
+@dataclass
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; truncates at a full match."""
+
+    stops: tuple[str, ...]
+    pending: str = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """At the end of generation, held-back text was not a stop after all."""
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,79 @@
+"""The error taxonomy: raised anywhere, mapped to HTTP once (`llava_serve.http_errors`).
+
+Each class carries the OpenAI error `type`, the HTTP status, and optionally the request
+field (`param`) it is about, so the mapping is data, not a chain of `except` clauses.
+Errors cross Ray boundaries by pickling, so every field lives in `__init__` arguments.
+"""
+
+from __future__ import annotations
+
+
+class LlavaServeError(Exception):
+    """Base class: a failure with a precise message for the caller."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.param, self.code))
+
+    def to_body(self) -> dict:
+        """The OpenAI-style error body."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(LlavaServeError):
+    """The request is malformed or asks for something out of range."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt tokens plus `max_tokens` do not fit the model's context."""
+
+    def __init__(self, message: str, param: str | None = "messages", code: str | None = None):
+        super().__init__(message, param, code or "context_length_exceeded")
+
+
+class ImageError(InvalidRequest):
+    """An image could not be fetched, decoded or accepted under the configured limits."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param, code or "invalid_image")
+
+
+class ModelNotFound(LlavaServeError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = "model", code: str | None = None):
+        super().__init__(message, param, code or "model_not_found")
+
+
+class Overloaded(LlavaServeError):
+    """The server is at capacity; the caller should retry later."""
+
+    status_code = 503
+    error_type = "overloaded_error"
+    retry_after_s = 1
+
+
+class EngineError(LlavaServeError):
+    """A model-side failure that affects only the requests involved."""
+
+    status_code = 500
+    error_type = "server_error"

@@ -1,0 +1,88 @@
+"""Decode caller-supplied image bytes and preprocess them exactly as the checkpoint does.
+
+Everything here is CPU-bound and synchronous; callers run it off the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from llava_serve.config import ImageConfig
+from llava_serve.errors import ImageError
+
+# Our own pixel limit (checked before decoding) is the guard; Pillow's warning-then-error
+# thresholds would otherwise turn a bomb into a log line or a bare exception.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Model-ready pixels plus the content hash that keys the engine's vision cache."""
+
+    pixel_values: np.ndarray  # float32 [3, H, W]
+    content_hash: str
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited onto white: what `transformers.convert_to_rgb` does."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode(data: bytes, limits: ImageConfig, param: str | None = None) -> Image.Image:
+    """Decode the first frame of `data` into an RGB image, enforcing format and pixel limits."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = image.format or "unknown"
+            if fmt.upper() not in limits.allowed_formats:
+                raise ImageError(
+                    f"image format {fmt} is not accepted (allowed: {', '.join(limits.allowed_formats)})",
+                    param,
+                    "unsupported_image_format",
+                )
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{limits.max_pixels}",
+                    param,
+                    "image_too_large",
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animations and multi-page files: the first frame only
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image rejected as a decompression bomb: {e}", param, "image_too_large") from e
+    except Exception as e:  # Pillow raises many types for corrupt input; all mean the same to a caller
+        raise ImageError(f"could not decode image: {e}", param) from e
+    return to_rgb(image)
+
+
+def preprocess(image: Image.Image, image_processor) -> np.ndarray:
+    """Resize, crop and normalize with the checkpoint's own image processor: [3, H, W] float32."""
+    out = image_processor(images=image, return_tensors="np")
+    return np.ascontiguousarray(out["pixel_values"][0], dtype=np.float32)
+
+
+def content_hash(pixel_values: np.ndarray) -> str:
+    """Hash of the preprocessed pixels: equal images share vision-tower output whatever their encoding."""
+    return hashlib.blake2b(pixel_values.tobytes(), digest_size=16).hexdigest()
+
+
+def prepare(data: bytes, image_processor, limits: ImageConfig, param: str | None = None) -> PreparedImage:
+    """Bytes in, model-ready pixels out."""
+    pixels = preprocess(decode(data, limits, param), image_processor)
+    return PreparedImage(pixels, content_hash(pixels))

@@ -1,0 +1,206 @@
+"""The model and the running batch's KV cache. Only the engine's executor thread calls in here.
+
+The batch is a left-padded `DynamicCache`: row i holds one request's keys and values, padding
+columns are masked, and each row has its own next position, so a request's positions are the
+same as if it ran alone. Rows join after a batched prefill and leave at step boundaries.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from llava_serve.images import PreparedImage
+
+
+class VisionCache:
+    """LRU of projected vision-tower outputs, keyed by the preprocessor's content hash, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self.entries:
+            return
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]  # F.pad lists dims last-first
+    return F.pad(t, pad)
+
+
+@dataclass
+class Batch:
+    """The running rows: their cache, padding mask [B, S], next positions [B] and last tokens [B]."""
+
+    seq_ids: list[int]
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+    last_tokens: torch.Tensor
+
+    def merge(self, other: Batch) -> None:
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
+        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
+        self.seq_ids += other.seq_ids
+
+    def keep(self, seq_ids: set[int]) -> None:
+        """Drop every row not in `seq_ids`, then trim columns that are padding in every row left."""
+        rows = [i for i, s in enumerate(self.seq_ids) if s in seq_ids]
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        start = int(self.mask[index].any(0).nonzero()[0]) if rows else 0
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self.mask = self.mask[index, start:]
+        self.positions = self.positions[index]
+        self.last_tokens = self.last_tokens[index]
+        self.seq_ids = [self.seq_ids[i] for i in rows]
+
+
+class ModelRunner:
+    """Runs batched forward passes of a `LlavaForConditionalGeneration`."""
+
+    def __init__(self, model, image_cache_bytes: int):
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        self.image_token_id = model.config.image_token_id
+        self.text_config = model.config.get_text_config()
+        self.vision_cache = VisionCache(image_cache_bytes)
+        self.batch: Batch | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.batch is None else len(self.batch.seq_ids)
+
+    # -- vision ---------------------------------------------------------------------------
+
+    def encode_images(self, images: list[PreparedImage]) -> list[torch.Tensor]:
+        """Projected features [tokens, hidden] per image; cache misses go through the tower together."""
+        found = {im.content_hash: self.vision_cache.get(im.content_hash) for im in images}
+        missing = [h for h, v in found.items() if v is None]
+        if missing:
+            by_hash = {im.content_hash: im for im in images}
+            pixels = torch.stack([torch.from_numpy(by_hash[h].pixel_values) for h in missing])
+            features = self.model.model.get_image_features(
+                pixel_values=pixels.to(self.device, self.dtype)
+            ).pooler_output
+            for h, f in zip(missing, features, strict=True):
+                found[h] = f
+                self.vision_cache.put(h, f)
+        return [found[im.content_hash] for im in images]
+
+    # -- prefill and decode ----------------------------------------------------------------
+
+    def _embed(self, input_ids: list[int], images: list[PreparedImage]) -> torch.Tensor:
+        ids = torch.tensor(input_ids, device=self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        if images:
+            features = torch.cat(self.encode_images(images)).to(embeds.dtype)
+            embeds = embeds.masked_scatter((ids == self.image_token_id)[:, None], features)
+        return embeds
+
+    @torch.inference_mode()
+    def prefill(self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]) -> torch.Tensor:
+        """Run the prompts as one left-padded batch; return last-position logits [K, vocab].
+
+        The new rows are staged, not yet part of the running batch: call `commit()` once
+        their first tokens are sampled, so a failure here leaves the running batch untouched.
+        """
+        embeds = [self._embed(ids, images) for ids, images in prompts]
+        length = max(e.shape[0] for e in embeds)
+        inputs = torch.stack([_left_pad(e, length, 0) for e in embeds])
+        mask = torch.stack(
+            [_left_pad(torch.ones(e.shape[0], dtype=torch.long, device=self.device), length, 0) for e in embeds]
+        )
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.text_config)
+        out = self.model(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._staged = Batch(
+            seq_ids=list(seq_ids),
+            cache=cache,
+            mask=mask,
+            positions=mask.sum(-1),
+            last_tokens=torch.zeros(len(seq_ids), dtype=torch.long, device=self.device),
+        )
+        return out.logits[:, -1, :]
+
+    def commit(self, first_tokens: list[int]) -> None:
+        """Add the staged prefill rows, with their first sampled tokens, to the running batch."""
+        staged, self._staged = self._staged, None
+        staged.last_tokens = torch.tensor(first_tokens, dtype=torch.long, device=self.device)
+        if self.batch is None:
+            self.batch = staged
+        else:
+            self.batch.merge(staged)
+
+    @torch.inference_mode()
+    def decode(self) -> torch.Tensor:
+        """One token for every running row; return logits [B, vocab]."""
+        b = self.batch
+        b.mask = torch.cat([b.mask, torch.ones_like(b.mask[:, :1])], dim=1)
+        out = self.model(
+            input_ids=b.last_tokens[:, None],
+            attention_mask=b.mask,
+            position_ids=b.positions[:, None],
+            cache=b.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        b.positions = b.positions + 1
+        return out.logits[:, -1, :]
+
+    def set_last_tokens(self, tokens: list[int]) -> None:
+        self.batch.last_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+
+    def keep(self, seq_ids: set[int]) -> None:
+        """Free the KV rows of every sequence not in `seq_ids`."""
+        if self.batch is None:
+            return
+        self.batch.keep(seq_ids)
+        if not self.batch.seq_ids:
+            self.batch = None
+
+    def reset(self) -> None:
+        """Drop the whole batch, e.g. after a failed decode left the cache in an unknown state."""
+        self.batch = None
+        self._staged = None

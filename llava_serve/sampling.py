@@ -1,0 +1,80 @@
+"""Per-request sampling parameters and the sampler that applies them row by row in a batch."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from llava_serve.config import GenerationConfig
+from llava_serve.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def resolve(
+        cls,
+        defaults: GenerationConfig,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+    ) -> SamplingParams:
+        """Fill what the request left out from config defaults, and enforce the ceilings."""
+        max_tokens = defaults.max_tokens if max_tokens is None else max_tokens
+        if max_tokens > defaults.max_tokens_limit:
+            raise InvalidRequest(
+                f"max_tokens is {max_tokens}, over this server's limit of {defaults.max_tokens_limit}",
+                "max_tokens",
+            )
+        return cls(
+            max_tokens=max_tokens,
+            temperature=defaults.temperature if temperature is None else temperature,
+            top_p=defaults.top_p if top_p is None else top_p,
+            top_k=defaults.top_k if top_k is None else top_k,
+            seed=seed,
+            stop=tuple(stop),
+        )
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A private RNG per request, so a seeded request samples the same whatever shares its batch."""
+    if params.greedy:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    return g
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from one row of logits ([vocab]), as HF's warpers would."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop tokens once the mass before them already reaches top_p; the first always stays.
+        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,77 @@
+"""One request's state inside the engine: what it asked for and what it has produced so far."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from llava_serve.detok import IncrementalDetokenizer, StopMatcher
+from llava_serve.images import PreparedImage
+from llava_serve.sampling import SamplingParams, make_generator, sample_row
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one decode step produced for one request; `text` may be empty while held back."""
+
+    token_id: int
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class Sequence:
+    input_ids: list[int]
+    images: list[PreparedImage]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    num_generated: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    stop: StopMatcher = field(init=False)
+
+    def __post_init__(self):
+        self.stop = StopMatcher(self.params.stop)
+
+    @classmethod
+    def create(cls, input_ids, images, params, tokenizer, eos_ids, device) -> Sequence:
+        return cls(
+            input_ids=list(input_ids),
+            images=list(images),
+            params=params,
+            eos_ids=frozenset(eos_ids),
+            detok=IncrementalDetokenizer.after_prompt(tokenizer, input_ids),
+            generator=make_generator(params, device),
+        )
+
+    @property
+    def kv_budget(self) -> int:
+        """Tokens this request may hold in the KV cache at its longest."""
+        return len(self.input_ids) + self.params.max_tokens
+
+    def advance(self, logits: torch.Tensor) -> StepOutput:
+        """Sample the next token from this row's logits and turn it into text."""
+        token = sample_row(logits, self.params, self.generator)
+        self.num_generated += 1
+        finish = None
+        if token in self.eos_ids:
+            text, finish = self.stop.flush(), "stop"
+        else:
+            text, hit = self.stop.feed(self.detok.push(token))
+            if hit:
+                finish = "stop"
+            elif self.num_generated >= self.params.max_tokens:
+                text, finish = text + self.stop.flush(), "length"
+        self.finished = finish is not None
+        return StepOutput(token, text, finish, len(self.input_ids), self.num_generated)
