@@ -101,7 +101,7 @@ class DeploymentOptions(_Strict):
     """Ray Serve knobs for one deployment."""
 
     num_replicas: int | Literal["auto"] = 1
-    num_cpus: float = Field(0.5, ge=0)
+    num_cpus: float = Field(0.25, ge=0, description="Logical CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, gt=0)
     max_queued_requests: int = Field(-1, description="-1: unbounded; otherwise excess gets 503.")

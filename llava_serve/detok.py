@@ -38,6 +38,14 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         return full[len(prefix) :]
 
+    def flush(self) -> str:
+        """At the end: whatever was held back, an incomplete character included (as U+FFFD)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
 
 @dataclass
 class StopMatcher:

@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from llava_serve.config import EngineConfig
+from llava_serve import checkpoint
+from llava_serve.config import EngineConfig, ModelConfig
 from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded
 from llava_serve.images import PreparedImage
 from llava_serve.runner import ModelRunner
@@ -39,6 +40,15 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.steps = 0
         self.last_step_end = time.monotonic()
+
+    @classmethod
+    def load(cls, model: ModelConfig, config: EngineConfig) -> Engine:
+        """Load the checkpoint and build an engine around it (blocking: call from a constructor)."""
+        processor = checkpoint.load_processor(model)
+        weights = checkpoint.load_model(model)
+        eos = weights.generation_config.eos_token_id
+        eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+        return cls(ModelRunner(weights, config.image_cache_bytes), processor.tokenizer, eos_ids, config)
 
     # -- public API (event loop) -------------------------------------------------------------
 
@@ -167,7 +177,9 @@ class Engine:
             logger.exception("engine phase %s failed for %d requests", phase.__name__, len(seqs))
             if phase == self._decode:
                 self.runner.reset()  # a half-updated cache cannot be trusted
-            error = e if isinstance(e, LlavaServeError) else EngineError(f"generation failed: {type(e).__name__}")
+            error = (
+                e if isinstance(e, LlavaServeError) else EngineError(f"generation failed: {type(e).__name__}")
+            )
             for seq in seqs:
                 seq.finished = True
             return [(seq, error) for seq in seqs]

@@ -77,3 +77,19 @@ class EngineError(LlavaServeError):
 
     status_code = 500
     error_type = "server_error"
+
+
+def unwrap(error: BaseException) -> LlavaServeError:
+    """Our typed error inside `error`, or a generic server error.
+
+    Errors raised in another Ray Serve replica arrive wrapped (Ray's wrappers keep the
+    original in `cause`); this finds ours without importing Ray.
+    """
+    seen: BaseException | None = error
+    for _ in range(8):
+        if isinstance(seen, LlavaServeError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+        if seen is None:
+            break
+    return EngineError(f"internal error: {type(error).__name__}")

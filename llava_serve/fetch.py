@@ -61,7 +61,9 @@ async def fetch_http(
         async with asyncio.timeout(limits.total_timeout_s):
             async with client.stream("GET", url) as response:
                 if response.status_code != 200:
-                    raise ImageError(f"image URL returned HTTP {response.status_code}", param, "image_fetch_failed")
+                    raise ImageError(
+                        f"image URL returned HTTP {response.status_code}", param, "image_fetch_failed"
+                    )
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > limits.max_bytes:
                     raise _too_big(int(declared), limits, param)
@@ -81,7 +83,9 @@ async def fetch_http(
     except httpx.TimeoutException as e:
         raise ImageError(f"image fetch timed out: {type(e).__name__}", param, "image_fetch_timeout") from e
     except httpx.HTTPError as e:
-        raise ImageError(f"could not fetch image: {type(e).__name__}: {e}", param, "image_fetch_failed") from e
+        raise ImageError(
+            f"could not fetch image: {type(e).__name__}: {e}", param, "image_fetch_failed"
+        ) from e
 
 
 def make_client(limits: ImageConfig) -> httpx.AsyncClient:

@@ -64,6 +64,8 @@ def decode(data: bytes, limits: ImageConfig, param: str | None = None) -> Image.
             image.load()
     except ImageError:
         raise
+    except Image.UnidentifiedImageError as e:
+        raise ImageError("data is not an image in a format this server can decode", param) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image rejected as a decompression bomb: {e}", param, "image_too_large") from e
     except Exception as e:  # Pillow raises many types for corrupt input; all mean the same to a caller

@@ -62,9 +62,12 @@ class PromptBuilder:
     def render(self, messages: list[ChatMessage]) -> str:
         if self.chat_template is None:
             raise InvalidRequest("this checkpoint has no chat template", "model")
-        return self.processor.apply_chat_template(
-            to_template_messages(messages), add_generation_prompt=True, tokenize=False
-        )
+        try:
+            return self.processor.apply_chat_template(
+                to_template_messages(messages), add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # checkpoint templates raise their own errors for shapes they refuse
+            raise InvalidRequest(f"the chat template cannot render these messages: {e}", "messages") from e
 
     def build(self, messages: list[ChatMessage], max_tokens: int) -> PromptInputs:
         """Token ids for `messages`, checked to leave room for `max_tokens` of output."""

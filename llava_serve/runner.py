@@ -133,7 +133,9 @@ class ModelRunner:
         return embeds
 
     @torch.inference_mode()
-    def prefill(self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]) -> torch.Tensor:
+    def prefill(
+        self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]
+    ) -> torch.Tensor:
         """Run the prompts as one left-padded batch; return last-position logits [K, vocab].
 
         The new rows are staged, not yet part of the running batch: call `commit()` once
@@ -143,7 +145,10 @@ class ModelRunner:
         length = max(e.shape[0] for e in embeds)
         inputs = torch.stack([_left_pad(e, length, 0) for e in embeds])
         mask = torch.stack(
-            [_left_pad(torch.ones(e.shape[0], dtype=torch.long, device=self.device), length, 0) for e in embeds]
+            [
+                _left_pad(torch.ones(e.shape[0], dtype=torch.long, device=self.device), length, 0)
+                for e in embeds
+            ]
         )
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.text_config)

@@ -64,14 +64,14 @@ class Sequence:
         """Sample the next token from this row's logits and turn it into text."""
         token = sample_row(logits, self.params, self.generator)
         self.num_generated += 1
-        finish = None
-        if token in self.eos_ids:
-            text, finish = self.stop.flush(), "stop"
-        else:
-            text, hit = self.stop.feed(self.detok.push(token))
-            if hit:
-                finish = "stop"
-            elif self.num_generated >= self.params.max_tokens:
-                text, finish = text + self.stop.flush(), "length"
+        eos = token in self.eos_ids
+        out_of_room = not eos and self.num_generated >= self.params.max_tokens
+        new = self.detok.flush() if eos else self.detok.push(token)
+        if out_of_room:
+            new += self.detok.flush()
+        text, hit = self.stop.feed(new)
+        finish = "stop" if hit or eos else "length" if out_of_room else None
+        if finish is not None and not hit:
+            text += self.stop.flush()
         self.finished = finish is not None
         return StepOutput(token, text, finish, len(self.input_ids), self.num_generated)

@@ -22,7 +22,8 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}"
-    "{% for part in message['content'] %}{{ part['text'] + '\n' }}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] + '\n' }}{% endif %}"
+    "{% endfor %}"
     "{% else %}"
     "{{ message['role'].upper() + ': ' }}"
     "{% for part in message['content'] %}"

@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make serve` and `make test`.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# Installed alone and first: a looser torch requirement pulls several GB of CUDA wheels on CPU hosts.
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install serve test lint bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+serve: install
+	$(VENV)/bin/serve run serve_config.yaml
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/engine.py

@@ -1,0 +1,1 @@
+"""Ray Serve wiring for llava-serve: thin deployment classes and the app builder."""

@@ -1,0 +1,28 @@
+"""The Ray Serve app builder: `serve run deployments.app:build_app model=DIR` or `serve_config.yaml`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.model import LlavaModel
+from deployments.preprocess import ImagePreprocessor, PromptTokenizer
+from llava_serve.config import AppConfig
+
+
+def build(config: AppConfig) -> Application:
+    """Compose the deployments, each with its own options from `config`."""
+    preprocessor = ImagePreprocessor.options(**config.image_preprocessor.to_serve_options()).bind(config)
+    tokenizer = PromptTokenizer.options(**config.prompt_tokenizer.to_serve_options()).bind(config)
+    model = LlavaModel.options(
+        **config.llava_model.to_serve_options(),
+        health_check_period_s=10,
+    ).bind(config)
+    return Ingress.options(**config.ingress.to_serve_options()).bind(config, preprocessor, tokenizer, model)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve app builder; `args` has the shape of `AppConfig` (validated here)."""
+    return build(AppConfig.model_validate(dict(args)))

@@ -1,0 +1,43 @@
+"""The GPU deployment: holds the weights and streams tokens from the batching engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from llava_serve.config import AppConfig
+from llava_serve.engine import Engine
+from llava_serve.errors import InvalidRequest
+from llava_serve.images import PreparedImage
+from llava_serve.prompts import PromptInputs
+from llava_serve.sampling import SamplingParams
+from llava_serve.sequence import StepOutput
+
+
+@serve.deployment
+class LlavaModel:
+    def __init__(self, config: AppConfig):
+        self.engine = Engine.load(config.model, config.engine)
+
+    async def generate(
+        self, prompt: PromptInputs, params: SamplingParams, *images: PreparedImage
+    ) -> AsyncIterator[StepOutput]:
+        """Stream one request's tokens; call with `handle.options(stream=True)`.
+
+        Images come as separate positional arguments because Serve resolves upstream
+        `DeploymentResponse`s only at the top level of the arguments.
+        """
+        if prompt.num_images != len(images):
+            raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
+        async for out in self.engine.generate(prompt.input_ids, list(images), params):
+            yield out
+
+    async def stats(self) -> dict:
+        return self.engine.stats()
+
+    async def check_health(self) -> None:
+        self.engine.check_health()
+
+    async def __del__(self):
+        await self.engine.shutdown()

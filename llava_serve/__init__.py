@@ -1,0 +1,1 @@
+"""llava-serve: serve LLaVA-family vision-language models on Ray Serve."""

@@ -1,0 +1,58 @@
+"""One real Ray Serve instance per test session, serving the tiny checkpoint on loopback."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from llava_serve.config import AppConfig
+from tests.imageserver import ImageServer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(tiny_dir: str) -> AppConfig:
+    small = {"num_cpus": 0.1}
+    return AppConfig.model_validate(
+        {
+            "model": {"name": tiny_dir, "served_name": "llava-tiny"},
+            "generation": {"max_tokens": 16},
+            "ingress": small,
+            "image_preprocessor": small,
+            "prompt_tokenizer": small,
+            "llava_model": {"num_cpus": 0.5, "max_ongoing_requests": 128},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    with ImageServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def serve_url(tiny_dir):
+    """Base URL of the llava app on a fresh Ray Serve instance (app name 'llava')."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(app_config(tiny_dir)), name="llava", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def config(tiny_dir) -> AppConfig:
+    return app_config(tiny_dir)

@@ -1,0 +1,126 @@
+"""The OpenAI-compatible HTTP surface of a running app, checked against `transformers.generate`."""
+
+import io
+import json
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import data_uri, encode, random_image
+from tests.reference import hf_greedy, image_request
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_greedy_completion_equals_transformers_generate(serve_url, processor, hf_model):
+    image = random_image(10, (80, 60))
+    body = image_request(data_uri(image), max_tokens=20, temperature=0)
+    expected, prompt_tokens = hf_greedy(processor, hf_model, body["messages"], [image], 20)
+    r = httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == "llava-tiny"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    assert out["usage"]["prompt_tokens"] == prompt_tokens
+    assert out["usage"]["completion_tokens"] <= 20
+    assert r.headers["x-request-id"]
+
+
+def test_streamed_completion_equals_transformers_generate(serve_url, processor, hf_model):
+    image = random_image(11, (33, 90), "RGBA")
+    body = image_request(
+        data_uri(image),
+        "Describe it.",
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    expected, prompt_tokens = hf_greedy(processor, hf_model, body["messages"], [image], 24)
+    with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == expected
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finish[-1] in ("stop", "length") and not any(finish[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == prompt_tokens
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_http_image_url_is_fetched(serve_url, image_server, processor, hf_model):
+    image = random_image(12, (64, 64))
+    url = image_server.add("/cat.jpg", encode(image, "JPEG"), "image/jpeg")
+    body = image_request(url, max_tokens=12, temperature=0)
+    expected, _ = hf_greedy(
+        processor, hf_model, body["messages"], [Image.open(io.BytesIO(encode(image, "JPEG")))], 12
+    )
+    r = httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({"messages": []}, "messages", "at least 1"),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "messages.0.role",
+            "'system', 'user' or 'assistant'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": 3},
+            "temperature",
+            "less than or equal to 2",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "1"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}}, "logit_bias", "Extra inputs"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
+            "max_tokens",
+            "limit of 4096",
+        ),
+        (image_request("data:image/png;base64,AAAA"), "messages[0].content[0].image_url.url", "not an image"),
+        (image_request("ftp://example.com/x.png"), "messages[0].content[0].image_url.url", "scheme 'ftp'"),
+        ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, "model", "not served here"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_requests_get_a_precise_4xx(serve_url, body, param, fragment, stream):
+    r = httpx.post(f"{serve_url}/v1/chat/completions", json={**body, "stream": stream}, timeout=30)
+    assert 400 <= r.status_code < 500, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert fragment in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_400(serve_url):
+    r = httpx.post(
+        f"{serve_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_models_and_health(serve_url):
+    models = httpx.get(f"{serve_url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["llava-tiny"]
+    assert httpx.get(f"{serve_url}/health").json() == {"status": "ok"}
+
+
+def test_client_request_id_is_echoed(serve_url):
+    r = httpx.get(f"{serve_url}/health", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"

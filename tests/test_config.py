@@ -1,0 +1,49 @@
+"""The shipped configs validate and build into a Serve app without loading any weights."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import build
+from llava_serve.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _app_args(path: Path) -> dict:
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "deployments.app:build_app"
+    return app.args
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/llava-1.5-7b.yaml"])
+def test_shipped_configs_validate_and_build(path):
+    config = AppConfig.model_validate(_app_args(ROOT / path))
+    app = build(config)  # binds deployments; nothing is loaded until Serve starts replicas
+    assert app is not None
+
+
+def test_gpu_example_pins_the_model_to_a_gpu_in_fp16():
+    config = AppConfig.model_validate(_app_args(ROOT / "configs/llava-1.5-7b.yaml"))
+    assert config.model.name == "llava-hf/llava-1.5-7b-hf"
+    assert config.model.dtype == "float16"
+    opts = config.llava_model.to_serve_options()
+    assert opts["ray_actor_options"]["num_gpus"] == 1
+    assert config.image_preprocessor.to_serve_options()["ray_actor_options"]["num_gpus"] == 0
+    assert "autoscaling_config" in config.image_preprocessor.to_serve_options()
+
+
+def test_default_config_is_every_default():
+    assert AppConfig.model_validate(_app_args(ROOT / "serve_config.yaml")) == AppConfig()
+
+
+def test_cli_shorthand_and_misspelt_knobs():
+    assert AppConfig.model_validate({"model": "/models/x"}).model.name == "/models/x"
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        AppConfig.model_validate({"engine": {"max_batch_sise": 4}})
+    with pytest.raises(ValidationError, match="max_tokens_limit"):
+        AppConfig.model_validate({"generation": {"max_tokens": 10, "max_tokens_limit": 5}})

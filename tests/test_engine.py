@@ -1,0 +1,149 @@
+"""The engine against `transformers.generate` on the same checkpoint, inputs and images."""
+
+import asyncio
+
+import pytest
+import torch
+
+from llava_serve import images
+from llava_serve.config import EngineConfig, ImageConfig
+from llava_serve.engine import Engine
+from llava_serve.errors import Overloaded
+from llava_serve.prompts import PromptBuilder
+from llava_serve.protocol import ChatMessage
+from llava_serve.runner import ModelRunner
+from llava_serve.sampling import SamplingParams
+from tests.conftest import encode, random_image
+
+QUESTIONS = ["What is this?", "Describe the picture in detail, please.", "Hi", "Is there a cat?", "Why?"]
+
+
+class Case:
+    """One request: the engine's inputs and the HF reference output for greedy decoding."""
+
+    def __init__(self, processor, hf_model, question: str, image_seeds: list[int], max_tokens: int):
+        content = [{"type": "image_url", "image_url": {"url": "x"}} for _ in image_seeds]
+        msgs = [ChatMessage(role="user", content=[*content, {"type": "text", "text": question}])]
+        builder = PromptBuilder(processor, 2048)
+        self.input_ids = builder.build(msgs, max_tokens).input_ids
+        pics = [random_image(s, (40 + 13 * s, 64 - 3 * s)) for s in image_seeds]
+        self.images = [images.prepare(encode(p), processor.image_processor, ImageConfig()) for p in pics]
+        self.max_tokens = max_tokens
+        inputs = processor(text=builder.render(msgs), images=pics or None, return_tensors="pt")
+        self.inputs = inputs
+
+    def reference(self, hf_model) -> list[int]:
+        with torch.no_grad():
+            out = hf_model.generate(**self.inputs, max_new_tokens=self.max_tokens, do_sample=False)
+        return out[0, self.inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def cases(processor, hf_model):
+    specs = [(0, [1], 24), (1, [2], 9), (2, [], 30), (3, [3, 4], 17), (4, [1], 40), (0, [5], 3)]
+    built = [Case(processor, hf_model, QUESTIONS[q], seeds, n) for q, seeds, n in specs]
+    for c in built:
+        c.expected = c.reference(hf_model)
+    return built
+
+
+@pytest.fixture
+async def engine(tiny_dir, processor):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    eng = Engine(
+        ModelRunner(model, 1 << 24),
+        processor.tokenizer,
+        [model.config.text_config.eos_token_id],
+        EngineConfig(max_batch_size=8, max_queue=64),
+    )
+    yield eng
+    await eng.shutdown()
+
+
+async def collect(engine, case, params=None, delay=0.0):
+    await asyncio.sleep(delay)
+    params = params or SamplingParams(max_tokens=case.max_tokens, temperature=0.0)
+    return [o.token_id async for o in engine.generate(case.input_ids, case.images, params)]
+
+
+async def test_mixed_batch_greedy_equals_solo_generate(engine, cases):
+    # Staggered arrivals: later requests join a batch that is already decoding.
+    results = await asyncio.gather(*[collect(engine, c, delay=0.005 * i) for i, c in enumerate(cases)])
+    for case, tokens in zip(cases, results, strict=True):
+        assert tokens == case.expected
+    assert engine.num_running == 0 and engine.runner.batch is None
+
+
+async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engine, cases):
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    solo = await collect(engine, cases[0], params)
+    crowd = await asyncio.gather(
+        collect(engine, cases[1]), collect(engine, cases[0], params, 0.003), collect(engine, cases[2])
+    )
+    assert crowd[1] == solo
+    other_seed = await collect(engine, cases[0], SamplingParams(max_tokens=20, temperature=0.9, seed=99))
+    assert other_seed != solo
+
+
+async def test_cancelling_half_of_16_streams_leaves_the_rest_correct(engine, cases):
+    case = cases[4]  # 40 tokens: long enough to be mid-stream when cancelled
+    streams = [
+        engine.generate(case.input_ids, case.images, SamplingParams(40, temperature=0.0)) for _ in range(16)
+    ]
+
+    async def run(i, stream):
+        tokens = []
+        async for out in stream:
+            tokens.append(out.token_id)
+            if i % 2 and len(tokens) == 3:
+                await stream.aclose()  # what a client disconnect does
+                return None
+        return tokens
+
+    results = await asyncio.gather(*[run(i, s) for i, s in enumerate(streams)])
+    for i, tokens in enumerate(results):
+        assert tokens is None if i % 2 else tokens == case.expected
+    await asyncio.sleep(0.05)
+    assert engine.num_running == 0 and engine.runner.num_rows == 0
+    # The freed slots are reused: a new request runs and is correct.
+    assert await collect(engine, cases[1]) == cases[1].expected
+
+
+async def test_cancelled_request_leaves_the_batch_at_the_next_step(engine, cases):
+    long = SamplingParams(max_tokens=500, temperature=0.0)
+    stream = engine.generate(cases[2].input_ids, [], long)
+    await anext(stream)
+    assert engine.num_running == 1
+    await stream.aclose()
+    for _ in range(100):
+        if engine.runner.num_rows == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.num_running == 0 and engine.runner.num_rows == 0
+
+
+async def test_full_queue_is_overloaded(tiny_dir, processor, cases):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    eng = Engine(ModelRunner(model, 0), processor.tokenizer, [2], EngineConfig(max_batch_size=1, max_queue=1))
+    first = eng.generate(cases[2].input_ids, [], SamplingParams(50, temperature=0.0))
+    await anext(first)  # running
+    queued = eng.generate(cases[2].input_ids, [], SamplingParams(5, temperature=0.0))
+    task = asyncio.ensure_future(anext(queued))  # waiting
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded):
+        await anext(eng.generate(cases[2].input_ids, [], SamplingParams(5, temperature=0.0)))
+    await first.aclose()
+    await task
+    await queued.aclose()
+
+
+async def test_repeated_image_hits_the_vision_cache(engine, cases):
+    cache = engine.runner.vision_cache
+    await collect(engine, cases[0])
+    misses, hits = cache.misses, cache.hits
+    assert await collect(engine, cases[0]) == cases[0].expected
+    assert (cache.misses, cache.hits) == (misses, hits + 1)

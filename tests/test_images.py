@@ -1,0 +1,75 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_serve import images
+from llava_serve.config import ImageConfig
+from llava_serve.errors import ImageError
+from tests.conftest import encode, random_image
+
+LIMITS = ImageConfig()
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "fmt"),
+    [
+        ("RGB", (64, 64), "PNG"),
+        ("RGBA", (50, 70), "PNG"),
+        ("L", (80, 40), "PNG"),
+        ("P", (33, 90), "GIF"),
+        ("RGB", (300, 20), "JPEG"),  # wide
+        ("RGB", (17, 200), "BMP"),  # tall
+        ("RGBA", (64, 48), "WEBP"),
+    ],
+)
+def test_prepare_matches_the_checkpoint_processor(processor, mode, size, fmt):
+    original = random_image(1, size, mode)
+    data = encode(original, fmt)
+    prepared = images.prepare(data, processor.image_processor, LIMITS)
+    expected = processor(images=Image.open(io.BytesIO(data)), text="<image>", return_tensors="np")
+    assert prepared.pixel_values.shape == expected["pixel_values"][0].shape
+    assert np.allclose(prepared.pixel_values, expected["pixel_values"][0], atol=1e-6)
+
+
+def test_equal_pixels_share_a_hash_across_encodings(processor):
+    image = random_image(2)
+    a = images.prepare(encode(image, "PNG"), processor.image_processor, LIMITS)
+    b = images.prepare(encode(image, "BMP"), processor.image_processor, LIMITS)
+    c = images.prepare(encode(random_image(3), "PNG"), processor.image_processor, LIMITS)
+    assert a.content_hash == b.content_hash != c.content_hash
+
+
+def test_animated_gif_uses_first_frame(processor):
+    frames = [Image.new("RGB", (32, 32), color) for color in [(255, 0, 0), (0, 0, 255)]]
+    import io
+
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    image = images.decode(buf.getvalue(), LIMITS)
+    assert image.getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_not_an_image_is_a_precise_error():
+    with pytest.raises(ImageError, match="not an image"):
+        images.decode(b"<html>hello</html>", LIMITS, "messages[0].content[0]")
+
+
+def test_truncated_image_is_an_image_error():
+    data = encode(random_image(4, (64, 64)))
+    with pytest.raises(ImageError, match="could not decode"):
+        images.decode(data[: len(data) // 2], LIMITS)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    bomb = encode(Image.new("L", (12000, 12000)), "PNG")  # ~140 KB on disk, 144 Mpx decoded
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ImageError, match="over the limit") as info:
+        images.decode(bomb, LIMITS)
+    assert info.value.code == "image_too_large"
+
+
+def test_format_outside_the_allowlist_is_refused():
+    with pytest.raises(ImageError, match="format BMP is not accepted"):
+        images.decode(encode(random_image(5), "BMP"), ImageConfig(allowed_formats=["png"]))
