@@ -28,6 +28,17 @@ from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import StepOutput
 
 
+class CountingStreamer(TextIteratorStreamer):
+    """`TextIteratorStreamer` that also counts generated tokens (it yields text by words)."""
+
+    tokens = 0
+
+    def put(self, value):
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.tokens += value.numel()
+        super().put(value)
+
+
 @serve.deployment
 class StreamerModel:
     def __init__(self, config: AppConfig):
@@ -47,7 +58,7 @@ class StreamerModel:
         if images:
             pixels = np.stack([im.pixel_values for im in images])
             inputs["pixel_values"] = torch.from_numpy(pixels).to(device, self.model.dtype)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, timeout=0)
+        streamer = CountingStreamer(self.processor.tokenizer, skip_prompt=True, timeout=0)
         sampling = (
             {"do_sample": False}
             if params.greedy
@@ -60,16 +71,14 @@ class StreamerModel:
         )
         kwargs = dict(inputs, streamer=streamer, max_new_tokens=params.max_tokens, **sampling)
         Thread(target=self.model.generate, kwargs=kwargs, daemon=True).start()
-        n = 0
         while True:
             try:
                 for text in streamer:
-                    n += 1
-                    yield StepOutput(-1, text, None, len(prompt.input_ids), n)
+                    yield StepOutput(-1, text, None, len(prompt.input_ids), streamer.tokens)
                 break
             except Empty:
                 await asyncio.sleep(0.001)
-        yield StepOutput(-1, "", "length", len(prompt.input_ids), n)
+        yield StepOutput(-1, "", "length", len(prompt.input_ids), streamer.tokens)
 
     async def loop_lag(self, reset: bool = False) -> dict:
         stats = self.lag.percentiles_ms()

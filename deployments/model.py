@@ -10,6 +10,7 @@ from llava_serve.config import AppConfig
 from llava_serve.engine import Engine
 from llava_serve.errors import InvalidRequest
 from llava_serve.images import PreparedImage
+from llava_serve.looplag import LoopLagMonitor
 from llava_serve.prompts import PromptInputs
 from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import StepOutput
@@ -19,6 +20,7 @@ from llava_serve.sequence import StepOutput
 class LlavaModel:
     def __init__(self, config: AppConfig):
         self.engine = Engine.load(config.model, config.engine)
+        self.lag = LoopLagMonitor()
 
     async def generate(
         self, prompt: PromptInputs, params: SamplingParams, *images: PreparedImage
@@ -28,6 +30,7 @@ class LlavaModel:
         Images come as separate positional arguments because Serve resolves upstream
         `DeploymentResponse`s only at the top level of the arguments.
         """
+        self.lag.start()
         if prompt.num_images != len(images):
             raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
         async for out in self.engine.generate(prompt.input_ids, list(images), params):
@@ -35,6 +38,13 @@ class LlavaModel:
 
     async def stats(self) -> dict:
         return self.engine.stats()
+
+    async def loop_lag(self, reset: bool = False) -> dict:
+        """Percentiles of this replica's event-loop lag (ms), from a 10 ms ticker."""
+        stats = self.lag.percentiles_ms()
+        if reset:
+            self.lag.reset()
+        return stats
 
     async def check_health(self) -> None:
         self.engine.check_health()
