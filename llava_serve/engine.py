@@ -126,6 +126,8 @@ class Engine:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if not self._running:
+                self.last_step_end = time.monotonic()  # idle until now: nothing could have stalled
             decoding = [s for s in self._running.values() if not s.cancelled]
             admit = self._admit()
             if not decoding and not admit:
@@ -174,6 +176,9 @@ class Engine:
         try:
             return phase(seqs)
         except Exception as e:
+            if phase == self._prefill and len(seqs) > 1:
+                # Nothing was committed: prefill them one by one so only the culprit fails.
+                return [out for seq in seqs for out in self._guarded([seq], phase)]
             logger.exception("engine phase %s failed for %d requests", phase.__name__, len(seqs))
             if phase == self._decode:
                 self.runner.reset()  # a half-updated cache cannot be trusted

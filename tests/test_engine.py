@@ -8,7 +8,7 @@ import torch
 from llava_serve import images
 from llava_serve.config import EngineConfig, ImageConfig
 from llava_serve.engine import Engine
-from llava_serve.errors import Overloaded
+from llava_serve.errors import EngineError, Overloaded
 from llava_serve.prompts import PromptBuilder
 from llava_serve.protocol import ChatMessage
 from llava_serve.runner import ModelRunner
@@ -147,3 +147,19 @@ async def test_repeated_image_hits_the_vision_cache(engine, cases):
     misses, hits = cache.misses, cache.hits
     assert await collect(engine, cases[0]) == cases[0].expected
     assert (cache.misses, cache.hits) == (misses, hits + 1)
+
+
+async def test_a_failing_request_fails_alone_and_the_engine_keeps_running(engine, cases):
+    good = cases[0]
+    broken = images.PreparedImage(good.images[0].pixel_values[:, :10, :10].copy(), "wrong-shape")
+    params = SamplingParams(max_tokens=good.max_tokens, temperature=0.0)
+
+    async def bad():
+        return [o async for o in engine.generate(good.input_ids, [broken], params)]
+
+    results = await asyncio.gather(
+        collect(engine, good), bad(), collect(engine, cases[1]), return_exceptions=True
+    )
+    assert results[0] == good.expected and results[2] == cases[1].expected
+    assert isinstance(results[1], EngineError)
+    assert await collect(engine, cases[2]) == cases[2].expected
