@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from llava_serve import process
 from llava_serve.config import AppConfig
 from llava_serve.engine import Engine
 from llava_serve.errors import InvalidRequest
@@ -37,7 +38,7 @@ class LlavaModel:
             yield out
 
     async def stats(self) -> dict:
-        return self.engine.stats()
+        return {**self.engine.stats(), "rss_bytes": process.rss_bytes()}
 
     async def loop_lag(self, reset: bool = False) -> dict:
         """Percentiles of this replica's event-loop lag (ms), from a 10 ms ticker."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
-from llava_serve import checkpoint, images
+from llava_serve import checkpoint, images, process
 from llava_serve.config import AppConfig
-from llava_serve.fetch import fetch_image_bytes, make_client
+from llava_serve.fetch import ImageFetcher
 from llava_serve.images import PreparedImage
 from llava_serve.prompts import PromptBuilder, PromptInputs
 from llava_serve.protocol import ChatMessage
@@ -21,11 +23,26 @@ class ImagePreprocessor:
     def __init__(self, config: AppConfig):
         self.limits = config.images
         self.image_processor = checkpoint.load_processor(config.model).image_processor
-        self.client = make_client(self.limits)
+        self.fetcher = ImageFetcher(self.limits)
+        # As many decoding threads as the replica has CPUs: more would only contend and hold memory.
+        threads = max(1, math.ceil(config.image_preprocessor.num_cpus))
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
     async def __call__(self, source: str, param: str | None = None) -> PreparedImage:
-        data = await fetch_image_bytes(source, self.client, self.limits, param)
-        return await asyncio.to_thread(images.prepare, data, self.image_processor, self.limits, param)
+        data = await self.fetcher.fetch(source, param)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, images.prepare, data, self.image_processor, self.limits, param
+        )
+
+    def stats(self) -> dict:
+        cache = self.fetcher.cache
+        return {
+            "rss_bytes": process.rss_bytes(),
+            "anonymous_bytes": process.anonymous_bytes(),
+            "fetch_cache_bytes": cache.bytes,
+            "fetch_cache_entries": len(cache.entries),
+        }
 
 
 @serve.deployment

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from llava_serve.config import AppConfig
 from llava_serve.errors import InvalidRequest, ModelNotFound, unwrap
+from llava_serve.fetch import check_data_uri
 from llava_serve.prompts import image_sources
 from llava_serve.protocol import (
     AssistantMessage,
@@ -22,14 +23,17 @@ from llava_serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    TopLogprob,
     Usage,
     new_completion_id,
     now,
 )
+from llava_serve.protocol import TokenLogprob as TokenLogprobOut
 from llava_serve.sampling import SamplingParams
-from llava_serve.sequence import StepOutput
+from llava_serve.sequence import StepOutput, TokenLogprob
 
 
 class Backend(Protocol):
@@ -51,11 +55,42 @@ def parse_request(body: Any) -> ChatCompletionRequest:
 
 
 def invalid_from_validation(e: ValidationError | Any) -> InvalidRequest:
-    """The first pydantic/FastAPI validation error as an `InvalidRequest` naming its field."""
-    first = e.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return InvalidRequest(f"{param or 'request'}: {first.get('msg', 'invalid value')}", param)
+    """The most specific validation error as an `InvalidRequest` naming its field.
+
+    For a field that takes a union (`content`: a string or a list of parts) pydantic reports
+    one error per member; the deepest one is what the caller got wrong, and when none goes
+    deeper than the union itself, the caller is told every shape that would have been valid.
+    """
+    errors = e.errors()
+    depth = max(len(err.get("loc", ())) for err in errors)
+    deepest = [err for err in errors if len(err.get("loc", ())) == depth]
+    path = field_path(deepest[0].get("loc", ()))
+    same_field = [err for err in deepest if field_path(err.get("loc", ())) == path]
+    message = " or ".join(dict.fromkeys(err.get("msg", "invalid value") for err in same_field))
+    return InvalidRequest(f"{path or 'request'}: {message}", path or None)
+
+
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def field_path(loc: tuple) -> str:
+    """`('messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url')` ->
+    `messages[0].content[1].image_url.url`: pydantic's union member and tag markers dropped."""
+    out, skip_tag = "", False
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        if part == "body" and not out:
+            continue  # FastAPI's prefix
+        if "[" in part or part in _UNION_MEMBERS:
+            skip_tag = "tagged-union" in part
+            continue
+        if skip_tag:  # the discriminator value of a tagged union, not a field
+            skip_tag = False
+            continue
+        out += f".{part}" if out else part
+    return out
 
 
 class ChatService:
@@ -82,7 +117,15 @@ class ChatService:
             top_k=request.top_k,
             seed=request.seed,
             stop=request.stop_list(),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
         )
+        for url, param in sources:
+            if url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
+                check_data_uri(url, self.config.images, param)
         images = [self.backend.prepare_image(url, param) for url, param in sources]
         prompt = self.backend.tokenize(request.messages, params.max_tokens)
         return _typed(self.backend.generate(prompt, params, images)), params
@@ -91,17 +134,21 @@ class ChatService:
         """A whole (non-streamed) chat completion."""
         request = parse_request(body)
         outputs, _ = self._start(request)
-        text, last = [], None
+        text, logprobs, last = [], [], None
         async for out in outputs:
             text.append(out.text)
+            logprobs.append(out.logprob)
             last = out
+        choice = Choice(
+            message=AssistantMessage(content="".join(text)),
+            finish_reason=last.finish_reason,
+            logprobs=_logprobs(logprobs) if request.logprobs else None,
+        )
         return ChatCompletion(
             id=new_completion_id(),
             created=now(),
             model=self.config.model.public_name,
-            choices=[
-                Choice(message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason)
-            ],
+            choices=[choice],
             usage=_usage(last),
         )
 
@@ -113,16 +160,20 @@ class ChatService:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         cid, created, model = new_completion_id(), now(), self.config.model.public_name
 
+        pending: list = []  # logprobs of tokens whose text is still held back
+
         def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=cid, created=created, model=model, choices=[ChunkChoice(delta=delta, finish_reason=finish)]
-            )
+            logprobs = _logprobs(pending) if request.logprobs and pending else None
+            pending.clear()
+            choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
+            return ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice])
 
         first = await anext(aiter(outputs))  # surfaces validation and image errors before any chunk
         yield chunk(Delta(role="assistant", content=""))
         last = first
         async for out in _prepend(first, outputs):
             last = out
+            pending.append(out.logprob)
             if out.text:
                 yield chunk(Delta(content=out.text))
         yield chunk(Delta(), last.finish_reason)
@@ -143,6 +194,21 @@ async def _prepend(first: StepOutput, rest: AsyncIterator[StepOutput]) -> AsyncI
     yield first
     async for out in rest:
         yield out
+
+
+def _logprobs(entries: list[TokenLogprob | None]) -> ChoiceLogprobs:
+    def top(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                **top(e.token, e.logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in e.top]
+            )
+            for e in entries
+            if e is not None
+        ]
+    )
 
 
 def _usage(last: StepOutput) -> Usage:

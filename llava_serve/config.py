@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MiB = 1024 * 1024
 
@@ -63,6 +63,10 @@ class ImageConfig(_Strict):
         default_factory=list,
         description="Hosts or CIDRs exempt from the private-address (SSRF) guard, e.g. an internal CDN.",
     )
+    fetch_cache_bytes: int = Field(
+        64 * MiB, ge=0, description="Cache of fetched bodies the origin marked cacheable, by URL; 0 disables."
+    )
+    fetch_cache_max_ttl_s: float = Field(300.0, ge=0, description="Longest a fetched body is reused.")
     allowed_local_root: str | None = Field(
         None, description="If set, file paths under this directory are accepted as image sources."
     )
@@ -107,11 +111,14 @@ class DeploymentOptions(_Strict):
     max_queued_requests: int = Field(-1, description="-1: unbounded; otherwise excess gets 503.")
     autoscaling_config: dict[str, Any] | None = None
     resources: dict[str, float] | None = Field(None, description="Custom Ray resources, e.g. a node label.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the replicas.")
 
     def to_serve_options(self) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.resources:
             actor["resources"] = self.resources
+        if self.env_vars:
+            actor["runtime_env"] = {"env_vars": self.env_vars}
         opts: dict[str, Any] = {
             "ray_actor_options": actor,
             "max_ongoing_requests": self.max_ongoing_requests,
@@ -124,9 +131,22 @@ class DeploymentOptions(_Strict):
         return opts
 
 
-def _model_deployment_default() -> DeploymentOptions:
+# Where a deployment's defaults differ from `DeploymentOptions`' own. A deployment section in
+# YAML is laid over these, so `llava_model: {num_gpus: 1}` keeps the rest.
+DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ingress": {"max_ongoing_requests": 256},
+    # glibc gives each thread its own malloc arena and, after large frees, raises its mmap
+    # threshold so later image-sized buffers land on a heap it rarely gives back. Two arenas and
+    # a fixed threshold keep RSS flat under a stream of large or hostile images.
+    "image_preprocessor": {"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}},
+    "prompt_tokenizer": {},
     # The engine batches internally, so the replica must accept many concurrent streams.
-    return DeploymentOptions(num_cpus=1.0, max_ongoing_requests=256)
+    "llava_model": {"num_cpus": 1.0, "max_ongoing_requests": 256},
+}
+
+
+def _deployment_default(name: str):
+    return lambda: DeploymentOptions(**DEPLOYMENT_DEFAULTS[name])
 
 
 class AppConfig(_Strict):
@@ -136,15 +156,20 @@ class AppConfig(_Strict):
     images: ImageConfig = Field(default_factory=ImageConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256))
-    image_preprocessor: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    prompt_tokenizer: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    llava_model: DeploymentOptions = Field(default_factory=_model_deployment_default)
+    ingress: DeploymentOptions = Field(default_factory=_deployment_default("ingress"))
+    image_preprocessor: DeploymentOptions = Field(default_factory=_deployment_default("image_preprocessor"))
+    prompt_tokenizer: DeploymentOptions = Field(default_factory=_deployment_default("prompt_tokenizer"))
+    llava_model: DeploymentOptions = Field(default_factory=_deployment_default("llava_model"))
 
     @field_validator("model", mode="before")
     @classmethod
     def _model_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @field_validator(*DEPLOYMENT_DEFAULTS, mode="before")
+    @classmethod
+    def _over_defaults(cls, v: Any, info: ValidationInfo) -> Any:
+        return {**DEPLOYMENT_DEFAULTS[info.field_name], **v} if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _check_limits(self) -> AppConfig:

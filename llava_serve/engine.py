@@ -39,6 +39,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.steps = 0
+        self.cancelled = 0
         self.last_step_end = time.monotonic()
 
     @classmethod
@@ -67,6 +68,7 @@ class Engine:
             "waiting": self.num_waiting,
             "kv_tokens_reserved": sum(s.kv_budget for s in self._running.values()),
             "steps": self.steps,
+            "cancelled": self.cancelled,
             "image_cache_hits": cache.hits,
             "image_cache_misses": cache.misses,
             "image_cache_bytes": cache.bytes,
@@ -99,6 +101,7 @@ class Engine:
         finally:
             if not seq.finished:
                 seq.cancelled = True
+                self.cancelled += 1
                 self._wake.set()
 
     def check_health(self) -> None:

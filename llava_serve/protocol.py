@@ -10,7 +10,15 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class _Request(BaseModel):
@@ -37,7 +45,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | Annotated[list[ContentPart], Field(min_length=1)]
     name: str | None = None
 
     def parts(self) -> list[TextPart | ImagePart]:
@@ -62,20 +70,47 @@ class ChatCompletionRequest(_Request):
     top_k: int | None = Field(None, ge=0, description="Extension: sample from the k most likely tokens.")
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="Extension, as transformers: >1 discourages any token seen so far."
+    )
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     n: Literal[1] = Field(1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> ChatCompletionRequest:
-        if not any(m.role == "user" for m in self.messages):
-            raise ValueError("messages must contain at least one user message")
-        stops = self.stop_list()
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
-        if self.stream_options is not None and not self.stream:
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed with stream: true")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs: true")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        users = [m for m in self.messages if m.role == "user"]
+        if not users:
+            raise ValueError("messages must contain at least one user message")
+        if not any(p.type == "image_url" or p.text.strip() for m in users for p in m.parts()):
+            raise ValueError("the user messages carry no text and no image: there is nothing to answer")
         return self
 
     def stop_list(self) -> list[str]:
@@ -98,6 +133,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -107,7 +156,7 @@ class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -133,7 +182,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -78,6 +78,8 @@ class Batch:
     def keep(self, seq_ids: set[int]) -> None:
         """Drop every row not in `seq_ids`, then trim columns that are padding in every row left."""
         rows = [i for i, s in enumerate(self.seq_ids) if s in seq_ids]
+        if len(rows) == len(self.seq_ids):
+            return  # called twice every step; indexing would copy the whole cache for nothing
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         start = int(self.mask[index].any(0).nonzero()[0]) if rows else 0
         for layer in self.cache.layers:

@@ -19,10 +19,19 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @classmethod
     def resolve(
@@ -35,6 +44,11 @@ class SamplingParams:
         top_k: int | None = None,
         seed: int | None = None,
         stop: list[str] | tuple[str, ...] = (),
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
     ) -> SamplingParams:
         """Fill what the request left out from config defaults, and enforce the ceilings."""
         max_tokens = defaults.max_tokens if max_tokens is None else max_tokens
@@ -50,6 +64,11 @@ class SamplingParams:
             top_k=defaults.top_k if top_k is None else top_k,
             seed=seed,
             stop=tuple(stop),
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            logprobs=bool(logprobs),
+            top_logprobs=top_logprobs or 0,
         )
 
 
@@ -60,6 +79,24 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     g = torch.Generator(device=device)
     g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
     return g
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, generated: list[int]
+) -> torch.Tensor:
+    """One row of logits with the repetition (HF: prompt and output, multiplicative) and the
+    presence/frequency (OpenAI: output only, additive) penalties applied."""
+    logits = logits.float().clone()
+    out = torch.tensor(generated, dtype=torch.long, device=logits.device)
+    if params.repetition_penalty != 1.0:
+        seen = torch.cat([prompt_ids, out]).unique()
+        scores = logits[seen]
+        penalty = params.repetition_penalty
+        logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    if (params.presence_penalty or params.frequency_penalty) and generated:
+        ids, counts = out.unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return logits
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -10,9 +10,18 @@ import torch
 
 from llava_serve.detok import IncrementalDetokenizer, StopMatcher
 from llava_serve.images import PreparedImage
-from llava_serve.sampling import SamplingParams, make_generator, sample_row
+from llava_serve.sampling import SamplingParams, apply_penalties, make_generator, sample_row
 
 _ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,7 @@ class StepOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(eq=False)
@@ -36,7 +46,7 @@ class Sequence:
     generator: torch.Generator | None
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq_id: int = field(default_factory=lambda: next(_ids))
-    num_generated: int = 0
+    generated: list[int] = field(default_factory=list)
     finished: bool = False
     cancelled: bool = False
     stop: StopMatcher = field(init=False)
@@ -60,10 +70,19 @@ class Sequence:
         """Tokens this request may hold in the KV cache at its longest."""
         return len(self.input_ids) + self.params.max_tokens
 
+    @property
+    def num_generated(self) -> int:
+        return len(self.generated)
+
     def advance(self, logits: torch.Tensor) -> StepOutput:
         """Sample the next token from this row's logits and turn it into text."""
-        token = sample_row(logits, self.params, self.generator)
-        self.num_generated += 1
+        scores = logits
+        if self.params.penalized:
+            prompt = torch.tensor(self.input_ids, dtype=torch.long, device=logits.device)
+            scores = apply_penalties(logits, self.params, prompt, self.generated)
+        token = sample_row(scores, self.params, self.generator)
+        self.generated.append(token)
+        logprob = self._logprob(logits, token) if self.params.logprobs else None
         eos = token in self.eos_ids
         out_of_room = not eos and self.num_generated >= self.params.max_tokens
         new = self.detok.flush() if eos else self.detok.push(token)
@@ -74,4 +93,14 @@ class Sequence:
         if finish is not None and not hit:
             text += self.stop.flush()
         self.finished = finish is not None
-        return StepOutput(token, text, finish, len(self.input_ids), self.num_generated)
+        return StepOutput(token, text, finish, len(self.input_ids), self.num_generated, logprob)
+
+    def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        """From the model's own distribution (before penalties and temperature), as OpenAI reports."""
+        logprobs = torch.log_softmax(logits.float(), -1)
+        decode = self.detok.tokenizer.decode
+        top = ()
+        if self.params.top_logprobs:
+            values, ids = torch.topk(logprobs, self.params.top_logprobs)
+            top = tuple((decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(decode([token]), float(logprobs[token]), top)

@@ -47,3 +47,11 @@ def test_cli_shorthand_and_misspelt_knobs():
         AppConfig.model_validate({"engine": {"max_batch_sise": 4}})
     with pytest.raises(ValidationError, match="max_tokens_limit"):
         AppConfig.model_validate({"generation": {"max_tokens": 10, "max_tokens_limit": 5}})
+
+
+def test_a_partial_deployment_section_keeps_the_other_defaults():
+    config = AppConfig.model_validate({"llava_model": {"num_gpus": 1}, "image_preprocessor": {"num_cpus": 2}})
+    assert config.llava_model.max_ongoing_requests == AppConfig().llava_model.max_ongoing_requests == 256
+    assert config.image_preprocessor.env_vars["MALLOC_ARENA_MAX"] == "2"
+    actor = config.image_preprocessor.to_serve_options()["ray_actor_options"]
+    assert actor["runtime_env"]["env_vars"]["MALLOC_ARENA_MAX"] == "2" and actor["num_cpus"] == 2

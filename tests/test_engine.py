@@ -163,3 +163,62 @@ async def test_a_failing_request_fails_alone_and_the_engine_keeps_running(engine
     assert results[0] == good.expected and results[2] == cases[1].expected
     assert isinstance(results[1], EngineError)
     assert await collect(engine, cases[2]) == cases[2].expected
+
+
+class OpenAIPenalties:
+    """OpenAI's documented presence/frequency penalties, as a `transformers` logits processor:
+    logit[j] -= frequency * count[j] + presence * (count[j] > 0), over generated tokens only."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        for row, ids in enumerate(input_ids[:, self.prompt_length :]):
+            counts = torch.bincount(ids, minlength=scores.shape[-1]).to(scores.dtype)
+            scores[row] -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
+        return scores
+
+
+async def test_penalties_in_a_mixed_batch_equal_transformers(engine, cases, hf_model):
+    from transformers import LogitsProcessorList
+
+    def hf(case, **kw) -> list[int]:
+        with torch.no_grad():
+            out = hf_model.generate(**case.inputs, max_new_tokens=case.max_tokens, do_sample=False, **kw)
+        return out[0, case.inputs["input_ids"].shape[1] :].tolist()
+
+    rep, pen = cases[0], cases[4]
+    processors = LogitsProcessorList([OpenAIPenalties(pen.inputs["input_ids"].shape[1], 0.7, 1.3)])
+    expected = [hf(rep, repetition_penalty=1.5), hf(pen, logits_processor=processors), cases[2].expected]
+    params = [
+        SamplingParams(max_tokens=rep.max_tokens, temperature=0.0, repetition_penalty=1.5),
+        SamplingParams(
+            max_tokens=pen.max_tokens, temperature=0.0, presence_penalty=0.7, frequency_penalty=1.3
+        ),
+        None,
+    ]
+    got = await asyncio.gather(
+        *[collect(engine, c, p) for c, p in zip([rep, pen, cases[2]], params, strict=True)]
+    )
+    assert got == expected
+    assert expected[0] != rep.expected and expected[1] != pen.expected  # the penalties changed something
+
+
+async def test_logprobs_are_the_models_distribution(engine, cases, hf_model):
+    case = cases[1]
+    params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=True, top_logprobs=3)
+    outs = [o async for o in engine.generate(case.input_ids, case.images, params)]
+    with torch.no_grad():
+        ref = hf_model.generate(
+            **case.inputs,
+            max_new_tokens=case.max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    for out, logits in zip(outs, ref.logits, strict=True):
+        expected = torch.log_softmax(logits[0].float(), -1)
+        assert out.logprob.logprob == pytest.approx(float(expected[out.token_id]), abs=1e-4)
+        assert len(out.logprob.top) == 3
+        assert out.logprob.top[0][1] == pytest.approx(float(expected.max()), abs=1e-4)  # greedy: the top one
+        assert [lp for _, lp in out.logprob.top] == sorted((lp for _, lp in out.logprob.top), reverse=True)

@@ -22,6 +22,8 @@ def app_config(tiny_dir: str) -> AppConfig:
         {
             "model": {"name": tiny_dir, "served_name": "llava-tiny"},
             "generation": {"max_tokens": 16},
+            # The default SSRF policy, plus one host the fetch tests serve from (see image_server).
+            "images": {"allow_hosts": ["127.0.0.2/32"], "max_bytes": 1024 * 1024, "total_timeout_s": 2.0},
             "ingress": small,
             "image_preprocessor": small,
             "prompt_tokenizer": small,
@@ -32,7 +34,15 @@ def app_config(tiny_dir: str) -> AppConfig:
 
 @pytest.fixture(scope="session")
 def image_server():
-    with ImageServer() as server:
+    """The allowlisted image host, on 127.0.0.2 so that 127.0.0.1 stays refused by policy."""
+    with ImageServer("127.0.0.2") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def forbidden_target():
+    """A server on 127.0.0.1 that URLs under the default policy must never reach."""
+    with ImageServer("127.0.0.1") as server:
         yield server
 
 

@@ -34,3 +34,83 @@ async def test_handle_errors_are_typed(serve_url):
     with pytest.raises(ImageError) as info:
         await handle.chat.remote(image_request("data:image/png;base64,AAAA"))
     assert info.value.param == "messages[0].content[0].image_url.url"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.05})
+class Relay:
+    """A second app that sends whatever request it is given to llava-serve through a handle."""
+
+    def __init__(self):
+        self.llava = serve.get_app_handle("llava")
+
+    async def chat(self, request: dict) -> dict:
+        return await self.llava.chat.remote(request)
+
+    async def chat_stream(self, request: dict) -> list[dict]:
+        return [c async for c in self.llava.options(stream=True).chat_stream.remote(request)]
+
+
+@pytest.fixture(scope="module")
+def relay(serve_url):
+    serve.run(Relay.bind(), name="relay", route_prefix=None)
+    yield serve.get_app_handle("relay")
+    serve.delete("relay")
+
+
+SCENARIOS = {
+    "multi-turn": {
+        "messages": [
+            *image_request(data_uri(random_image(50)), "What is it?")["messages"],
+            {"role": "assistant", "content": "A dog."},
+            {"role": "user", "content": "And the colour?"},
+        ],
+        "max_tokens": 10,
+        "temperature": 0,
+    },
+    "stop": {
+        "messages": [{"role": "user", "content": "Count."}],
+        "max_tokens": 30,
+        "temperature": 0,
+        "stop": "e",
+    },
+    "seed": {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 3,
+    },
+    "logprobs": {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_handle_results_equal_http_results(relay, serve_url, name):
+    import httpx
+
+    request = SCENARIOS[name]
+    async with httpx.AsyncClient(timeout=30) as client:
+        over_http = (await client.post(f"{serve_url}/v1/chat/completions", json=request)).json()
+    whole = await relay.chat.remote(request)
+    chunks = await relay.chat_stream.remote({**request, "stream": True})
+    for got in (whole, over_http):
+        assert got["choices"][0]["message"] == over_http["choices"][0]["message"]
+        assert got["choices"][0]["logprobs"] == over_http["choices"][0]["logprobs"]
+        assert got["usage"] == over_http["usage"]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == whole["choices"][0]["message"]["content"]
+
+
+async def test_handle_errors_carry_the_same_types_as_http(relay):
+    from llava_serve.errors import InvalidRequest, ModelNotFound
+
+    with pytest.raises(ModelNotFound):
+        await relay.chat.remote({"model": "other", "messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(InvalidRequest) as info:
+        await relay.chat.remote({"messages": [{"role": "user", "content": "hi"}], "top_p": 0})
+    assert info.value.param == "top_p"

@@ -78,7 +78,7 @@ def test_http_image_url_is_fetched(serve_url, image_server, processor, hf_model)
         ({"messages": []}, "messages", "at least 1"),
         (
             {"messages": [{"role": "robot", "content": "hi"}]},
-            "messages.0.role",
+            "messages[0].role",
             "'system', 'user' or 'assistant'",
         ),
         (
