@@ -16,10 +16,7 @@ def build(config: AppConfig) -> Application:
     """Compose the deployments, each with its own options from `config`."""
     preprocessor = ImagePreprocessor.options(**config.image_preprocessor.to_serve_options()).bind(config)
     tokenizer = PromptTokenizer.options(**config.prompt_tokenizer.to_serve_options()).bind(config)
-    model = LlavaModel.options(
-        **config.llava_model.to_serve_options(),
-        health_check_period_s=10,
-    ).bind(config)
+    model = LlavaModel.options(**config.llava_model.to_serve_options()).bind(config)
     return Ingress.options(**config.ingress.to_serve_options()).bind(config, preprocessor, tokenizer, model)
 
 

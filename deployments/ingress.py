@@ -1,5 +1,8 @@
 """The ingress: OpenAI-compatible HTTP routes and the same surface as Python handle methods."""
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -7,10 +10,16 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.metrics import IngressMetrics
 from llava_serve import http
 from llava_serve.chat import ChatService, _prepend
 from llava_serve.config import AppConfig
+from llava_serve.errors import unwrap
 from llava_serve.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
+from llava_serve.telemetry import RequestRecord
+
+# Serve's own logger: lines written through it carry the replica and request id.
+logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="llava-serve", description="OpenAI-compatible chat completions for LLaVA models.")
 http.install(app)
@@ -40,14 +49,17 @@ class Ingress:
     def __init__(self, config: AppConfig, preprocessor, tokenizer, model):
         self.config = config
         self.service = ChatService(config, HandleBackend(preprocessor, tokenizer, model))
+        self.metrics = IngressMetrics()
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        if not body.stream:
-            return await self.service.complete(body)
-        chunks = self.service.stream(body)
-        first = await anext(chunks)  # errors before the first token still get a status code
         rid = request.state.request_id
+        record = RequestRecord(rid, body.stream)
+        if not body.stream:
+            with self._tracked(record):
+                return await self.service.complete(body, record)
+        chunks = self._tracked_stream(self.service.stream(body, record), record)
+        first = await anext(chunks)  # errors before the first token still get a status code
         return StreamingResponse(http.sse(_prepend(first, chunks), rid), media_type="text/event-stream")
 
     @app.get("/v1/models", response_model=ModelList)
@@ -62,9 +74,46 @@ class Ingress:
 
     async def chat(self, request: dict) -> dict:
         """A non-streamed chat completion as a dict; raises the same typed errors as HTTP maps."""
-        return (await self.service.complete(request)).model_dump()
+        record = RequestRecord(self._serve_request_id(), stream=False)
+        with self._tracked(record):
+            return (await self.service.complete(request, record)).model_dump()
 
     async def chat_stream(self, request: dict) -> AsyncIterator[dict]:
         """OpenAI chunks as dicts; call with `handle.options(stream=True)`."""
-        async for chunk in self.service.stream(request):
+        record = RequestRecord(self._serve_request_id(), stream=True)
+        async for chunk in self._tracked_stream(self.service.stream(request, record), record):
             yield chunk.model_dump()
+
+    # -- telemetry ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _serve_request_id() -> str | None:
+        """The id Serve gave this handle call (HTTP requests get theirs from the header)."""
+        try:
+            return serve.context._get_serve_request_context().request_id or None
+        except Exception:  # outside a request
+            return None
+
+    @contextlib.contextmanager
+    def _tracked(self, record: RequestRecord):
+        """Close `record` however the request ends, then emit its metrics and log line."""
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            record.cancel()
+            raise
+        except Exception as e:
+            record.fail(unwrap(e))
+            raise
+        finally:
+            record.finish()
+            try:
+                self.metrics.record(record)
+                logger.info(record.log_line())
+            except Exception:  # telemetry must never turn an answer into an error
+                logger.exception("could not record request %s", record.request_id)
+
+    async def _tracked_stream(self, chunks: AsyncIterator, record: RequestRecord) -> AsyncIterator:
+        with self._tracked(record):
+            async for chunk in chunks:
+                yield chunk

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from ray import serve
 
+from deployments.metrics import EngineMetrics
 from llava_serve import process
 from llava_serve.config import AppConfig
 from llava_serve.engine import Engine
@@ -22,6 +25,10 @@ class LlavaModel:
     def __init__(self, config: AppConfig):
         self.engine = Engine.load(config.model, config.engine)
         self.lag = LoopLagMonitor()
+        self.metrics = EngineMetrics()
+        self.engine.on_admit = self.metrics.queue_wait.observe
+        self.budget = config.engine.max_batch_tokens
+        self._sampler: asyncio.Task | None = None
 
     async def generate(
         self, prompt: PromptInputs, params: SamplingParams, *images: PreparedImage
@@ -32,13 +39,20 @@ class LlavaModel:
         `DeploymentResponse`s only at the top level of the arguments.
         """
         self.lag.start()
+        if self._sampler is None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         if prompt.num_images != len(images):
             raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
         async for out in self.engine.generate(prompt.input_ids, list(images), params):
             yield out
 
+    async def _sample_metrics(self) -> None:
+        while True:
+            self.metrics.sample(self.engine.stats(), self.budget)
+            await asyncio.sleep(1.0)
+
     async def stats(self) -> dict:
-        return {**self.engine.stats(), "rss_bytes": process.rss_bytes()}
+        return {**self.engine.stats(), "rss_bytes": process.rss_bytes(), "pid": os.getpid()}
 
     async def loop_lag(self, reset: bool = False) -> dict:
         """Percentiles of this replica's event-loop lag (ms), from a 10 ms ticker."""

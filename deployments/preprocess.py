@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
+from deployments.metrics import FetchMetrics
 from llava_serve import checkpoint, images, process
 from llava_serve.config import AppConfig
 from llava_serve.fetch import ImageFetcher
 from llava_serve.images import PreparedImage
 from llava_serve.prompts import PromptBuilder, PromptInputs
 from llava_serve.protocol import ChatMessage
+from llava_serve.telemetry import source_kind
 
 
 @serve.deployment
@@ -24,12 +28,18 @@ class ImagePreprocessor:
         self.limits = config.images
         self.image_processor = checkpoint.load_processor(config.model).image_processor
         self.fetcher = ImageFetcher(self.limits)
+        self.metrics = FetchMetrics()
         # As many decoding threads as the replica has CPUs: more would only contend and hold memory.
         threads = max(1, math.ceil(config.image_preprocessor.num_cpus))
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
     async def __call__(self, source: str, param: str | None = None) -> PreparedImage:
-        data = await self.fetcher.fetch(source, param)
+        start, data = time.monotonic(), None
+        try:
+            data = await self.fetcher.fetch(source, param)
+        finally:
+            size = None if data is None else len(data)
+            self.metrics.record(source_kind(source), time.monotonic() - start, size)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.executor, images.prepare, data, self.image_processor, self.limits, param
@@ -38,6 +48,7 @@ class ImagePreprocessor:
     def stats(self) -> dict:
         cache = self.fetcher.cache
         return {
+            "pid": os.getpid(),
             "rss_bytes": process.rss_bytes(),
             "anonymous_bytes": process.anonymous_bytes(),
             "fetch_cache_bytes": cache.bytes,

@@ -8,13 +8,15 @@ as soon as its inputs are ready, without a round trip through the caller.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from llava_serve.config import AppConfig
-from llava_serve.errors import InvalidRequest, ModelNotFound, unwrap
+from llava_serve.errors import InvalidRequest, ModelNotFound, Unavailable, unwrap
 from llava_serve.fetch import check_data_uri
 from llava_serve.prompts import image_sources
 from llava_serve.protocol import (
@@ -34,6 +36,10 @@ from llava_serve.protocol import (
 from llava_serve.protocol import TokenLogprob as TokenLogprobOut
 from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import StepOutput, TokenLogprob
+from llava_serve.telemetry import RequestRecord, source_kind
+
+logger = logging.getLogger(__name__)
+_RETRIES = 3  # of a request whose replica died before its first token
 
 
 class Backend(Protocol):
@@ -99,13 +105,17 @@ class ChatService:
         self.backend = backend
         self.model_names = {config.model.public_name, config.model.name}
 
-    def _start(self, request: ChatCompletionRequest) -> tuple[AsyncIterator[StepOutput], SamplingParams]:
+    def _start(
+        self, request: ChatCompletionRequest, record: RequestRecord | None
+    ) -> tuple[AsyncIterator[StepOutput], SamplingParams]:
         if request.model is not None and request.model not in self.model_names:
             raise ModelNotFound(
                 f"model {request.model!r} is not served here; this server serves "
                 f"{self.config.model.public_name!r}"
             )
         sources = image_sources(request.messages)
+        if record is not None:
+            record.image_sources = [source_kind(url) for url, _ in sources]
         limit = self.config.images.max_images_per_request
         if len(sources) > limit:
             raise InvalidRequest(f"request has {len(sources)} images; the limit is {limit}", "messages")
@@ -128,12 +138,34 @@ class ChatService:
                 check_data_uri(url, self.config.images, param)
         images = [self.backend.prepare_image(url, param) for url, param in sources]
         prompt = self.backend.tokenize(request.messages, params.max_tokens)
-        return _typed(self.backend.generate(prompt, params, images)), params
+        outputs = _typed(self.backend.generate(prompt, params, images))
+        return (outputs if record is None else _recorded(outputs, record)), params
 
-    async def complete(self, body: Any) -> ChatCompletion:
-        """A whole (non-streamed) chat completion."""
+    async def _begin(
+        self, request: ChatCompletionRequest, record: RequestRecord | None
+    ) -> AsyncIterator[StepOutput]:
+        """Start generation and wait for its first output, so errors before the first token
+        (validation, images, overload) raise here, while a transport can still answer with a
+        status code. Until then nothing has been sent or sampled, so a request that lost its
+        replica (a preprocessor or the model died under it) is retried, a little later each
+        time: the router needs a moment to stop choosing the dead replica."""
+        for attempt in range(_RETRIES + 1):
+            outputs, _ = self._start(request, record)
+            try:
+                first = await anext(aiter(outputs))
+            except Unavailable:
+                if attempt == _RETRIES:
+                    raise
+                logger.warning("a replica died before the first token; retrying (attempt %d)", attempt + 2)
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            return _prepend(first, outputs)
+        raise AssertionError("unreachable")
+
+    async def complete(self, body: Any, record: RequestRecord | None = None) -> ChatCompletion:
+        """A whole (non-streamed) chat completion; `record`, if given, is filled as it runs."""
         request = parse_request(body)
-        outputs, _ = self._start(request)
+        outputs = await self._begin(request, record)
         text, logprobs, last = [], [], None
         async for out in outputs:
             text.append(out.text)
@@ -152,11 +184,13 @@ class ChatService:
             usage=_usage(last),
         )
 
-    async def stream(self, body: Any) -> AsyncIterator[ChatCompletionChunk]:
+    async def stream(
+        self, body: Any, record: RequestRecord | None = None
+    ) -> AsyncIterator[ChatCompletionChunk]:
         """Chunks in OpenAI's streaming shape. Errors before the first token raise on first `anext`,
         so a transport can still answer them with a status code instead of a broken stream."""
         request = parse_request(body)
-        outputs, _ = self._start(request)
+        outputs = await self._begin(request, record)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         cid, created, model = new_completion_id(), now(), self.config.model.public_name
 
@@ -168,10 +202,9 @@ class ChatService:
             choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
             return ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice])
 
-        first = await anext(aiter(outputs))  # surfaces validation and image errors before any chunk
         yield chunk(Delta(role="assistant", content=""))
-        last = first
-        async for out in _prepend(first, outputs):
+        last = None
+        async for out in outputs:
             last = out
             pending.append(out.logprob)
             if out.text:
@@ -188,6 +221,13 @@ async def _typed(outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput
             yield out
     except Exception as e:
         raise unwrap(e) from e
+
+
+async def _recorded(outputs: AsyncIterator[StepOutput], record: RequestRecord) -> AsyncIterator[StepOutput]:
+    async for out in outputs:
+        record.token(out.completion_tokens, out.prompt_tokens)
+        record.finish_reason = out.finish_reason
+        yield out
 
 
 async def _prepend(first: StepOutput, rest: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput]:

@@ -112,6 +112,11 @@ class DeploymentOptions(_Strict):
     autoscaling_config: dict[str, Any] | None = None
     resources: dict[str, float] | None = Field(None, description="Custom Ray resources, e.g. a node label.")
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the replicas.")
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="On redeploy or scale-down, how long in-flight requests may finish."
+    )
 
     def to_serve_options(self) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -123,6 +128,9 @@ class DeploymentOptions(_Strict):
             "ray_actor_options": actor,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = self.autoscaling_config

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from llava_serve import checkpoint
@@ -41,6 +41,8 @@ class Engine:
         self.steps = 0
         self.cancelled = 0
         self.last_step_end = time.monotonic()
+        # Called with each admitted request's queue wait (s); the deployment points it at a metric.
+        self.on_admit: Callable[[float], None] | None = None
 
     @classmethod
     def load(cls, model: ModelConfig, config: EngineConfig) -> Engine:
@@ -107,7 +109,8 @@ class Engine:
     def check_health(self) -> None:
         """Raise if the step loop has died or is wedged (work pending, no step for too long)."""
         if self._task is not None and self._task.done():
-            raise EngineError(f"engine loop exited: {self._task.exception()!r}")
+            why = "cancelled" if self._task.cancelled() else repr(self._task.exception())
+            raise EngineError(f"engine loop exited: {why}")
         busy = self._running or self._waiting
         stalled = time.monotonic() - self.last_step_end
         if busy and stalled > self.config.stall_timeout_s:
@@ -157,8 +160,11 @@ class Engine:
                 break
             budget -= seq.kv_budget
             admit.append(self._waiting.popleft())
+        now = time.monotonic()
         for seq in admit:
             self._running[seq.seq_id] = seq
+            if self.on_admit is not None:
+                self.on_admit(now - seq.created_at)
         return admit
 
     def _step(

@@ -1,4 +1,4 @@
-"""The error taxonomy: raised anywhere, mapped to HTTP once (`llava_serve.http_errors`).
+"""The error taxonomy: raised anywhere, mapped to HTTP once (`llava_serve.http`).
 
 Each class carries the OpenAI error `type`, the HTTP status, and optionally the request
 field (`param`) it is about, so the mapping is data, not a chain of `except` clauses.
@@ -6,6 +6,8 @@ Errors cross Ray boundaries by pickling, so every field lives in `__init__` argu
 """
 
 from __future__ import annotations
+
+import math
 
 
 class LlavaServeError(Exception):
@@ -69,7 +71,23 @@ class Overloaded(LlavaServeError):
 
     status_code = 503
     error_type = "overloaded_error"
-    retry_after_s = 1
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, None, "overloaded")
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after_s))
+
+
+class Unavailable(Overloaded):
+    """The replica serving the request died or went away; a retry is routed to a live one."""
+
+    error_type = "service_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, retry_after_s)
+        self.code = "replica_unavailable"
 
 
 class EngineError(LlavaServeError):
@@ -77,6 +95,10 @@ class EngineError(LlavaServeError):
 
     status_code = 500
     error_type = "server_error"
+
+
+# Ray's ways of saying the actor on the other end is gone (matched by name: no Ray import here).
+_RAY_DEATHS = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError"}
 
 
 def unwrap(error: BaseException) -> LlavaServeError:
@@ -89,6 +111,11 @@ def unwrap(error: BaseException) -> LlavaServeError:
     for _ in range(8):
         if isinstance(seen, LlavaServeError):
             return seen
+        if type(seen).__name__ in _RAY_DEATHS:
+            return Unavailable(f"a replica serving this request stopped ({type(seen).__name__}); retry")
+        if type(seen).__name__ == "BackPressureError":  # a Serve queue between our deployments is full
+            retry = getattr(seen, "retry_after_s", None) or 1
+            return Overloaded(f"the server is at capacity ({seen}); retry later", math.ceil(retry))
         seen = getattr(seen, "cause", None) or seen.__cause__
         if seen is None:
             break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,7 @@ class Sequence:
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq_id: int = field(default_factory=lambda: next(_ids))
     generated: list[int] = field(default_factory=list)
+    created_at: float = field(default_factory=time.monotonic)
     finished: bool = False
     cancelled: bool = False
     stop: StopMatcher = field(init=False)

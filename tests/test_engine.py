@@ -222,3 +222,32 @@ async def test_logprobs_are_the_models_distribution(engine, cases, hf_model):
         assert len(out.logprob.top) == 3
         assert out.logprob.top[0][1] == pytest.approx(float(expected.max()), abs=1e-4)  # greedy: the top one
         assert [lp for _, lp in out.logprob.top] == sorted((lp for _, lp in out.logprob.top), reverse=True)
+
+
+async def test_health_check_fails_when_the_loop_is_wedged_or_dead(tiny_dir, processor, cases):
+    import threading
+
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    eng = Engine(
+        ModelRunner(model, 1 << 20),
+        processor.tokenizer,
+        [model.config.text_config.eos_token_id],
+        EngineConfig(stall_timeout_s=0.3),
+    )
+    eng.check_health()  # idle is healthy, however long
+    gate = threading.Event()
+    eng._executor.submit(gate.wait)  # the model thread is stuck, as in a hung kernel
+    pending = asyncio.create_task(collect(eng, cases[5]))
+    await asyncio.sleep(0.5)
+    with pytest.raises(EngineError, match="no step finished"):
+        eng.check_health()
+    gate.set()
+    assert await pending == cases[5].expected
+    eng.check_health()
+    eng._task.cancel()
+    await asyncio.sleep(0)
+    with pytest.raises(EngineError, match="loop exited"):
+        eng.check_health()
+    await eng.shutdown()

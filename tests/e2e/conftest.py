@@ -16,6 +16,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = free_port()
+
+
 def app_config(tiny_dir: str) -> AppConfig:
     small = {"num_cpus": 0.1}
     return AppConfig.model_validate(
@@ -54,7 +57,13 @@ def serve_url(tiny_dir):
 
     from deployments.app import build
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _metrics_export_port=METRICS_PORT,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(app_config(tiny_dir)), name="llava", route_prefix="/")
@@ -66,3 +75,9 @@ def serve_url(tiny_dir):
 @pytest.fixture(scope="session")
 def config(tiny_dir) -> AppConfig:
     return app_config(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_url) -> str:
+    """Ray's Prometheus endpoint for this node."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"

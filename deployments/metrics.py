@@ -1,0 +1,86 @@
+"""Prometheus metrics through `ray.serve.metrics`; every name and label is listed in the README.
+
+Ray exports them (prefixed `ray_`) from each node's metrics agent, with Serve's own
+`deployment`, `replica` and `application` labels added.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+from llava_serve.telemetry import RequestRecord
+
+
+def _histogram(name: str, description: str, boundaries=None, tags: tuple[str, ...] = ()):
+    return metrics.Histogram(name, description, boundaries=boundaries or _LATENCY_S, tag_keys=tags)
+
+
+_LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+_BYTES = [1e3, 1e4, 1e5, 1e6, 4e6, 16e6, 64e6]
+
+
+class IngressMetrics:
+    def __init__(self):
+        self.requests = metrics.Counter(
+            "llava_requests_total", "Chat completion requests by outcome.", tag_keys=("outcome", "stream")
+        )
+        self.errors = metrics.Counter("llava_errors_total", "Failed requests by type.", tag_keys=("type",))
+        self.ttft = _histogram("llava_ttft_seconds", "Time to first token.")
+        self.itl = _histogram("llava_inter_token_seconds", "Time between output tokens.")
+        self.e2e = _histogram("llava_e2e_latency_seconds", "Whole request, as the ingress sees it.")
+        self.tokens = metrics.Counter("llava_tokens_total", "Tokens in and out.", tag_keys=("kind",))
+
+    def record(self, r: RequestRecord) -> None:
+        self.requests.inc(tags={"outcome": r.outcome, "stream": str(r.stream).lower()})
+        if r.outcome not in ("ok", "cancelled"):
+            self.errors.inc(tags={"type": r.outcome})
+        if r.ttft_s is not None:
+            self.ttft.observe(r.ttft_s)
+        for gap in r.inter_token_s:
+            self.itl.observe(gap)
+        self.e2e.observe(r.total_s)
+        for kind, n in (("prompt", r.prompt_tokens), ("completion", r.completion_tokens)):
+            if n > 0:  # Ray's counters refuse increments of 0
+                self.tokens.inc(n, tags={"kind": kind})
+
+
+class EngineMetrics:
+    """Gauges sampled from the engine's stats; counters advanced by their deltas."""
+
+    def __init__(self):
+        self.queue_wait = _histogram("llava_queue_wait_seconds", "Admission queue wait before prefill.")
+        self.running = metrics.Gauge("llava_running_requests", "Requests in the running batch.")
+        self.waiting = metrics.Gauge("llava_waiting_requests", "Requests in the admission queue.")
+        self.kv_tokens = metrics.Gauge("llava_kv_tokens_reserved", "KV budget in use: prompt + max_tokens.")
+        self.kv_budget = metrics.Gauge("llava_kv_tokens_budget", "The engine's KV token budget.")
+        self.image_cache = metrics.Counter(
+            "llava_image_cache_total", "Vision-embedding cache lookups.", tag_keys=("result",)
+        )
+        self.image_cache_bytes = metrics.Gauge("llava_image_cache_bytes", "Bytes held by the vision cache.")
+        self._last = {"image_cache_hits": 0, "image_cache_misses": 0}
+
+    def sample(self, stats: dict, budget: int) -> None:
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_tokens.set(stats["kv_tokens_reserved"])
+        self.kv_budget.set(budget)
+        self.image_cache_bytes.set(stats["image_cache_bytes"])
+        for key, result in (("image_cache_hits", "hit"), ("image_cache_misses", "miss")):
+            delta = stats[key] - self._last[key]
+            if delta > 0:
+                self.image_cache.inc(delta, tags={"result": result})
+            self._last[key] = stats[key]
+
+
+class FetchMetrics:
+    def __init__(self):
+        self.latency = _histogram(
+            "llava_image_fetch_seconds", "Getting one image's bytes.", tags=("source", "result")
+        )
+        self.bytes = _histogram("llava_image_fetch_bytes", "Encoded bytes per image.", _BYTES, ("source",))
+
+    def record(self, source: str, seconds: float, size: int | None) -> None:
+        result = "ok" if size is not None else "error"
+        self.latency.observe(seconds, tags={"source": source, "result": result})
+        if size is not None:
+            self.bytes.observe(size, tags={"source": source})

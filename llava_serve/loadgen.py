@@ -1,0 +1,207 @@
+"""An HTTP load generator for the chat endpoint that accounts for every request it sends.
+
+Each request ends in exactly one of: `complete` (a whole answer: a finish reason, and `[DONE]`
+when streamed), `cancelled` (we dropped it mid-stream on purpose), `refused` (a 503 with an
+OpenAI error body), `error` (another status or an error event, with a message). Anything else -
+a timeout, a connection reset, a stream that stops without `[DONE]` - is `lost`. Used by
+`benchmarks/load.py` and by the CI load test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+def random_png(rng: random.Random) -> str:
+    w, h = rng.randint(24, 160), rng.randint(24, 160)
+    pixels = np.random.RandomState(rng.randrange(2**31)).randint(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def mixed_request(rng: random.Random, max_tokens: tuple[int, int]) -> dict:
+    """Text-only or with one or two images; short or long answers; streamed or not."""
+    parts: list[dict] = [
+        {"type": "image_url", "image_url": {"url": random_png(rng)}} for _ in range(rng.choice([0, 1, 1, 2]))
+    ]
+    parts.append({"type": "text", "text": rng.choice(["What is this?", "Describe it in detail.", "Why?"])})
+    body = {
+        "messages": [{"role": "user", "content": parts}],
+        "max_tokens": rng.randint(*max_tokens),
+        "temperature": rng.choice([0, 0.7]),
+        "stream": rng.random() < 0.7,
+    }
+    if body["stream"]:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+@dataclass
+class Outcome:
+    kind: str
+    latency_s: float
+    tokens: int = 0
+    status: int = 0
+    detail: str = ""
+
+
+@dataclass
+class LoadReport:
+    outcomes: list[Outcome] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def count(self, kind: str) -> int:
+        return sum(o.kind == kind for o in self.outcomes)
+
+    def latencies(self, kind: str) -> list[float]:
+        return sorted(o.latency_s for o in self.outcomes if o.kind == kind)
+
+    def summary(self) -> dict:
+        done = self.latencies("complete")
+        refused = self.latencies("refused")
+        tokens = sum(o.tokens for o in self.outcomes)
+        return {
+            "requests": len(self.outcomes),
+            **{k: self.count(k) for k in ("complete", "cancelled", "refused", "error", "lost")},
+            "wall_s": round(self.wall_s, 2),
+            "tokens_per_s": round(tokens / self.wall_s, 1) if self.wall_s else 0.0,
+            "latency_p50_ms": _ms(_pct(done, 0.5)),
+            "latency_p99_ms": _ms(_pct(done, 0.99)),
+            "refused_p50_ms": _ms(_pct(refused, 0.5)),
+            "refused_p99_ms": _ms(_pct(refused, 0.99)),
+            "lost_details": [o.detail for o in self.outcomes if o.kind == "lost"][:5],
+        }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 1)
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict, cancel_after: int | None) -> Outcome:
+    """Send one request; with `cancel_after`, drop the stream after that many content chunks."""
+    start = time.monotonic()
+    try:
+        if not body.get("stream"):
+            r = await client.post(url, json=body)
+            return _plain(r, start)
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return _plain(r, start)
+            return await _stream(r, start, cancel_after)
+    except (httpx.HTTPError, TimeoutError, json.JSONDecodeError) as e:
+        return Outcome("lost", time.monotonic() - start, detail=f"{type(e).__name__}: {e}")
+
+
+def _plain(r: httpx.Response, start: float) -> Outcome:
+    elapsed = time.monotonic() - start
+    try:
+        payload = r.json()
+    except ValueError:
+        return Outcome("lost", elapsed, status=r.status_code, detail=f"non-JSON {r.status_code}")
+    if r.status_code == 200:
+        tokens = payload["usage"]["completion_tokens"]
+        ok = payload["choices"][0]["finish_reason"] in ("stop", "length")
+        return Outcome("complete" if ok else "lost", elapsed, tokens, 200, "" if ok else "no finish reason")
+    message = payload.get("error", {}).get("message")
+    if not message:
+        return Outcome("lost", elapsed, status=r.status_code, detail="error without a message")
+    kind = "refused" if r.status_code == 503 and "retry-after" in r.headers else "error"
+    return Outcome(kind, elapsed, status=r.status_code, detail=message)
+
+
+async def _stream(r: httpx.Response, start: float, cancel_after: int | None) -> Outcome:
+    tokens, chunks, finish, error = 0, 0, None, None
+    async for line in r.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: ") :]
+        if data == "[DONE]":
+            elapsed = time.monotonic() - start
+            if error:
+                return Outcome("error", elapsed, tokens, 200, error)
+            if finish:
+                return Outcome("complete", elapsed, tokens, 200)
+            return Outcome("lost", elapsed, tokens, 200, "[DONE] without a finish reason")
+        event = json.loads(data)
+        if "error" in event:
+            error = event["error"]["message"]
+            continue
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        for choice in event.get("choices", []):
+            finish = choice.get("finish_reason") or finish
+            if choice["delta"].get("content"):
+                chunks += 1
+                tokens = max(tokens, chunks)
+        if cancel_after is not None and chunks >= cancel_after and not finish:
+            return Outcome("cancelled", time.monotonic() - start, tokens, 200)
+    return Outcome("lost", time.monotonic() - start, tokens, 200, "stream ended without [DONE]")
+
+
+async def closed_loop(
+    url: str,
+    n: int,
+    concurrency: int,
+    cancel_fraction: float = 0.1,
+    max_tokens: tuple[int, int] = (4, 64),
+    seed: int = 0,
+    timeout_s: float = 120,
+) -> LoadReport:
+    """`n` mixed requests, `concurrency` at a time; `cancel_fraction` of them dropped mid-stream."""
+    rng = random.Random(seed)
+    bodies = [mixed_request(rng, max_tokens) for _ in range(n)]
+    cancels = set(rng.sample(range(n), round(n * cancel_fraction)))
+    for i in cancels:  # a cancelled request must be a long stream, or it would finish first
+        bodies[i] |= {
+            "stream": True,
+            "max_tokens": max(max_tokens[1], 64),
+            "stream_options": {"include_usage": True},
+        }
+    report, sem = LoadReport(), asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+
+        async def bounded(i: int) -> Outcome:
+            async with sem:
+                return await one(client, f"{url}/v1/chat/completions", bodies[i], 2 if i in cancels else None)
+
+        start = time.monotonic()
+        report.outcomes = await asyncio.gather(*[bounded(i) for i in range(n)])
+        report.wall_s = time.monotonic() - start
+    return report
+
+
+async def open_loop(
+    url: str, rate_per_s: float, duration_s: float, max_tokens: tuple[int, int] = (16, 16), seed: int = 1
+) -> LoadReport:
+    """Requests arriving at a fixed rate whatever the server does: how overload looks to users."""
+    rng = random.Random(seed)
+    report = LoadReport()
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        tasks, start = [], time.monotonic()
+        while (now := time.monotonic() - start) < duration_s:
+            body = mixed_request(rng, max_tokens)
+            body.pop("stream_options", None)
+            body["stream"] = False
+            tasks.append(asyncio.create_task(one(client, f"{url}/v1/chat/completions", body, None)))
+            await asyncio.sleep(max(0.0, len(tasks) / rate_per_s - now))
+        report.outcomes = await asyncio.gather(*tasks)
+        report.wall_s = time.monotonic() - start
+    return report
