@@ -3,8 +3,8 @@
     python benchmarks/load.py                          # tiny model, 500 requests at concurrency 32
     python benchmarks/load.py --requests 100 --overload-s 10   # a quicker look
 
-Starts its own Ray Serve instance with the app (model queue bounded so overload is refused,
-not queued for ever), then:
+Starts its own Ray Serve instance with the app (admission bounded so overload is refused at
+the ingress before any preprocessing, not queued for ever), then:
   1. warm-up, then 500 mixed requests (text-only / one / two images, 4-64 tokens, streamed
      or not) at concurrency 32 with 10% dropped mid-stream; every request must end complete,
      cancelled, refused or with a clean error: `lost` must be 0. Model-replica RSS is read
@@ -40,7 +40,8 @@ async def main_async(args) -> dict:
         {
             "model": {"name": "tiny", "tiny_preset": args.preset},
             "engine": {"max_batch_size": 32},
-            "llava_model": {"max_ongoing_requests": 32, "max_queued_requests": 16},
+            # The concurrency of the load run fits; beyond it, requests are refused at the door.
+            "admission": {"max_inflight_requests": 40},
             "image_preprocessor": {"num_replicas": 2},
         }
     )

@@ -9,6 +9,7 @@ as soon as its inputs are ready, without a round trip through the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from llava_serve.config import AppConfig
-from llava_serve.errors import InvalidRequest, ModelNotFound, Unavailable, unwrap
+from llava_serve.errors import InvalidRequest, ModelNotFound, Overloaded, Unavailable, unwrap
 from llava_serve.fetch import check_data_uri
 from llava_serve.prompts import image_sources
 from llava_serve.protocol import (
@@ -104,6 +105,7 @@ class ChatService:
         self.config = config
         self.backend = backend
         self.model_names = {config.model.public_name, config.model.name}
+        self.inflight = 0
 
     def _start(
         self, request: ChatCompletionRequest, record: RequestRecord | None
@@ -162,15 +164,32 @@ class ChatService:
             return _prepend(first, outputs)
         raise AssertionError("unreachable")
 
+    @contextlib.contextmanager
+    def _admitted(self):
+        """Count the request in flight while it runs; refuse it at once past the limit."""
+        limit = self.config.admission.max_inflight_requests
+        if limit and self.inflight >= limit:
+            raise Overloaded(
+                f"the server is at capacity ({self.inflight} requests in flight, the limit is {limit}); "
+                "retry later",
+                self.config.admission.retry_after_s,
+            )
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
     async def complete(self, body: Any, record: RequestRecord | None = None) -> ChatCompletion:
         """A whole (non-streamed) chat completion; `record`, if given, is filled as it runs."""
         request = parse_request(body)
-        outputs = await self._begin(request, record)
-        text, logprobs, last = [], [], None
-        async for out in outputs:
-            text.append(out.text)
-            logprobs.append(out.logprob)
-            last = out
+        with self._admitted():
+            outputs = await self._begin(request, record)
+            text, logprobs, last = [], [], None
+            async for out in outputs:
+                text.append(out.text)
+                logprobs.append(out.logprob)
+                last = out
         choice = Choice(
             message=AssistantMessage(content="".join(text)),
             finish_reason=last.finish_reason,
@@ -190,6 +209,13 @@ class ChatService:
         """Chunks in OpenAI's streaming shape. Errors before the first token raise on first `anext`,
         so a transport can still answer them with a status code instead of a broken stream."""
         request = parse_request(body)
+        with self._admitted():
+            async for chunk in self._chunks(request, record):
+                yield chunk
+
+    async def _chunks(
+        self, request: ChatCompletionRequest, record: RequestRecord | None
+    ) -> AsyncIterator[ChatCompletionChunk]:
         outputs = await self._begin(request, record)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         cid, created, model = new_completion_id(), now(), self.config.model.public_name

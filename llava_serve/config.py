@@ -101,6 +101,18 @@ class EngineConfig(_Strict):
     )
 
 
+class AdmissionConfig(_Strict):
+    """Refusing excess work at the door, before any image is fetched or prompt tokenized."""
+
+    max_inflight_requests: int = Field(
+        128,
+        ge=0,
+        description="Requests one ingress replica works on at once; beyond it, an immediate 503. "
+        "0 disables. Keep it under ingress.max_ongoing_requests, or Serve queues first.",
+    )
+    retry_after_s: int = Field(1, ge=0, description="The Retry-After header on those 503s.")
+
+
 class DeploymentOptions(_Strict):
     """Ray Serve knobs for one deployment."""
 
@@ -164,6 +176,7 @@ class AppConfig(_Strict):
     images: ImageConfig = Field(default_factory=ImageConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     ingress: DeploymentOptions = Field(default_factory=_deployment_default("ingress"))
     image_preprocessor: DeploymentOptions = Field(default_factory=_deployment_default("image_preprocessor"))
     prompt_tokenizer: DeploymentOptions = Field(default_factory=_deployment_default("prompt_tokenizer"))
@@ -183,4 +196,10 @@ class AppConfig(_Strict):
     def _check_limits(self) -> AppConfig:
         if self.generation.max_tokens > self.generation.max_tokens_limit:
             raise ValueError("generation.max_tokens must not exceed generation.max_tokens_limit")
+        limit = self.admission.max_inflight_requests
+        if limit and limit >= self.ingress.max_ongoing_requests:
+            raise ValueError(
+                "admission.max_inflight_requests must be below ingress.max_ongoing_requests, "
+                "or it can never refuse anything (Serve would queue the excess first)"
+            )
         return self

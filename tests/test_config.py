@@ -55,3 +55,10 @@ def test_a_partial_deployment_section_keeps_the_other_defaults():
     assert config.image_preprocessor.env_vars["MALLOC_ARENA_MAX"] == "2"
     actor = config.image_preprocessor.to_serve_options()["ray_actor_options"]
     assert actor["runtime_env"]["env_vars"]["MALLOC_ARENA_MAX"] == "2" and actor["num_cpus"] == 2
+
+
+def test_an_admission_limit_serve_would_never_reach_is_refused():
+    with pytest.raises(ValidationError, match=r"below ingress\.max_ongoing_requests"):
+        AppConfig.model_validate({"admission": {"max_inflight_requests": 300}})
+    off = AppConfig.model_validate({"admission": {"max_inflight_requests": 0}})
+    assert off.admission.max_inflight_requests == 0

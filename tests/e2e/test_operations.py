@@ -36,6 +36,7 @@ def ops_url(serve_url, tiny_dir):
     base["image_preprocessor"] |= {"num_replicas": 2}
     base["llava_model"] |= {"graceful_shutdown_timeout_s": 1.0}
     base["engine"] |= {"max_batch_size": 2, "max_queue": 2}
+    base["admission"] = {"max_inflight_requests": 6}
     OPS_CONFIG.update(base)
     serve.run(build(AppConfig.model_validate(base)), name="ops", route_prefix="/ops")
     yield f"{serve_url}/ops"
