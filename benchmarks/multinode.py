@@ -101,11 +101,12 @@ def placement() -> dict[str, list[str]]:
     return where
 
 
-def preprocessor_replicas() -> int:
+def preprocessor_replicas() -> tuple[int, int]:
+    """(running, wanted): wanted counts replicas still starting as well."""
     from ray import serve
 
-    status = serve.status().applications["llava"].deployments["ImagePreprocessor"]
-    return status.replica_states.get("RUNNING", 0)
+    states = serve.status().applications["llava"].deployments["ImagePreprocessor"].replica_states
+    return states.get("RUNNING", 0), states.get("RUNNING", 0) + states.get("STARTING", 0)
 
 
 async def run(args) -> dict:
@@ -127,13 +128,13 @@ async def run(args) -> dict:
     server, image_url = slow_image_host(0.3)
 
     where = placement()
-    timeline: list[tuple[float, str, int]] = []
+    timeline: list[tuple[float, str, int, int]] = []
     start = time.monotonic()
     stop = asyncio.Event()
 
     async def sample(phase: list[str]):
         while not stop.is_set():
-            timeline.append((round(time.monotonic() - start, 1), phase[0], preprocessor_replicas()))
+            timeline.append((round(time.monotonic() - start, 1), phase[0], *preprocessor_replicas()))
             await asyncio.sleep(1)
 
     phase = ["load"]
@@ -160,8 +161,8 @@ async def run(args) -> dict:
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
-    load_counts = [n for _, p, n in timeline if p == "load"]
-    quiet_counts = [n for _, p, n in timeline if p == "quiet"]
+    load_counts = [n for _, p, n, _ in timeline if p == "load"]
+    quiet_counts = [n for _, p, n, _ in timeline if p == "quiet"]
     return {
         "placement": {k: dict(Counter(v)) for k, v in where.items()},
         "preprocessor_replicas_max_under_load": max(load_counts),
@@ -175,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--load-s", type=float, default=40)
+    parser.add_argument("--load-s", type=float, default=90)
     parser.add_argument("--quiet-s", type=float, default=40)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--port", type=int, default=8321)
@@ -187,8 +188,8 @@ def main() -> None:
     print("| deployment | nodes its replicas run on |\n|---|---|")
     for name, nodes in results["placement"].items():
         print(f"| {name} | {nodes} |")
-    print("\nImagePreprocessor replicas (t s, phase, running):")
-    print(" ".join(f"{t}:{p[0]}{n}" for t, p, n in results["timeline"]))
+    print("\nImagePreprocessor replicas every second, running/wanted (L: load phase, Q: quiet):")
+    print(" ".join(f"{p[0].upper()}{n}/{w}" for _, p, n, w in results["timeline"]))
     print(
         f"\nmax under load {results['preprocessor_replicas_max_under_load']}, "
         f"at the end {results['preprocessor_replicas_at_end']}; "
