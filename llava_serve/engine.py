@@ -9,6 +9,7 @@ cancellations. With nothing to do, the loop sleeps on an event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -104,6 +105,8 @@ class Engine:
             if not seq.finished:
                 seq.cancelled = True
                 self.cancelled += 1
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(seq)  # a cancelled request must not hold a queue slot
                 self._wake.set()
 
     def check_health(self) -> None:

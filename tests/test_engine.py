@@ -1,6 +1,7 @@
 """The engine against `transformers.generate` on the same checkpoint, inputs and images."""
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -136,6 +137,15 @@ async def test_full_queue_is_overloaded(tiny_dir, processor, cases):
     await asyncio.sleep(0.01)
     with pytest.raises(Overloaded):
         await anext(eng.generate(cases[2].input_ids, [], SamplingParams(5, temperature=0.0)))
+    task.cancel()  # the waiting caller goes away: its queue slot is free at once
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await queued.aclose()
+    assert eng.num_waiting == 0
+    queued = eng.generate(cases[2].input_ids, [], SamplingParams(5, temperature=0.0))
+    task = asyncio.ensure_future(anext(queued))
+    await asyncio.sleep(0.01)
+    assert eng.num_waiting == 1
     await first.aclose()
     await task
     await queued.aclose()
