@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from PIL import Image
 
+from benchmarks.report import save
 from llava_serve import checkpoint, images
 from llava_serve.config import AppConfig
 from llava_serve.prompts import PromptBuilder
@@ -226,11 +226,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args()
     results = asyncio.run(bench(args))
-    results["args"] = vars(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
     print(table(results))
-    print(f"\nwrote {args.out}")
+    save(results, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.report import save
 from llava_serve.config import AppConfig
 from llava_serve.loadgen import closed_loop, open_loop
 
@@ -102,11 +102,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/load.json")
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
-    results["args"] = vars(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
     print(table(results))
-    print(f"\nwrote {args.out}")
+    save(results, args)
 
 
 if __name__ == "__main__":

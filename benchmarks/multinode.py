@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import threading
@@ -30,6 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.report import save
 from llava_serve.config import AppConfig
 from llava_serve.loadgen import closed_loop, random_png
 
@@ -183,8 +183,6 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/multinode.json")
     args = parser.parse_args()
     results = asyncio.run(run(args))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
     print("| deployment | nodes its replicas run on |\n|---|---|")
     for name, nodes in results["placement"].items():
         print(f"| {name} | {nodes} |")
@@ -195,7 +193,7 @@ def main() -> None:
         f"at the end {results['preprocessor_replicas_at_end']}; "
         f"requests afterwards: {results['after_check']['complete']}/10 complete"
     )
-    print(f"\nwrote {args.out}")
+    save(results, args)
 
 
 if __name__ == "__main__":
