@@ -59,11 +59,11 @@ class EngineMetrics:
         self.image_cache_bytes = metrics.Gauge("llava_image_cache_bytes", "Bytes held by the vision cache.")
         self._last = {"image_cache_hits": 0, "image_cache_misses": 0}
 
-    def sample(self, stats: dict, budget: int) -> None:
+    def sample(self, stats: dict) -> None:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_tokens.set(stats["kv_tokens_reserved"])
-        self.kv_budget.set(budget)
+        self.kv_budget.set(stats["kv_tokens_budget"])
         self.image_cache_bytes.set(stats["image_cache_bytes"])
         for key, result in (("image_cache_hits", "hit"), ("image_cache_misses", "miss")):
             delta = stats[key] - self._last[key]

@@ -27,7 +27,6 @@ class LlavaModel:
         self.lag = LoopLagMonitor()
         self.metrics = EngineMetrics()
         self.engine.on_admit = self.metrics.queue_wait.observe
-        self.budget = config.engine.max_batch_tokens
         self._sampler: asyncio.Task | None = None
 
     async def generate(
@@ -48,7 +47,7 @@ class LlavaModel:
 
     async def _sample_metrics(self) -> None:
         while True:
-            self.metrics.sample(self.engine.stats(), self.budget)
+            self.metrics.sample(self.engine.stats())
             await asyncio.sleep(1.0)
 
     async def stats(self) -> dict:

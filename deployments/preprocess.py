@@ -50,7 +50,6 @@ class ImagePreprocessor:
         return {
             "pid": os.getpid(),
             "rss_bytes": process.rss_bytes(),
-            "anonymous_bytes": process.anonymous_bytes(),
             "fetch_cache_bytes": cache.bytes,
             "fetch_cache_entries": len(cache.entries),
         }

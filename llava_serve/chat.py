@@ -29,14 +29,14 @@ from llava_serve.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    TokenLogprob,
     TopLogprob,
     Usage,
     new_completion_id,
     now,
 )
-from llava_serve.protocol import TokenLogprob as TokenLogprobOut
 from llava_serve.sampling import SamplingParams
-from llava_serve.sequence import StepOutput, TokenLogprob
+from llava_serve.sequence import SampledLogprob, StepOutput
 from llava_serve.telemetry import RequestRecord, source_kind
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class ChatService:
 
     def _start(
         self, request: ChatCompletionRequest, record: RequestRecord | None
-    ) -> tuple[AsyncIterator[StepOutput], SamplingParams]:
+    ) -> AsyncIterator[StepOutput]:
         if request.model is not None and request.model not in self.model_names:
             raise ModelNotFound(
                 f"model {request.model!r} is not served here; this server serves "
@@ -141,7 +141,7 @@ class ChatService:
         images = [self.backend.prepare_image(url, param) for url, param in sources]
         prompt = self.backend.tokenize(request.messages, params.max_tokens)
         outputs = _typed(self.backend.generate(prompt, params, images))
-        return (outputs if record is None else _recorded(outputs, record)), params
+        return outputs if record is None else _recorded(outputs, record)
 
     async def _begin(
         self, request: ChatCompletionRequest, record: RequestRecord | None
@@ -151,18 +151,17 @@ class ChatService:
         status code. Until then nothing has been sent or sampled, so a request that lost its
         replica (a preprocessor or the model died under it) is retried, a little later each
         time: the router needs a moment to stop choosing the dead replica."""
-        for attempt in range(_RETRIES + 1):
-            outputs, _ = self._start(request, record)
+        retries = 0
+        while True:
+            outputs = self._start(request, record)
             try:
-                first = await anext(aiter(outputs))
+                return _prepend(await anext(outputs), outputs)
             except Unavailable:
-                if attempt == _RETRIES:
+                if retries == _RETRIES:
                     raise
-                logger.warning("a replica died before the first token; retrying (attempt %d)", attempt + 2)
-                await asyncio.sleep(0.2 * (attempt + 1))
-                continue
-            return _prepend(first, outputs)
-        raise AssertionError("unreachable")
+                retries += 1
+                logger.warning("a replica died before the first token; retry %d of %d", retries, _RETRIES)
+                await asyncio.sleep(0.2 * retries)
 
     @contextlib.contextmanager
     def _admitted(self):
@@ -262,14 +261,14 @@ async def _prepend(first: StepOutput, rest: AsyncIterator[StepOutput]) -> AsyncI
         yield out
 
 
-def _logprobs(entries: list[TokenLogprob | None]) -> ChoiceLogprobs:
-    def top(token: str, logprob: float) -> TopLogprob:
-        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
-
+def _logprobs(entries: list[SampledLogprob | None]) -> ChoiceLogprobs:
     return ChoiceLogprobs(
         content=[
-            TokenLogprobOut(
-                **top(e.token, e.logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in e.top]
+            TokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=list(e.token.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in e.top],
             )
             for e in entries
             if e is not None

@@ -70,6 +70,7 @@ class Engine:
             "running": self.num_running,
             "waiting": self.num_waiting,
             "kv_tokens_reserved": sum(s.kv_budget for s in self._running.values()),
+            "kv_tokens_budget": self.config.max_batch_tokens,
             "steps": self.steps,
             "cancelled": self.cancelled,
             "image_cache_hits": cache.hits,

@@ -13,16 +13,3 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def anonymous_bytes() -> int | None:
-    """Anonymous (heap) memory: RSS without file and shared-memory pages such as Ray's object
-    store mapping, which the object store, not this process, decides to release."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Anonymous:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

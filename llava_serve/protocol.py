@@ -58,6 +58,10 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+def _as_list(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
 class ChatCompletionRequest(_Request):
     """POST /v1/chat/completions body."""
 
@@ -85,7 +89,7 @@ class ChatCompletionRequest(_Request):
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v or []
+        stops = _as_list(v)
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
         return v
@@ -114,9 +118,7 @@ class ChatCompletionRequest(_Request):
         return self
 
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return _as_list(self.stop)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -17,7 +17,7 @@ _ids = itertools.count()
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
+class SampledLogprob:
     """A sampled token's log-probability under the model, and the most likely alternatives."""
 
     token: str
@@ -34,7 +34,7 @@ class StepOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
-    logprob: TokenLogprob | None = None
+    logprob: SampledLogprob | None = None
 
 
 @dataclass(eq=False)
@@ -52,6 +52,7 @@ class Sequence:
     finished: bool = False
     cancelled: bool = False
     stop: StopMatcher = field(init=False)
+    _prompt: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.stop = StopMatcher(self.params.stop)
@@ -80,8 +81,7 @@ class Sequence:
         """Sample the next token from this row's logits and turn it into text."""
         scores = logits
         if self.params.penalized:
-            prompt = torch.tensor(self.input_ids, dtype=torch.long, device=logits.device)
-            scores = apply_penalties(logits, self.params, prompt, self.generated)
+            scores = apply_penalties(logits, self.params, self._prompt_tensor(logits.device), self.generated)
         token = sample_row(scores, self.params, self.generator)
         self.generated.append(token)
         logprob = self._logprob(logits, token) if self.params.logprobs else None
@@ -97,7 +97,13 @@ class Sequence:
         self.finished = finish is not None
         return StepOutput(token, text, finish, len(self.input_ids), self.num_generated, logprob)
 
-    def _logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+    def _prompt_tensor(self, device: torch.device) -> torch.Tensor:
+        """The prompt's ids as a tensor, built once: the repetition penalty reads it every step."""
+        if self._prompt is None:
+            self._prompt = torch.tensor(self.input_ids, dtype=torch.long, device=device)
+        return self._prompt
+
+    def _logprob(self, logits: torch.Tensor, token: int) -> SampledLogprob:
         """From the model's own distribution (before penalties and temperature), as OpenAI reports."""
         logprobs = torch.log_softmax(logits.float(), -1)
         decode = self.detok.tokenizer.decode
@@ -105,4 +111,4 @@ class Sequence:
         if self.params.top_logprobs:
             values, ids = torch.topk(logprobs, self.params.top_logprobs)
             top = tuple((decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(decode([token]), float(logprobs[token]), top)
+        return SampledLogprob(decode([token]), float(logprobs[token]), top)
