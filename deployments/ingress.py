@@ -3,18 +3,20 @@
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import IngressMetrics
-from llava_serve import http
-from llava_serve.chat import ChatService, _prepend
+from llava_serve import http, process
+from llava_serve.admission import Admission
+from llava_serve.chat import ChatService
 from llava_serve.config import AppConfig
 from llava_serve.errors import unwrap
+from llava_serve.health import HealthProbe
 from llava_serve.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
 from llava_serve.telemetry import RequestRecord
 
@@ -49,18 +51,25 @@ class Ingress:
     def __init__(self, config: AppConfig, preprocessor, tokenizer, model):
         self.config = config
         self.service = ChatService(config, HandleBackend(preprocessor, tokenizer, model))
+        self.admission = Admission(config.admission)
+        self.health_probe = HealthProbe(
+            model.options(method_name="ping").remote, config.http.health_cache_s, config.http.health_timeout_s
+        )
         self.metrics = IngressMetrics()
+
+    def __serve_build_asgi_app__(self):
+        """Serve asks for the app once the replica is built: the routes behind the door check."""
+        return http.RequestGuard(self.app, self.config.limits, self.admission)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        rid = request.state.request_id
+        rid = http.request_id(request)
         record = RequestRecord(rid, body.stream)
         if not body.stream:
             with self._tracked(record):
                 return await self.service.complete(body, record)
         chunks = self._tracked_stream(self.service.stream(body, record), record)
-        first = await anext(chunks)  # errors before the first token still get a status code
-        return StreamingResponse(http.sse(_prepend(first, chunks), rid), media_type="text/event-stream")
+        return await http.event_stream(chunks, rid, self.config.http.sse_keepalive_s)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
@@ -68,21 +77,26 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok"}
+        """200 while the model deployment answers (its engine loop alive, not wedged), else 503."""
+        return {"status": "ok", "model": await self.health_probe.check()}
 
     # -- the same surface for other Ray Serve apps (serve.get_app_handle(...)) ---------------
 
     async def chat(self, request: dict) -> dict:
         """A non-streamed chat completion as a dict; raises the same typed errors as HTTP maps."""
         record = RequestRecord(self._serve_request_id(), stream=False)
-        with self._tracked(record):
+        with self.admission.slot(), self._tracked(record):
             return (await self.service.complete(request, record)).model_dump()
 
     async def chat_stream(self, request: dict) -> AsyncIterator[dict]:
         """OpenAI chunks as dicts; call with `handle.options(stream=True)`."""
         record = RequestRecord(self._serve_request_id(), stream=True)
-        async for chunk in self._tracked_stream(self.service.stream(request, record), record):
-            yield chunk.model_dump()
+        with self.admission.slot():
+            async for chunk in self._tracked_stream(self.service.stream(request, record), record):
+                yield chunk.model_dump()
+
+    async def stats(self) -> dict:
+        return {"pid": os.getpid(), "rss_bytes": process.rss_bytes(), "inflight": self.admission.inflight}
 
     # -- telemetry ---------------------------------------------------------------------------
 

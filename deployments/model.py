@@ -17,7 +17,7 @@ from llava_serve.images import PreparedImage
 from llava_serve.looplag import LoopLagMonitor
 from llava_serve.prompts import PromptInputs
 from llava_serve.sampling import SamplingParams
-from llava_serve.sequence import StepOutput
+from llava_serve.sequence import ACCEPTED, StepOutput
 
 
 @serve.deployment
@@ -42,13 +42,23 @@ class LlavaModel:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         if prompt.num_images != len(images):
             raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
-        async for out in self.engine.generate(prompt.input_ids, list(images), params):
-            yield out
+        seq = self.engine.submit(prompt.input_ids, list(images), params)
+        try:
+            yield ACCEPTED
+            async for out in self.engine.stream(seq):
+                yield out
+        finally:
+            self.engine.cancel(seq)  # also when the caller left before the stream began
 
     async def _sample_metrics(self) -> None:
         while True:
             self.metrics.sample(self.engine.stats())
             await asyncio.sleep(1.0)
+
+    async def ping(self) -> dict:
+        """For the ingress's /health: raises if the engine loop died or is wedged; no forward pass."""
+        self.engine.check_health()
+        return {"running": self.engine.num_running, "waiting": self.engine.num_waiting}
 
     async def stats(self) -> dict:
         return {**self.engine.stats(), "rss_bytes": process.rss_bytes(), "pid": os.getpid()}

@@ -9,7 +9,6 @@ as soon as its inputs are ready, without a round trip through the caller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -17,9 +16,9 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from llava_serve.config import AppConfig
-from llava_serve.errors import InvalidRequest, ModelNotFound, Overloaded, Unavailable, unwrap
+from llava_serve.errors import InvalidRequest, ModelNotFound, Unavailable, unwrap
 from llava_serve.fetch import check_data_uri
-from llava_serve.prompts import image_sources
+from llava_serve.prompts import TemplateMessage, image_sources, to_template_messages
 from llava_serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -44,8 +43,11 @@ _RETRIES = 3  # of a request whose replica died before its first token
 
 
 class Backend(Protocol):
+    """Where the work happens. `generate` streams `ACCEPTED` first, once the engine has queued
+    the request, then the request's outputs."""
+
     def prepare_image(self, source: str, param: str) -> Any: ...
-    def tokenize(self, messages: list, max_tokens: int) -> Any: ...
+    def tokenize(self, messages: list[TemplateMessage], max_tokens: int) -> Any: ...
     def generate(
         self, prompt: Any, params: SamplingParams, images: list[Any]
     ) -> AsyncIterator[StepOutput]: ...
@@ -105,7 +107,6 @@ class ChatService:
         self.config = config
         self.backend = backend
         self.model_names = {config.model.public_name, config.model.name}
-        self.inflight = 0
 
     def _start(
         self, request: ChatCompletionRequest, record: RequestRecord | None
@@ -139,23 +140,26 @@ class ChatService:
             if url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
                 check_data_uri(url, self.config.images, param)
         images = [self.backend.prepare_image(url, param) for url, param in sources]
-        prompt = self.backend.tokenize(request.messages, params.max_tokens)
+        # The tokenizer needs the text and where images go, never the images themselves.
+        prompt = self.backend.tokenize(to_template_messages(request.messages), params.max_tokens)
         outputs = _typed(self.backend.generate(prompt, params, images))
         return outputs if record is None else _recorded(outputs, record)
 
     async def _begin(
         self, request: ChatCompletionRequest, record: RequestRecord | None
     ) -> AsyncIterator[StepOutput]:
-        """Start generation and wait for its first output, so errors before the first token
-        (validation, images, overload) raise here, while a transport can still answer with a
-        status code. Until then nothing has been sent or sampled, so a request that lost its
-        replica (a preprocessor or the model died under it) is retried, a little later each
-        time: the router needs a moment to stop choosing the dead replica."""
+        """Start generation and wait until the engine has queued it, so errors up to then
+        (validation, images, prompt length, overload) raise here, while a transport can still
+        answer with a status code. Until then nothing has been sent or sampled, so a request that
+        lost its replica (a preprocessor or the model died under it) is retried, a little later
+        each time: the router needs a moment to stop choosing the dead replica."""
         retries = 0
         while True:
             outputs = self._start(request, record)
             try:
-                return _prepend(await anext(outputs), outputs)
+                accepted = await anext(outputs)
+                assert accepted.accepted, "a backend's stream starts with ACCEPTED"
+                return outputs
             except Unavailable:
                 if retries == _RETRIES:
                     raise
@@ -163,32 +167,15 @@ class ChatService:
                 logger.warning("a replica died before the first token; retry %d of %d", retries, _RETRIES)
                 await asyncio.sleep(0.2 * retries)
 
-    @contextlib.contextmanager
-    def _admitted(self):
-        """Count the request in flight while it runs; refuse it at once past the limit."""
-        limit = self.config.admission.max_inflight_requests
-        if limit and self.inflight >= limit:
-            raise Overloaded(
-                f"the server is at capacity ({self.inflight} requests in flight, the limit is {limit}); "
-                "retry later",
-                self.config.admission.retry_after_s,
-            )
-        self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-
     async def complete(self, body: Any, record: RequestRecord | None = None) -> ChatCompletion:
         """A whole (non-streamed) chat completion; `record`, if given, is filled as it runs."""
         request = parse_request(body)
-        with self._admitted():
-            outputs = await self._begin(request, record)
-            text, logprobs, last = [], [], None
-            async for out in outputs:
-                text.append(out.text)
-                logprobs.append(out.logprob)
-                last = out
+        outputs = await self._begin(request, record)
+        text, logprobs, last = [], [], None
+        async for out in outputs:
+            text.append(out.text)
+            logprobs += out.logprobs
+            last = out
         choice = Choice(
             message=AssistantMessage(content="".join(text)),
             finish_reason=last.finish_reason,
@@ -205,16 +192,10 @@ class ChatService:
     async def stream(
         self, body: Any, record: RequestRecord | None = None
     ) -> AsyncIterator[ChatCompletionChunk]:
-        """Chunks in OpenAI's streaming shape. Errors before the first token raise on first `anext`,
-        so a transport can still answer them with a status code instead of a broken stream."""
+        """Chunks in OpenAI's streaming shape. The first (the assistant role) comes once the engine
+        has queued the request; errors before that raise on the first `anext`, so a transport can
+        still answer them with a status code instead of a broken stream."""
         request = parse_request(body)
-        with self._admitted():
-            async for chunk in self._chunks(request, record):
-                yield chunk
-
-    async def _chunks(
-        self, request: ChatCompletionRequest, record: RequestRecord | None
-    ) -> AsyncIterator[ChatCompletionChunk]:
         outputs = await self._begin(request, record)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         cid, created, model = new_completion_id(), now(), self.config.model.public_name
@@ -231,7 +212,7 @@ class ChatService:
         last = None
         async for out in outputs:
             last = out
-            pending.append(out.logprob)
+            pending += out.logprobs
             if out.text:
                 yield chunk(Delta(content=out.text))
         yield chunk(Delta(), last.finish_reason)
@@ -261,17 +242,16 @@ async def _prepend(first: StepOutput, rest: AsyncIterator[StepOutput]) -> AsyncI
         yield out
 
 
-def _logprobs(entries: list[SampledLogprob | None]) -> ChoiceLogprobs:
+def _logprobs(entries: list[SampledLogprob]) -> ChoiceLogprobs:
     return ChoiceLogprobs(
         content=[
             TokenLogprob(
                 token=e.token,
                 logprob=e.logprob,
-                bytes=list(e.token.encode()),
-                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in e.top],
+                bytes=list(e.bytes),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(b)) for t, b, lp in e.top],
             )
             for e in entries
-            if e is not None
         ]
     )
 

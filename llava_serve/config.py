@@ -48,7 +48,12 @@ class ImageConfig(_Strict):
 
     max_bytes: int = Field(20 * MiB, gt=0, description="Encoded bytes per image, enforced while streaming.")
     max_pixels: int = Field(
-        50_000_000, gt=0, description="Decoded width*height per image; stops decompression bombs."
+        50_000_000,
+        gt=0,
+        # Pillow's own bomb guard (PIL.Image.MAX_IMAGE_PIXELS) is left as it is, process-wide;
+        # a limit above it could never be reached.
+        le=89_478_485,
+        description="Decoded width*height per image; stops decompression bombs.",
     )
     max_images_per_request: int = Field(4, ge=0, description="Images across all messages of one request.")
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -69,6 +74,11 @@ class ImageConfig(_Strict):
     fetch_cache_max_ttl_s: float = Field(300.0, ge=0, description="Longest a fetched body is reused.")
     allowed_local_root: str | None = Field(
         None, description="If set, file paths under this directory are accepted as image sources."
+    )
+    tls_ca_bundle: str | None = Field(
+        None,
+        description="PEM file of the CAs trusted for https image fetches, e.g. an internal CDN's "
+        "private CA; default: the certifi bundle.",
     )
 
     @field_validator("allowed_formats")
@@ -111,6 +121,34 @@ class AdmissionConfig(_Strict):
         "0 disables. Keep it under ingress.max_ongoing_requests, or Serve queues first.",
     )
     retry_after_s: int = Field(1, ge=0, description="The Retry-After header on those 503s.")
+
+
+class LimitsConfig(_Strict):
+    """Limits on what one HTTP request may carry, checked before its body is parsed."""
+
+    max_request_bytes: int = Field(
+        32 * MiB,
+        gt=0,
+        description="Largest request body; a larger one is a 413 before it is read. Inline images "
+        "count toward it (base64 makes them 4/3 their size).",
+    )
+
+
+class HttpConfig(_Strict):
+    """How the ingress talks HTTP beyond the OpenAI routes themselves."""
+
+    sse_keepalive_s: float = Field(
+        15.0,
+        gt=0,
+        description="A stream sends an SSE comment this often, so proxies and clients do not time out "
+        "a request that waits in the queue or in prefill.",
+    )
+    health_cache_s: float = Field(
+        1.0, ge=0, description="/health reuses the model replica's last answer for this long."
+    )
+    health_timeout_s: float = Field(
+        2.0, gt=0, description="/health reports the model as not answering after this long."
+    )
 
 
 class DeploymentOptions(_Strict):
@@ -177,6 +215,8 @@ class AppConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     ingress: DeploymentOptions = Field(default_factory=_deployment_default("ingress"))
     image_preprocessor: DeploymentOptions = Field(default_factory=_deployment_default("image_preprocessor"))
     prompt_tokenizer: DeploymentOptions = Field(default_factory=_deployment_default("prompt_tokenizer"))
@@ -202,4 +242,13 @@ class AppConfig(_Strict):
                 "admission.max_inflight_requests must be below ingress.max_ongoing_requests, "
                 "or it can never refuse anything (Serve would queue the excess first)"
             )
+        ingresses, models = self.ingress.num_replicas, self.llava_model.num_replicas
+        if limit and isinstance(ingresses, int) and isinstance(models, int):
+            admitted, taken = limit * ingresses, self.llava_model.max_ongoing_requests * models
+            if admitted > taken:
+                raise ValueError(
+                    f"ingresses admit {admitted} requests ({ingresses} x admission.max_inflight_requests) "
+                    f"but the model replicas take {taken} ({models} x llava_model.max_ongoing_requests): "
+                    "the rest would queue inside Serve, where overload cannot get a fast 503"
+                )
         return self

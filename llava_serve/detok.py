@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 
 # Prompt tokens decoded as left context: SentencePiece tokenizers (Llama-2, so llava-1.5) drop
@@ -77,3 +79,38 @@ class StopMatcher:
         """At the end of generation, held-back text was not a stop after all."""
         out, self.pending = self.pending, ""
         return out
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenBytes:
+    """The bytes each token stands for, as OpenAI's `logprobs[].bytes` reports them.
+
+    Decoding one token alone is not enough: a token may hold part of a multi-byte character
+    (decoding gives U+FFFD), and SentencePiece decoders strip a sequence's leading space. So
+    the token's vocabulary string is mapped back to bytes by the tokenizer's own scheme:
+    byte-level BPE (GPT-2, Llama-3, Qwen2) through its byte-to-unicode table; SentencePiece
+    (Llama-2, Mistral) with `▁` as a space and `<0xNN>` byte-fallback pieces as that byte.
+    Special tokens never reach the text, so they are no bytes.
+    """
+
+    def __init__(self, tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.tokenizer = tokenizer
+        decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+        self.byte_level = "ByteLevel" in json.dumps(decoder)
+        self.unicode_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        self.special = set(tokenizer.all_special_ids)
+
+    def __call__(self, token_id: int) -> bytes:
+        if token_id in self.special:
+            return b""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self.byte_level:
+            return bytes(self.unicode_to_byte[c] for c in piece)
+        fallback = _BYTE_FALLBACK.fullmatch(piece)
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()

@@ -16,21 +16,26 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from llava_serve import checkpoint
 from llava_serve.config import EngineConfig, ModelConfig
-from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded
+from llava_serve.detok import TokenBytes
+from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded, Unavailable
 from llava_serve.images import PreparedImage
 from llava_serve.runner import ModelRunner
 from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import Sequence, StepOutput
 
 logger = logging.getLogger(__name__)
+Result = StepOutput | LlavaServeError
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, eos_ids: list[int], config: EngineConfig):
         self.runner = runner
         self.tokenizer = tokenizer
+        self.token_bytes = TokenBytes(tokenizer)
         self.eos_ids = eos_ids
         self.config = config
         # The single owner of the model: every forward pass goes through this thread.
@@ -44,6 +49,9 @@ class Engine:
         self.last_step_end = time.monotonic()
         # Called with each admitted request's queue wait (s); the deployment points it at a metric.
         self.on_admit: Callable[[float], None] | None = None
+        # Test-only: rewrites a step's logits ([rows, vocab], rows in `seqs` order) before
+        # sampling, to inject the failures a real model can produce (e.g. NaN in one row).
+        self.logits_hook: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def load(cls, model: ModelConfig, config: EngineConfig) -> Engine:
@@ -78,11 +86,11 @@ class Engine:
             "image_cache_bytes": cache.bytes,
         }
 
-    async def generate(
-        self, input_ids: list[int], images: list[PreparedImage], params: SamplingParams
-    ) -> AsyncIterator[StepOutput]:
-        """Stream one request's tokens. Closing the iterator cancels the request at the next step."""
-        seq = Sequence.create(input_ids, images, params, self.tokenizer, self.eos_ids, self.runner.device)
+    def submit(self, input_ids: list[int], images: list[PreparedImage], params: SamplingParams) -> Sequence:
+        """Queue one request, or refuse it at once (too long, queue full, engine stopped)."""
+        if self._task is not None and self._task.done():
+            raise EngineError("the engine has stopped; this replica is being replaced")
+        seq = Sequence.create(input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device)
         if seq.kv_budget > self.config.max_batch_tokens:
             raise InvalidRequest(
                 f"prompt ({len(input_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
@@ -94,21 +102,46 @@ class Engine:
         self._ensure_started()
         self._waiting.append(seq)
         self._wake.set()
+        return seq
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[StepOutput]:
+        """A submitted request's outputs; closing the iterator cancels the request.
+
+        Outputs that piled up while the consumer was busy go out as one: a stream that falls
+        behind gets fewer, larger messages instead of a backlog of one-token ones."""
         try:
             while True:
                 out = await seq.outputs.get()
+                while (
+                    not isinstance(out, Exception) and out.finish_reason is None and not seq.outputs.empty()
+                ):
+                    later = seq.outputs.get_nowait()
+                    out = later if isinstance(later, Exception) else out + later
                 if isinstance(out, Exception):
                     raise out
                 yield out
                 if out.finish_reason is not None:
                     return
         finally:
-            if not seq.finished:
-                seq.cancelled = True
-                self.cancelled += 1
-                with contextlib.suppress(ValueError):
-                    self._waiting.remove(seq)  # a cancelled request must not hold a queue slot
-                self._wake.set()
+            self.cancel(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Drop a request that has not finished: from the queue at once, from the batch at the next step."""
+        if seq.finished or seq.cancelled:
+            return
+        seq.cancelled = True
+        self.cancelled += 1
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(seq)  # a cancelled request must not hold a queue slot
+        self._wake.set()
+
+    async def generate(
+        self, input_ids: list[int], images: list[PreparedImage], params: SamplingParams
+    ) -> AsyncIterator[StepOutput]:
+        """Submit and stream in one call."""
+        seq = self.submit(input_ids, images, params)
+        async for out in self.stream(seq):
+            yield out
 
     def check_health(self) -> None:
         """Raise if the step loop has died or is wedged (work pending, no step for too long)."""
@@ -121,9 +154,20 @@ class Engine:
             raise EngineError(f"engine has pending work but no step finished for {stalled:.0f}s")
 
     async def shutdown(self) -> None:
+        """Stop the loop; every request still waiting or running ends with `Unavailable`."""
         if self._task is not None:
             self._task.cancel()
+        self._fail_all(Unavailable("the model replica is shutting down; retry"))
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _fail_all(self, error: LlavaServeError) -> None:
+        """End every request the engine holds with `error`, so none of their streams can hang."""
+        for seq in [*self._waiting, *self._running.values()]:
+            if not (seq.finished or seq.cancelled):
+                seq.finished = True
+                seq.outputs.put_nowait(error)
+        self._waiting.clear()
+        self._running.clear()
 
     # -- the step loop ---------------------------------------------------------------------
 
@@ -132,6 +176,17 @@ class Engine:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="llava-engine-loop")
 
     async def _loop(self) -> None:
+        try:
+            await self._steps()
+        except asyncio.CancelledError:
+            self._fail_all(Unavailable("the model replica is shutting down; retry"))
+            raise
+        except BaseException as e:
+            logger.exception("the engine loop died")
+            self._fail_all(EngineError(f"the engine stopped: {type(e).__name__}"))
+            raise
+
+    async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
@@ -171,51 +226,78 @@ class Engine:
                 self.on_admit(now - seq.created_at)
         return admit
 
-    def _step(
-        self, decoding: list[Sequence], admit: list[Sequence]
-    ) -> list[tuple[Sequence, StepOutput | Exception]]:
+    def _step(self, decoding: list[Sequence], admit: list[Sequence]) -> list[tuple[Sequence, Result]]:
         """Executor thread: retire cancelled rows, decode the running ones, prefill the new ones."""
-        outputs: list[tuple[Sequence, StepOutput | Exception]] = []
+        outputs: list[tuple[Sequence, Result]] = []
         self.runner.keep({s.seq_id for s in decoding})
         if decoding:
-            outputs += self._guarded(decoding, self._decode)
+            outputs += self._decode(decoding)
         if admit:
-            outputs += self._guarded(admit, self._prefill)
+            outputs += self._prefill(admit)
         self.runner.keep({s.seq_id for s in decoding + admit if not s.finished})
         return outputs
 
-    def _guarded(self, seqs: list[Sequence], phase) -> list[tuple[Sequence, StepOutput | Exception]]:
-        """Run one phase; a failure fails only the requests in it, with a typed error."""
+    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, Result]]:
+        """One token for every running row. A failed forward pass fails them all (the cache
+        cannot be trusted after it); a failed row fails alone."""
         try:
-            return phase(seqs)
+            logits = self.runner.decode()
         except Exception as e:
-            if phase == self._prefill and len(seqs) > 1:
-                # Nothing was committed: prefill them one by one so only the culprit fails.
-                return [out for seq in seqs for out in self._guarded([seq], phase)]
-            logger.exception("engine phase %s failed for %d requests", phase.__name__, len(seqs))
-            if phase == self._decode:
-                self.runner.reset()  # a half-updated cache cannot be trusted
-            error = (
-                e if isinstance(e, LlavaServeError) else EngineError(f"generation failed: {type(e).__name__}")
-            )
-            for seq in seqs:
-                seq.finished = True
-            return [(seq, error) for seq in seqs]
-
-    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, StepOutput]]:
-        logits = self.runner.decode()
+            logger.exception("decode failed for %d requests", len(seqs))
+            self.runner.reset()
+            return self._failed(seqs, e)
         row = {sid: i for i, sid in enumerate(self.runner.batch.seq_ids)}
-        outs = [(seq, seq.advance(logits[row[seq.seq_id]])) for seq in seqs]
-        self.runner.set_last_tokens([o.token_id for _, o in sorted(outs, key=lambda x: row[x[0].seq_id])])
+        outs = self._sample(seqs, logits[[row[s.seq_id] for s in seqs]])
+        tokens = {seq.seq_id: out.token_id for seq, out in outs if isinstance(out, StepOutput)}
+        # A failed row's next input does not matter: it leaves the batch at the end of this step.
+        self.runner.set_last_tokens([tokens.get(sid, 0) for sid in self.runner.batch.seq_ids])
         return outs
 
-    def _prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, StepOutput]]:
-        logits = self.runner.prefill([s.seq_id for s in seqs], [(s.input_ids, s.images) for s in seqs])
-        outs = [(seq, seq.advance(logits[i])) for i, seq in enumerate(seqs)]
-        self.runner.commit([o.token_id for _, o in outs])
+    def _prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, Result]]:
+        """Prompts in one forward pass, then their first tokens. If the pass fails, each request
+        is tried alone so only the culprit fails; nothing about a request changes before its
+        logits exist, so a retry starts from the same state."""
+        try:
+            logits = self.runner.prefill([s.seq_id for s in seqs], [(s.input_ids, s.images) for s in seqs])
+        except Exception as e:
+            if len(seqs) > 1:
+                return [out for seq in seqs for out in self._prefill([seq])]
+            logger.exception("prefill failed")
+            return self._failed(seqs, e)
+        outs = self._sample(seqs, logits)
+        # Rows join in one step, failed ones included; `keep` drops those at the end of the step.
+        self.runner.commit([out.token_id if isinstance(out, StepOutput) else 0 for _, out in outs])
         return outs
 
-    def _emit(self, outputs: list[tuple[Sequence, StepOutput | Exception]]) -> None:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
+        """Each row's next token; a row whose logits are not finite, or whose sampling fails,
+        fails that request alone."""
+        if self.logits_hook is not None:
+            logits = self.logits_hook(seqs, logits)
+        finite = torch.isfinite(logits).all(-1).tolist()
+        outs: list[tuple[Sequence, Result]] = []
+        for seq, row, ok in zip(seqs, logits, finite, strict=True):
+            try:
+                if not ok:
+                    raise EngineError("the model produced non-finite logits for this request")
+                outs.append((seq, seq.advance(row)))
+            except Exception as e:
+                logger.exception("sampling failed for request %d", seq.seq_id)
+                outs += self._failed([seq], e)
+        return outs
+
+    @staticmethod
+    def _failed(seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, Result]]:
+        typed = (
+            error
+            if isinstance(error, LlavaServeError)
+            else EngineError(f"generation failed: {type(error).__name__}")
+        )
+        for seq in seqs:
+            seq.finished = True
+        return [(seq, typed) for seq in seqs]
+
+    def _emit(self, outputs: list[tuple[Sequence, Result]]) -> None:
         """Event loop: hand each output to its request's stream; forget finished requests."""
         for seq, out in outputs:
             seq.outputs.put_nowait(out)

@@ -44,6 +44,15 @@ class InvalidRequest(LlavaServeError):
     error_type = "invalid_request_error"
 
 
+class RequestTooLarge(InvalidRequest):
+    """The request body is over `limits.max_request_bytes`."""
+
+    status_code = 413
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param, code or "request_too_large")
+
+
 class ContextLengthExceeded(InvalidRequest):
     """Prompt tokens plus `max_tokens` do not fit the model's context."""
 

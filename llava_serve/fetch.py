@@ -2,7 +2,12 @@
 
 Every path that accepts an image source goes through `ImageFetcher.fetch`, so the limits on
 scheme, address, size and time hold for all of them. HTTP fetches follow redirects by hand so
-that every hop passes the SSRF guard, and connect to the address the guard checked.
+that every hop passes the SSRF guard, and connect only to the addresses the guard checked.
+
+URLs keep their host name all the way down: connections are pooled per name (a connection
+whose certificate was verified for one name is never reused for another name on the same
+address), TLS verifies the certificate for that name, and only the TCP connect is pinned to
+the vetted addresses (`PinnedBackend`).
 """
 
 from __future__ import annotations
@@ -11,16 +16,20 @@ import asyncio
 import base64
 import binascii
 import os
+import ssl
 import time
+import typing
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
+from cachetools import LRUCache
 
 from llava_serve.config import ImageConfig
 from llava_serve.errors import ImageError
-from llava_serve.netguard import AddressPolicy, Resolver, parse_ip_literal, system_resolver
+from llava_serve.netguard import AddressPolicy, IPAddress, Resolver, parse_ip_literal, system_resolver
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 
@@ -46,11 +55,17 @@ def check_data_uri(uri: str, limits: ImageConfig, param: str | None = None) -> s
     return payload
 
 
+# Base64 characters per decoding call (a multiple of 4). One call holds the GIL throughout, so
+# a 20 MiB payload decoded in one go would stall the event loop even from another thread.
+_B64_CHUNK = 1 << 20
+
+
 def decode_data_uri(uri: str, limits: ImageConfig, param: str | None = None) -> bytes:
     """Bytes of a base64 `data:` URI; the size is checked before decoding."""
     payload = check_data_uri(uri, limits, param)
     try:
-        return base64.b64decode(payload, validate=True)
+        chunks = range(0, len(payload), _B64_CHUNK)
+        return b"".join(base64.b64decode(payload[i : i + _B64_CHUNK], validate=True) for i in chunks)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"data: URI is not valid base64: {e}", param) from e
 
@@ -120,6 +135,62 @@ class ResponseCache:
         self.bytes -= len(body)
 
 
+class PinnedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting a host name only to the addresses vetted for it.
+
+    Addresses are tried in turn, IPv6 first, all within one connect timeout. A name nobody
+    vetted cannot be connected to at all.
+    """
+
+    def __init__(self):
+        self.inner = httpcore.AnyIOBackend()
+        # Written just before each request by the fetcher; every entry passed the policy.
+        self.vetted: LRUCache[str, list[IPAddress]] = LRUCache(maxsize=4096)
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: typing.Iterable[typing.Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = sorted(self.vetted.get(host, []), key=lambda ip: ip.version != 6)
+        if not addresses:
+            raise httpcore.ConnectError(f"no vetted address for {host!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        error: Exception | None = None
+        for ip in addresses:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise httpcore.ConnectTimeout(f"connecting to {host!r} took longer than {timeout}s")
+            try:
+                return await self.inner.connect_tcp(
+                    str(ip), port, timeout=left, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout, OSError) as e:
+                error = e
+        raise error if isinstance(error, httpcore.ConnectTimeout) else httpcore.ConnectError(str(error))
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def _client(limits: ImageConfig, backend: PinnedBackend) -> httpx.AsyncClient:
+    context = ssl.create_default_context(cafile=limits.tls_ca_bundle) if limits.tls_ca_bundle else True
+    transport = httpx.AsyncHTTPTransport(verify=context, trust_env=False)
+    # httpx takes no network backend; its pool is rebuilt with ours (httpx pinned to 0.28.x for this).
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(verify=context, trust_env=False), network_backend=backend
+    )
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s),
+        follow_redirects=False,  # every hop must pass the guard: see `_fetch_http`
+        trust_env=False,  # a proxy from the environment would bypass the address checks
+    )
+
+
 class ImageFetcher:
     """Turns an image source string into bytes under the configured limits and SSRF policy."""
 
@@ -128,15 +199,12 @@ class ImageFetcher:
         self.policy = AddressPolicy(limits.allow_hosts)
         self.resolver = resolver
         self.cache = ResponseCache(limits.fetch_cache_bytes, limits.fetch_cache_max_ttl_s)
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(limits.read_timeout_s, connect=limits.connect_timeout_s),
-            follow_redirects=False,  # every hop must pass the guard: see `_fetch_http`
-            trust_env=False,  # a proxy from the environment would bypass the address checks
-        )
+        self.backend = PinnedBackend()
+        self.client = _client(limits, self.backend)
 
     async def fetch(self, source: str, param: str | None = None) -> bytes:
-        if source.startswith("data:"):
-            return decode_data_uri(source, self.limits, param)
+        if source.startswith("data:"):  # up to max_bytes of base64: too much work for the event loop
+            return await asyncio.to_thread(decode_data_uri, source, self.limits, param)
         scheme = urlsplit(source).scheme.lower()
         if scheme in ("http", "https"):
             return await self._fetch_http(source, param)
@@ -189,7 +257,7 @@ class ImageFetcher:
             ) from e
 
     async def _pinned_request(self, url: str, param: str | None) -> httpx.Request:
-        """A GET for `url` that connects to an address the policy allows, and to nothing else."""
+        """A GET for `url` whose host name may connect only to the addresses the policy allowed."""
         parts = urlsplit(url)
         if parts.scheme.lower() not in ("http", "https"):
             raise ImageError(
@@ -224,17 +292,9 @@ class ImageFetcher:
             target = httpx.URL(url)
         except httpx.InvalidURL as e:
             raise ImageError(f"image URL is not valid: {e}", param, "invalid_image_url") from e
-        ip = addresses[0]
-        extensions = {}
-        if target.scheme == "https" and literal is None:
-            extensions["sni_hostname"] = host  # TLS still verifies the certificate for the real name
-        return self.client.build_request(
-            "GET",
-            target.copy_with(host=str(ip)),
-            # Raw bytes only: a compressed body could inflate far past `max_bytes` in one chunk.
-            headers={"Host": target.netloc.decode("ascii"), "Accept-Encoding": "identity"},
-            extensions=extensions,
-        )
+        self.backend.vetted[target.host] = addresses
+        # Raw bytes only: a compressed body could inflate far past `max_bytes` in one chunk.
+        return self.client.build_request("GET", target, headers={"Accept-Encoding": "identity"})
 
     async def _read_body(self, response: httpx.Response, param: str | None) -> bytes:
         limits = self.limits

@@ -1,4 +1,5 @@
-"""HTTP concerns in one place: errors to status codes and bodies, SSE framing, request ids.
+"""HTTP concerns in one place: errors to status codes and bodies, the door check in front of
+the app, SSE streams, request ids.
 
 Everything that reaches a handler here is already typed (`ChatService` unwraps errors that
 crossed a Ray boundary), so FastAPI's own 500 path is left for bugs.
@@ -15,12 +16,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llava_serve.admission import Admission
 from llava_serve.chat import invalid_from_validation
-from llava_serve.errors import LlavaServeError, Overloaded, unwrap
+from llava_serve.config import LimitsConfig
+from llava_serve.errors import LlavaServeError, Overloaded, RequestTooLarge, unwrap
 
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
+# Where the door check applies: the routes that start generation.
+GUARDED_PATHS = ("/v1/chat/completions",)
 
 
 def error_response(error: BaseException, request_id: str | None = None) -> JSONResponse:
@@ -35,40 +42,101 @@ def error_response(error: BaseException, request_id: str | None = None) -> JSONR
     return JSONResponse(body, status_code=typed.status_code, headers=headers)
 
 
-def sse_error(error: BaseException, request_id: str | None = None) -> str:
-    """An error after streaming began: an OpenAI-style error event instead of a status code."""
-    return f"data: {json.dumps(unwrap(error).to_body())}\n\n"
-
-
-async def sse(chunks: AsyncIterator[BaseModel], request_id: str | None = None) -> AsyncIterator[str]:
-    """Frame chunks as server-sent events, ending with `[DONE]`; a late error becomes an event."""
+async def _events(first: BaseModel, chunks: AsyncIterator[BaseModel], request_id: str | None):
+    """Chunks as SSE data (dicts: sse-starlette frames them with the response's separator),
+    ending with `[DONE]`; an error after the start becomes an error event."""
+    yield {"data": first.model_dump_json()}
     try:
         async for chunk in chunks:
-            yield f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
+            yield {"data": chunk.model_dump_json()}
     except Exception as e:
         logger.warning("stream %s ended with error: %r", request_id, e)
-        yield sse_error(e, request_id)
-    yield "data: [DONE]\n\n"
+        yield {"data": json.dumps(unwrap(e).to_body())}
+    yield {"data": "[DONE]"}
+
+
+async def event_stream(
+    chunks: AsyncIterator[BaseModel], request_id: str | None, keepalive_s: float
+) -> EventSourceResponse:
+    """An SSE response for `chunks`. The first chunk is awaited before the response starts, so
+    errors up to then still get their status code; afterwards a comment every `keepalive_s`
+    keeps proxies from timing out a request that waits in a queue or in prefill."""
+    first = await anext(chunks)
+    return EventSourceResponse(
+        _events(first, chunks, request_id),
+        ping=keepalive_s,
+        sep="\n",
+        # sse-starlette's default is no-store; no-cache is what OpenAI sends and what proxies expect.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def request_id(request: Request) -> str:
     return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
 
 
+class RequestGuard:
+    """Pure ASGI, in front of FastAPI: the body-size limit and the in-flight count, applied to
+    the generation routes before a byte of the body is read or parsed. A refusal here costs a
+    header lookup, so overload is answered in milliseconds whatever the request carries."""
+
+    def __init__(self, app: ASGIApp, limits: LimitsConfig, admission: Admission):
+        self.app = app
+        self.max_bytes = limits.max_request_bytes
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith(GUARDED_PATHS):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        rid = headers.get(REQUEST_ID_HEADER.encode(), b"").decode() or None
+        declared = headers.get(b"content-length", b"")
+        try:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise self._too_large(int(declared))
+            with self.admission.slot():
+                await self.app(scope, *self._counted(receive, send, rid))
+        except (RequestTooLarge, Overloaded) as e:
+            await error_response(e, rid)(scope, receive, send)
+
+    def _too_large(self, size: int) -> RequestTooLarge:
+        return RequestTooLarge(
+            f"request body is {size} bytes, over this server's limit of {self.max_bytes} "
+            "(limits.max_request_bytes)"
+        )
+
+    def _counted(self, receive: Receive, send: Send, rid: str | None) -> tuple[Receive, Send]:
+        """A body sent without Content-Length is counted as it arrives; past the limit the
+        caller gets the 413 at once, and the app sees a disconnect and can send nothing more."""
+        received, answered = 0, False
+
+        async def counted_receive() -> Message:
+            nonlocal received, answered
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes and not answered:
+                    answered = True
+                    await error_response(self._too_large(received), rid)({"type": "http"}, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def unless_answered(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        return counted_receive, unless_answered
+
+
 def install(app: FastAPI) -> None:
-    """Register the error handlers and the request-id middleware on `app`."""
+    """Register the error handlers on `app`. (Request ids need no middleware: Serve's proxy sets
+    x-request-id on the request, keeping the client's, and echoes it on the response.)"""
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(invalid_from_validation(exc), request.state.request_id)
+        return error_response(invalid_from_validation(exc), request_id(request))
 
     @app.exception_handler(LlavaServeError)
     async def _typed(request: Request, exc: LlavaServeError):
-        return error_response(exc, getattr(request.state, "request_id", None))
-
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next):
-        # Serve's proxy sets x-request-id on the request (keeping the client's) and echoes it
-        # on the response; we only make it available to handlers and logs.
-        request.state.request_id = request_id(request)
-        return await call_next(request)
+        return error_response(exc, request_id(request))

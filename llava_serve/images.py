@@ -15,10 +15,6 @@ from PIL import Image
 from llava_serve.config import ImageConfig
 from llava_serve.errors import ImageError
 
-# Our own pixel limit (checked before decoding) is the guard; Pillow's warning-then-error
-# thresholds would otherwise turn a bomb into a log line or a bare exception.
-Image.MAX_IMAGE_PIXELS = None
-
 
 @dataclass(frozen=True)
 class PreparedImage:
@@ -63,8 +59,9 @@ def decode(data: bytes, limits: ImageConfig, param: str | None = None) -> Image.
         raise
     except Image.UnidentifiedImageError as e:
         raise ImageError("data is not an image in a format this server can decode", param) from e
-    except Image.DecompressionBombError as e:  # only if a caller re-enabled Pillow's own limit
-        raise ImageError(f"image rejected as a decompression bomb: {e}", param, "image_too_large") from e
+    except Image.DecompressionBombError as e:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
+        too_large = f"image is past Pillow's bomb guard, so over the limit of {limits.max_pixels} pixels"
+        raise ImageError(too_large, param, "image_too_large") from e
     except Exception as e:  # Pillow raises many types for corrupt input; all mean the same to a caller
         raise ImageError(f"could not decode image: {e}", param) from e
     return to_rgb(image)

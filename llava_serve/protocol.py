@@ -1,14 +1,15 @@
 """The OpenAI Chat Completions wire protocol as pydantic models.
 
 Requests forbid unknown fields: a parameter we do not implement is refused with its name,
-never silently ignored.
+never silently ignored. An explicit `null` is read as "not given", for every field, known or
+not: SDKs and proxies send `"n": null`, `"tools": null`, ... for parameters the caller never set.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,9 +21,19 @@ from pydantic import (
     model_validator,
 )
 
+# Temperatures this close to 0 divide logits into overflow; they mean greedy (as in vLLM).
+GREEDY_BELOW = 1e-5
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class ImageURL(_Request):
@@ -44,11 +55,33 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: str | Annotated[list[ContentPart], Field(min_length=1)]
+    # `developer` is what the official clients send in place of `system` for newer models.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = Field(
+        None, validate_default=True
+    )
     name: str | None = None
+    # What assistant turns in a replayed history carry; accepted so the history validates,
+    # not rendered (the chat templates of LLaVA checkpoints have no place for them).
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, v: str) -> str:
+        return "system" if v == "developer" else v
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, v, info: ValidationInfo):
+        role = info.data.get("role")
+        if v is None and role != "assistant":
+            raise ValueError(f"Field required: content is required in {role} messages")
+        return v
 
     def parts(self) -> list[TextPart | ImagePart]:
+        if self.content is None:
+            return []
         if isinstance(self.content, str):
             return [TextPart(type="text", text=self.content)]
         return list(self.content)
@@ -69,15 +102,18 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description=f"Below {GREEDY_BELOW} the answer is greedy, as with 0."
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="Extension: sample from the k most likely tokens.")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # The range torch's generators accept; anything else would fail inside the sampler.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(
-        None, gt=0.0, le=10.0, description="Extension, as transformers: >1 discourages any token seen so far."
+        None, ge=0.01, le=10.0, description="Extension, as transformers: >1 discourages tokens seen so far."
     )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from llava_serve.errors import InvalidRequest
 from llava_serve.images import PreparedImage
 
 
@@ -66,11 +67,20 @@ class Batch:
     last_tokens: torch.Tensor
 
     def merge(self, other: Batch) -> None:
+        """Append `other`'s rows. Every new tensor is built before any is assigned, so a failure
+        (out of memory, say) leaves this batch as it was: rows join all at once or not at all."""
         length = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
-        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
+
+        def joined(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat([_left_pad(a, length, dim), _left_pad(b, length, dim)])
+
+        layers = [
+            (joined(mine.keys, theirs.keys, 2), joined(mine.values, theirs.values, 2))
+            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True)
+        ]
+        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+            layer.keys, layer.values = keys, values
+        self.mask = joined(self.mask, other.mask, 1)
         self.positions = torch.cat([self.positions, other.positions])
         self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
         self.seq_ids += other.seq_ids
@@ -129,9 +139,18 @@ class ModelRunner:
     def _embed(self, input_ids: list[int], images: list[PreparedImage]) -> torch.Tensor:
         ids = torch.tensor(input_ids, device=self.device)
         embeds = self.model.get_input_embeddings()(ids)
+        slots = ids == self.image_token_id
+        features = torch.cat(self.encode_images(images)) if images else embeds[:0]
+        # masked_scatter fills slots from whatever rows it is given; a mismatch would silently
+        # shift every image's features (or read past them), so it fails the request instead.
+        if int(slots.sum()) != features.shape[0]:
+            raise InvalidRequest(
+                f"the prompt has {int(slots.sum())} image positions but its {len(images)} images give "
+                f"{features.shape[0]} feature rows",
+                "messages",
+            )
         if images:
-            features = torch.cat(self.encode_images(images)).to(embeds.dtype)
-            embeds = embeds.masked_scatter((ids == self.image_token_id)[:, None], features)
+            embeds = embeds.masked_scatter(slots[:, None], features.to(embeds.dtype))
         return embeds
 
     @torch.inference_mode()
@@ -159,7 +178,6 @@ class ModelRunner:
             attention_mask=mask,
             position_ids=position_ids,
             cache=cache,
-            use_cache=True,
             logits_to_keep=1,
         )
         self._staged = Batch(
@@ -190,7 +208,6 @@ class ModelRunner:
             attention_mask=b.mask,
             position_ids=b.positions[:, None],
             cache=b.cache,
-            use_cache=True,
             logits_to_keep=1,
         )
         b.positions = b.positions + 1

@@ -9,6 +9,7 @@ import torch
 
 from llava_serve.config import GenerationConfig
 from llava_serve.errors import InvalidRequest
+from llava_serve.protocol import GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

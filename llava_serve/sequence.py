@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llava_serve.detok import IncrementalDetokenizer, StopMatcher
+from llava_serve.detok import IncrementalDetokenizer, StopMatcher, TokenBytes
 from llava_serve.images import PreparedImage
 from llava_serve.sampling import SamplingParams, apply_penalties, make_generator, sample_row
 
@@ -18,23 +18,56 @@ _ids = itertools.count()
 
 @dataclass(frozen=True)
 class SampledLogprob:
-    """A sampled token's log-probability under the model, and the most likely alternatives."""
+    """A sampled token's log-probability under the model, and the most likely alternatives.
+
+    `token` is the text this token added to the answer (so the tokens of an answer concatenate
+    to its text; empty while a multi-byte character is incomplete), `bytes` the token's own
+    bytes. The alternatives are (decoded text, bytes, log-probability).
+    """
 
     token: str
+    bytes: bytes
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    top: tuple[tuple[str, bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one decode step produced for one request; `text` may be empty while held back."""
+    """What one request produced since its last output: one step's token, or several when its
+    consumer fell behind and they were sent together. `text` may be empty while held back;
+    `logprobs` has an entry per token when they were asked for."""
 
-    token_id: int
+    token_ids: tuple[int, ...]
     text: str
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
-    logprob: SampledLogprob | None = None
+    logprobs: tuple[SampledLogprob, ...] = ()
+
+    @property
+    def token_id(self) -> int:
+        """The latest token: the next step's input."""
+        return self.token_ids[-1]
+
+    @property
+    def accepted(self) -> bool:
+        """The marker a stream starts with once the engine has queued the request."""
+        return self.completion_tokens == 0
+
+    def __add__(self, later: StepOutput) -> StepOutput:
+        """This output followed by `later`, as one."""
+        return StepOutput(
+            self.token_ids + later.token_ids,
+            self.text + later.text,
+            later.finish_reason,
+            later.prompt_tokens,
+            later.completion_tokens,
+            self.logprobs + later.logprobs,
+        )
+
+
+# Sent first on the model deployment's stream: the request passed every check and is queued.
+ACCEPTED = StepOutput(token_ids=(), text="", finish_reason=None, prompt_tokens=0, completion_tokens=0)
 
 
 @dataclass(eq=False)
@@ -45,6 +78,7 @@ class Sequence:
     eos_ids: frozenset[int]
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
+    token_bytes: TokenBytes
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq_id: int = field(default_factory=lambda: next(_ids))
     generated: list[int] = field(default_factory=list)
@@ -58,7 +92,8 @@ class Sequence:
         self.stop = StopMatcher(self.params.stop)
 
     @classmethod
-    def create(cls, input_ids, images, params, tokenizer, eos_ids, device) -> Sequence:
+    def create(cls, input_ids, images, params, token_bytes: TokenBytes, eos_ids, device) -> Sequence:
+        tokenizer = token_bytes.tokenizer
         return cls(
             input_ids=list(input_ids),
             images=list(images),
@@ -66,6 +101,7 @@ class Sequence:
             eos_ids=frozenset(eos_ids),
             detok=IncrementalDetokenizer.after_prompt(tokenizer, input_ids),
             generator=make_generator(params, device),
+            token_bytes=token_bytes,
         )
 
     @property
@@ -78,24 +114,28 @@ class Sequence:
         return len(self.generated)
 
     def advance(self, logits: torch.Tensor) -> StepOutput:
-        """Sample the next token from this row's logits and turn it into text."""
+        """Sample the next token from this row's logits and turn it into text.
+
+        Everything that can fail (penalties, sampling) runs before any state changes, so a
+        failure leaves the request exactly as it was."""
         scores = logits
         if self.params.penalized:
             scores = apply_penalties(logits, self.params, self._prompt_tensor(logits.device), self.generated)
         token = sample_row(scores, self.params, self.generator)
         self.generated.append(token)
-        logprob = self._logprob(logits, token) if self.params.logprobs else None
         eos = token in self.eos_ids
         out_of_room = not eos and self.num_generated >= self.params.max_tokens
         new = self.detok.flush() if eos else self.detok.push(token)
         if out_of_room:
             new += self.detok.flush()
+        logprob = self._logprob(logits, token, new) if self.params.logprobs else None
         text, hit = self.stop.feed(new)
         finish = "stop" if hit or eos else "length" if out_of_room else None
         if finish is not None and not hit:
             text += self.stop.flush()
         self.finished = finish is not None
-        return StepOutput(token, text, finish, len(self.input_ids), self.num_generated, logprob)
+        logprobs = () if logprob is None else (logprob,)
+        return StepOutput((token,), text, finish, len(self.input_ids), self.num_generated, logprobs)
 
     def _prompt_tensor(self, device: torch.device) -> torch.Tensor:
         """The prompt's ids as a tensor, built once: the repetition penalty reads it every step."""
@@ -103,12 +143,13 @@ class Sequence:
             self._prompt = torch.tensor(self.input_ids, dtype=torch.long, device=device)
         return self._prompt
 
-    def _logprob(self, logits: torch.Tensor, token: int) -> SampledLogprob:
+    def _logprob(self, logits: torch.Tensor, token: int, text: str) -> SampledLogprob:
         """From the model's own distribution (before penalties and temperature), as OpenAI reports."""
         logprobs = torch.log_softmax(logits.float(), -1)
         decode = self.detok.tokenizer.decode
         top = ()
         if self.params.top_logprobs:
             values, ids = torch.topk(logprobs, self.params.top_logprobs)
-            top = tuple((decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
-        return SampledLogprob(decode([token]), float(logprobs[token]), top)
+            pairs = zip(ids.tolist(), values.tolist(), strict=True)
+            top = tuple((decode([i]), self.token_bytes(i), v) for i, v in pairs)
+        return SampledLogprob(text, self.token_bytes(token), float(logprobs[token]), top)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -12,10 +13,14 @@ Route = Callable[[BaseHTTPRequestHandler], None]
 
 
 class ImageServer:
-    def __init__(self, host: str = "127.0.0.1"):
+    """`tls`, if given, serves https: a context per server name (SNI), the first for any other
+    name; `server_names` records the name each TLS handshake asked for."""
+
+    def __init__(self, host: str = "127.0.0.1", tls: dict[str, ssl.SSLContext] | None = None):
         self.routes: dict[str, Route] = {}
         self.connections = 0
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.server_names: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,8 +41,19 @@ class ImageServer:
             def log_message(self, *args):
                 pass
 
+        if tls:  # HTTP/1.1 keeps connections open, so their reuse can be observed
+            Handler.protocol_version = "HTTP/1.1"
         self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
+        if tls:
+            default = next(iter(tls.values()))
+
+            def pick(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+                self.server_names.append(name)
+                sock.context = tls.get(name or "", default)
+
+            default.sni_callback = pick
+            self.httpd.socket = default.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

@@ -23,8 +23,14 @@ def _app_args(path: Path) -> dict:
 @pytest.mark.parametrize("path", ["serve_config.yaml", "configs/llava-1.5-7b.yaml"])
 def test_shipped_configs_validate_and_build(path):
     config = AppConfig.model_validate(_app_args(ROOT / path))
-    app = build(config)  # binds deployments; nothing is loaded until Serve starts replicas
-    assert app is not None
+    ingress = build(config)._bound_deployment  # binds deployments; nothing loads until replicas start
+    assert ingress.name == "Ingress" and ingress.init_args[0] == config
+    bound = {app._bound_deployment.name: app._bound_deployment for app in ingress.init_args[1:]}
+    assert list(bound) == ["ImagePreprocessor", "PromptTokenizer", "LlavaModel"]
+    for section, name in [("image_preprocessor", "ImagePreprocessor"), ("llava_model", "LlavaModel")]:
+        options = getattr(config, section)
+        assert bound[name].ray_actor_options["num_gpus"] == options.num_gpus
+        assert bound[name].max_ongoing_requests == options.max_ongoing_requests
 
 
 def test_gpu_example_pins_the_model_to_a_gpu_in_fp16():
@@ -55,6 +61,20 @@ def test_a_partial_deployment_section_keeps_the_other_defaults():
     assert config.image_preprocessor.env_vars["MALLOC_ARENA_MAX"] == "2"
     actor = config.image_preprocessor.to_serve_options()["ray_actor_options"]
     assert actor["runtime_env"]["env_vars"]["MALLOC_ARENA_MAX"] == "2" and actor["num_cpus"] == 2
+
+
+def test_the_model_must_take_every_request_the_ingresses_admit():
+    with pytest.raises(ValidationError, match=r"llava_model\.max_ongoing_requests"):
+        AppConfig.model_validate(
+            {"admission": {"max_inflight_requests": 100}, "llava_model": {"max_ongoing_requests": 64}}
+        )
+    with pytest.raises(ValidationError, match=r"llava_model\.max_ongoing_requests"):
+        AppConfig.model_validate({"ingress": {"num_replicas": 3}})  # 3 x 128 admitted, 256 taken
+
+
+def test_pillows_own_bomb_guard_caps_max_pixels():
+    with pytest.raises(ValidationError, match="max_pixels"):
+        AppConfig.model_validate({"images": {"max_pixels": 100_000_000}})
 
 
 def test_an_admission_limit_serve_would_never_reach_is_refused():

@@ -1,6 +1,7 @@
 import random
 
-from llava_serve.detok import IncrementalDetokenizer, StopMatcher
+from llava_serve.detok import IncrementalDetokenizer, StopMatcher, TokenBytes
+from tests.tokenizers import sentencepiece_tokenizer
 
 
 def test_incremental_text_equals_full_decode_and_never_splits_characters(processor):
@@ -36,3 +37,26 @@ def test_held_back_prefix_is_released_when_it_does_not_complete():
     assert m.feed("abc ST") == ("abc ", False)
     assert m.feed("ART S") == ("START ", False)
     assert m.flush() == "S"
+
+
+def test_token_bytes_are_each_tokens_own_bytes_for_both_schemes(processor):
+    """Byte-level BPE and SentencePiece with byte fallback: a token's bytes joined over a text
+    give the text's UTF-8 exactly, including tokens that hold part of a character."""
+    text = "Hello wörld 語 東京 🙂 end"
+    for tokenizer in (processor.tokenizer, sentencepiece_tokenizer()):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        token_bytes = TokenBytes(tokenizer)
+        pieces = [token_bytes(i) for i in ids]
+        joined = b"".join(pieces)
+        # SentencePiece marks the first word with a space the decoder strips.
+        assert joined.removeprefix(b" ") == text.encode()
+        assert any(p and not _is_utf8(p) for p in pieces), "the text should split a character"
+        assert token_bytes(tokenizer.eos_token_id) == b""
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ import torch
 from llava_serve import images
 from llava_serve.config import EngineConfig, ImageConfig
 from llava_serve.engine import Engine
-from llava_serve.errors import EngineError, Overloaded
-from llava_serve.prompts import PromptBuilder
+from llava_serve.errors import EngineError, Overloaded, Unavailable
+from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
 from llava_serve.runner import ModelRunner
 from llava_serve.sampling import SamplingParams
@@ -24,7 +25,9 @@ class Case:
 
     def __init__(self, processor, hf_model, question: str, image_seeds: list[int], max_tokens: int):
         content = [{"type": "image_url", "image_url": {"url": "x"}} for _ in image_seeds]
-        msgs = [ChatMessage(role="user", content=[*content, {"type": "text", "text": question}])]
+        msgs = to_template_messages(
+            [ChatMessage(role="user", content=[*content, {"type": "text", "text": question}])]
+        )
         builder = PromptBuilder(processor, 2048)
         self.input_ids = builder.build(msgs, max_tokens).input_ids
         pics = [random_image(s, (40 + 13 * s, 64 - 3 * s)) for s in image_seeds]
@@ -66,7 +69,7 @@ async def engine(tiny_dir, processor):
 async def collect(engine, case, params=None, delay=0.0):
     await asyncio.sleep(delay)
     params = params or SamplingParams(max_tokens=case.max_tokens, temperature=0.0)
-    return [o.token_id async for o in engine.generate(case.input_ids, case.images, params)]
+    return [t async for o in engine.generate(case.input_ids, case.images, params) for t in o.token_ids]
 
 
 async def test_mixed_batch_greedy_equals_solo_generate(engine, cases):
@@ -97,7 +100,7 @@ async def test_cancelling_half_of_16_streams_leaves_the_rest_correct(engine, cas
     async def run(i, stream):
         tokens = []
         async for out in stream:
-            tokens.append(out.token_id)
+            tokens += out.token_ids
             if i % 2 and len(tokens) == 3:
                 await stream.aclose()  # what a client disconnect does
                 return None
@@ -218,6 +221,7 @@ async def test_logprobs_are_the_models_distribution(engine, cases, hf_model):
     case = cases[1]
     params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=True, top_logprobs=3)
     outs = [o async for o in engine.generate(case.input_ids, case.images, params)]
+    entries = [(t, lp) for o in outs for t, lp in zip(o.token_ids, o.logprobs, strict=True)]
     with torch.no_grad():
         ref = hf_model.generate(
             **case.inputs,
@@ -226,12 +230,12 @@ async def test_logprobs_are_the_models_distribution(engine, cases, hf_model):
             output_logits=True,
             return_dict_in_generate=True,
         )
-    for out, logits in zip(outs, ref.logits, strict=True):
+    for (token, logprob), logits in zip(entries, ref.logits, strict=True):
         expected = torch.log_softmax(logits[0].float(), -1)
-        assert out.logprob.logprob == pytest.approx(float(expected[out.token_id]), abs=1e-4)
-        assert len(out.logprob.top) == 3
-        assert out.logprob.top[0][1] == pytest.approx(float(expected.max()), abs=1e-4)  # greedy: the top one
-        assert [lp for _, lp in out.logprob.top] == sorted((lp for _, lp in out.logprob.top), reverse=True)
+        assert logprob.logprob == pytest.approx(float(expected[token]), abs=1e-4)
+        assert len(logprob.top) == 3
+        assert logprob.top[0][-1] == pytest.approx(float(expected.max()), abs=1e-4)  # greedy: the top one
+        assert [e[-1] for e in logprob.top] == sorted((e[-1] for e in logprob.top), reverse=True)
 
 
 async def test_health_check_fails_when_the_loop_is_wedged_or_dead(tiny_dir, processor, cases):
@@ -261,3 +265,106 @@ async def test_health_check_fails_when_the_loop_is_wedged_or_dead(tiny_dir, proc
     with pytest.raises(EngineError, match="loop exited"):
         eng.check_health()
     await eng.shutdown()
+
+
+async def test_a_row_whose_logits_go_bad_fails_alone_and_the_others_are_unchanged(engine, cases):
+    """NaN logits in one row mid-decode: that request fails with a typed error, the rows beside
+    it produce exactly what they produce alone."""
+    victim = cases[4]  # 40 tokens: still decoding when the others are
+
+    def poison(seqs, logits):
+        for i, seq in enumerate(seqs):
+            if seq.input_ids == victim.input_ids and seq.num_generated == 3:
+                logits = logits.clone()
+                logits[i] = float("nan")
+        return logits
+
+    engine.logits_hook = poison
+    results = await asyncio.gather(
+        collect(engine, cases[0]), collect(engine, victim), collect(engine, cases[3]), return_exceptions=True
+    )
+    assert isinstance(results[1], EngineError) and "non-finite" in results[1].message
+    assert results[0] == cases[0].expected and results[2] == cases[3].expected
+    engine.logits_hook = None
+    assert await collect(engine, victim) == victim.expected
+
+
+async def test_a_failed_prefill_is_retried_one_by_one_without_advancing_anyone_twice(engine, cases):
+    """Four requests admitted in one prefill: one with a broken image (the batch's forward
+    fails, so each is retried alone), one whose first sampling fails (NaN logits). The good
+    ones' outputs are exactly their solo outputs, one token per step: no sampler, detokenizer
+    or stop state advanced twice."""
+    good = cases[0]
+    broken = images.PreparedImage(good.images[0].pixel_values[:, :10, :10].copy(), "wrong-shape")
+    params = SamplingParams(max_tokens=good.max_tokens, temperature=0.0)
+    seqs = [
+        engine.submit(good.input_ids, good.images, params),
+        engine.submit(good.input_ids, [broken], params),
+        engine.submit(
+            cases[1].input_ids, cases[1].images, SamplingParams(cases[1].max_tokens, temperature=0.0)
+        ),
+        engine.submit(cases[2].input_ids, [], SamplingParams(5, temperature=1.0, seed=1)),
+    ]
+
+    def poison_first_token(step_seqs, logits):
+        bad = [i for i, seq in enumerate(step_seqs) if seq is seqs[3]]
+        return logits.index_fill(0, torch.tensor(bad, dtype=torch.long), float("nan")) if bad else logits
+
+    engine.logits_hook = poison_first_token
+
+    async def drain(seq):
+        return [o async for o in engine.stream(seq)]
+
+    results = await asyncio.gather(*map(drain, seqs), return_exceptions=True)
+    assert isinstance(results[1], EngineError) and isinstance(results[3], EngineError)
+    for outs, case in ((results[0], good), (results[2], cases[1])):
+        assert [t for o in outs for t in o.token_ids] == case.expected
+        assert [o.completion_tokens for o in outs] == list(
+            itertools.accumulate(len(o.token_ids) for o in outs)
+        )
+
+
+async def test_if_the_loop_dies_every_request_ends_at_once_with_a_typed_error(tiny_dir, processor, cases):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    eng = Engine(ModelRunner(model, 0), processor.tokenizer, [2], EngineConfig(max_batch_size=1, max_queue=8))
+    running = eng.generate(cases[2].input_ids, [], SamplingParams(500, temperature=0.0))
+    await anext(running)
+    waiting = asyncio.ensure_future(collect(eng, cases[5]))
+    await asyncio.sleep(0.05)
+    assert eng.num_waiting == 1
+
+    def die(seqs, logits):
+        raise RuntimeError("a bug in the step loop")
+
+    eng.logits_hook = die
+    with pytest.raises(EngineError, match="engine stopped"):
+        async with asyncio.timeout(5):
+            async for _ in running:
+                pass
+    with pytest.raises(EngineError, match="engine stopped"):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(EngineError, match="loop exited"):
+        eng.check_health()
+    with pytest.raises(EngineError, match="has stopped"):
+        eng.submit(cases[5].input_ids, [], SamplingParams(5, temperature=0.0))
+    await eng.shutdown()
+
+
+async def test_shutdown_ends_running_and_waiting_requests_with_unavailable(tiny_dir, processor, cases):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    eng = Engine(ModelRunner(model, 0), processor.tokenizer, [2], EngineConfig(max_batch_size=1, max_queue=8))
+    running = eng.generate(cases[2].input_ids, [], SamplingParams(500, temperature=0.0))
+    await anext(running)
+    waiting = asyncio.ensure_future(collect(eng, cases[5]))
+    await asyncio.sleep(0.05)
+    await eng.shutdown()
+    with pytest.raises(Unavailable):
+        async with asyncio.timeout(5):
+            async for _ in running:
+                pass
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(waiting, 5)

@@ -224,3 +224,83 @@ async def test_local_files_only_under_the_allowed_root(tmp_path):
     for escape in ["../outside.png", "link.png", str(tmp_path / "outside.png"), "/etc/passwd"]:
         error = await refused(f, escape, "invalid_image")
         assert "outside the allowed local root" in error.message, escape
+
+
+@pytest.fixture(scope="module")
+def tls_host(tmp_path_factory):
+    """An https image host on 127.0.0.2 with certificates from a throwaway CA for a.test and
+    b.test (chosen by SNI; any other name gets a.test's), and the CA file that trusts them."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    contexts = {}
+    for name in ("a.test", "b.test"):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(name).configure_cert(context)
+        contexts[name] = context
+    ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with ImageServer("127.0.0.2", tls=contexts) as server:
+        server.add("/ok.png", PNG)
+        server.ca_file = str(ca_file)
+        yield server
+
+
+def tls_fetcher(server) -> ImageFetcher:
+    names = {name: ["127.0.0.2"] for name in ("a.test", "b.test", "c.test")}
+    return fetcher(fake_dns(names), allow_hosts=["127.0.0.2/32"], tls_ca_bundle=server.ca_file)
+
+
+async def test_https_with_a_good_certificate_is_fetched(tls_host):
+    assert await tls_fetcher(tls_host).fetch(f"https://a.test:{tls_host.port}/ok.png") == PNG
+
+
+async def test_https_with_a_certificate_for_another_name_is_refused(tls_host):
+    error = await refused(
+        tls_fetcher(tls_host), f"https://c.test:{tls_host.port}/ok.png", "image_fetch_failed"
+    )
+    assert "CERTIFICATE_VERIFY_FAILED" in error.message or "certificate" in error.message.lower()
+
+
+async def test_two_names_on_one_address_each_get_their_own_verified_connection(tls_host):
+    f = tls_fetcher(tls_host)
+    before, names_before = tls_host.connections, len(tls_host.server_names)
+    for name in ("a.test", "b.test", "a.test", "b.test"):
+        assert await f.fetch(f"https://{name}:{tls_host.port}/ok.png") == PNG
+    # One handshake per name, each verified for that name; then each name reuses its own.
+    assert tls_host.server_names[names_before:] == ["a.test", "b.test"]
+    assert tls_host.connections - before == 2
+
+
+async def test_every_vetted_address_is_tried_in_turn(images_host):
+    images_host.add("/multi.png", PNG)
+    # Nothing listens on 127.0.0.3 at that port: the connect is refused and the next is tried.
+    f = fetcher(fake_dns({"multi.test": ["127.0.0.3", "127.0.0.2"]}), allow_hosts=["127.0.0.0/8"])
+    assert await f.fetch(f"http://multi.test:{images_host.port}/multi.png") == PNG
+
+
+async def test_inline_images_are_decoded_off_the_event_loop():
+    """A large base64 payload: the loop keeps ticking while it is decoded."""
+    import asyncio
+    import base64
+
+    payload = base64.b64encode(os.urandom(15 * 1024 * 1024)).decode()
+    start = time.perf_counter()
+    base64.b64decode(payload, validate=True)
+    decode_s = time.perf_counter() - start
+    gaps: list[float] = []
+
+    async def tick():
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            gaps.append(time.perf_counter() - t)
+
+    f, uri = fetcher(max_bytes=16 * 1024 * 1024), f"data:image/png;base64,{payload}"
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    assert len(await f.fetch(uri)) == 15 * 1024 * 1024
+    ticker.cancel()
+    assert max(gaps) < decode_s / 2, (max(gaps), decode_s)

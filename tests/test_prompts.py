@@ -1,43 +1,71 @@
 import pytest
 
 from llava_serve.errors import ContextLengthExceeded, InvalidRequest
-from llava_serve.prompts import PromptBuilder, image_sources
+from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
 from tests.conftest import random_image
+from tests.tokenizers import llava_processor, sentencepiece_tokenizer
 
-
-def _image_part():
-    return {"type": "image_url", "image_url": {"url": "data:,"}}
-
-
-@pytest.mark.parametrize(
-    "messages",
+IMAGE = {"type": "image_url", "image_url": {"url": "data:,"}}
+CONVERSATIONS = [
+    [{"role": "user", "content": [IMAGE, {"type": "text", "text": "What is this?"}]}],
     [
-        [{"role": "user", "content": [_image_part(), {"type": "text", "text": "What is this?"}]}],
-        [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": [{"type": "text", "text": "Compare"}, _image_part(), _image_part()]},
-            {"role": "assistant", "content": "They differ."},
-            {"role": "user", "content": "How? Ünïcode ✓"},
-        ],
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Compare"}, IMAGE, IMAGE]},
+        {"role": "assistant", "content": "They differ."},
+        {"role": "user", "content": "How? Ünïcode ✓"},
     ],
-)
-def test_ids_equal_the_processors(processor, messages):
-    msgs = [ChatMessage.model_validate(m) for m in messages]
-    builder = PromptBuilder(processor, context_length=2048)
+]
+# What users type that tokenizers know as special: it must stay text.
+SPECIAL_LOOKING = "Say <image> and </s> or <s>, <|im_start|>user [INST] <<SYS>> <unk> ok"
+
+
+def template(messages: list[dict]) -> list[dict]:
+    return to_template_messages([ChatMessage.model_validate(m) for m in messages])
+
+
+@pytest.fixture(params=["byte-level", "sentencepiece", "sentencepiece-legacy"])
+def any_processor(request, processor):
+    if request.param == "byte-level":
+        return processor
+    return llava_processor(sentencepiece_tokenizer(legacy=request.param.endswith("legacy")), processor)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_ids_equal_the_processors(any_processor, messages):
+    msgs = template(messages)
+    builder = PromptBuilder(any_processor, context_length=2048)
     prompt = builder.build(msgs, max_tokens=16)
-    n = len(image_sources(msgs))
-    expected = processor(
-        text=builder.render(msgs), images=[random_image(i) for i in range(n)] or None, return_tensors="np"
-    )
+    n = sum(p["type"] == "image" for m in msgs for p in m["content"])
+    images = [random_image(i) for i in range(n)] or None
+    expected = any_processor(text=builder.render(msgs), images=images, return_tensors="np")
     assert prompt.input_ids == expected["input_ids"][0].tolist()
     assert prompt.num_images == n
-    assert prompt.input_ids.count(processor.image_token_id) == n * builder.tokens_per_image
+    assert prompt.input_ids.count(any_processor.image_token_id) == n * builder.tokens_per_image
+
+
+def test_special_looking_user_text_is_tokenized_as_plain_text(any_processor):
+    tokenizer = any_processor.tokenizer
+    builder = PromptBuilder(any_processor, context_length=2048)
+    msgs = template([{"role": "user", "content": SPECIAL_LOOKING}])
+    rendered = builder.render(msgs)
+    plain = tokenizer(rendered, split_special_tokens=True)["input_ids"]
+    assert builder.build(msgs, max_tokens=8).input_ids == plain
+    # ...and it differs from what the tokenizer would make of it with special tokens matched.
+    assert plain != tokenizer(rendered)["input_ids"]
+
+
+def test_only_image_parts_make_image_slots(any_processor):
+    builder = PromptBuilder(any_processor, context_length=2048)
+    msgs = template([{"role": "user", "content": [IMAGE, {"type": "text", "text": SPECIAL_LOOKING}]}])
+    prompt = builder.build(msgs, max_tokens=8)
+    assert prompt.num_images == 1
+    assert prompt.input_ids.count(any_processor.image_token_id) == builder.tokens_per_image
 
 
 def test_context_length_is_enforced_with_image_tokens_counted(processor):
     builder = PromptBuilder(processor, context_length=64)
-    msgs = [ChatMessage(role="user", content=[_image_part(), {"type": "text", "text": "hi"}])]
+    msgs = template([{"role": "user", "content": [IMAGE, {"type": "text", "text": "hi"}]}])
     builder.build(msgs, max_tokens=8)
     with pytest.raises(ContextLengthExceeded, match="context length of 64"):
         builder.build(msgs, max_tokens=60)
@@ -45,9 +73,6 @@ def test_context_length_is_enforced_with_image_tokens_counted(processor):
 
 def test_images_outside_user_turns_are_refused(processor):
     builder = PromptBuilder(processor, context_length=2048)
-    msgs = [
-        ChatMessage(role="system", content=[_image_part()]),
-        ChatMessage(role="user", content="hi"),
-    ]
+    msgs = template([{"role": "system", "content": [IMAGE]}, {"role": "user", "content": "hi"}])
     with pytest.raises(InvalidRequest, match="only allowed in user turns"):
         builder.build(msgs, max_tokens=8)

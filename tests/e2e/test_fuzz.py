@@ -48,6 +48,37 @@ near_valid = st.fixed_dictionaries(
 )
 
 
+def ints_around(*edges: int) -> st.SearchStrategy[int]:
+    """Each edge, one either side of it, and numbers no field can hold."""
+    near = {e + d for e in edges for d in (-1, 0, 1)}
+    return st.sampled_from(sorted(near | {2**31, 2**63 - 1, 2**63, 2**64, 2**70, -(2**63) - 1, -(2**70)}))
+
+
+# Each field's bounds, the engine's and the test app's limits (max_tokens_limit 4096, context 2048,
+# vocabulary 1024), and floats that overflow, underflow or sit just past a bound.
+EDGE_FLOATS = st.sampled_from(
+    [-1e308, -2.0000001, -2.0, -1.0, -0.0, 0.0, 5e-324, 1e-300, 1e-6, 1e-5, 0.01, 0.5, 1.0]
+)
+EDGE_FLOATS |= st.sampled_from([1.0000001, 2.0, 2.0000001, 10.0, 10.0000001, 1e308])
+at_the_limits = st.fixed_dictionaries(
+    {"messages": st.just([{"role": "user", "content": "Count to three."}])},
+    optional={
+        "max_tokens": ints_around(0, 1, 4, 2048, 4096),
+        "max_completion_tokens": ints_around(1, 4096),
+        "temperature": EDGE_FLOATS,
+        "top_p": EDGE_FLOATS,
+        "top_k": ints_around(0, 1, 1024),
+        "seed": ints_around(0, -(2**63), 2**64 - 1),
+        "presence_penalty": EDGE_FLOATS,
+        "frequency_penalty": EDGE_FLOATS,
+        "repetition_penalty": EDGE_FLOATS,
+        "logprobs": st.booleans(),
+        "top_logprobs": ints_around(0, 20),
+        "stream": st.booleans(),
+    },
+)
+
+
 @st.composite
 def mutated_image(draw) -> bytes:
     data = bytearray(draw(st.sampled_from(SEEDS)))
@@ -63,6 +94,7 @@ def check_response(r: httpx.Response) -> None:
         assert r.json()["error"]["message"]
     elif r.headers["content-type"].startswith("text/event-stream"):
         assert r.text.rstrip().endswith("data: [DONE]")
+        assert '"server_error"' not in r.text, r.text  # a model-side failure after the stream began
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +106,15 @@ def client():
 @FUZZ
 @given(body=json_values | near_valid)
 def test_fuzzed_request_bodies_get_2xx_or_4xx(serve_url, client, body):
+    check_response(client.post(f"{serve_url}/v1/chat/completions", json=body))
+
+
+@settings(FUZZ, max_examples=120)
+@given(body=at_the_limits)
+def test_numbers_at_the_limits_of_every_field_get_2xx_or_4xx(serve_url, client, body):
+    # A generous max_tokens is capped so that a valid draw stays quick; the bounds are drawn anyway.
+    if isinstance(body.get("max_tokens"), int) and 4 < body["max_tokens"] < 2048:
+        body["max_tokens"] = 4
     check_response(client.post(f"{serve_url}/v1/chat/completions", json=body))
 
 

@@ -24,9 +24,16 @@ async def test_second_app_streams_through_a_handle(captioner, processor, hf_mode
 
 
 async def test_second_app_batches_non_streamed_calls(captioner, processor, hf_model):
+    """Three calls issued together are decoded together: fewer engine steps than their tokens."""
     imgs = [random_image(31 + i) for i in range(3)]
+    model = serve.get_deployment_handle("LlavaModel", "llava")
+    steps = (await model.stats.remote())["steps"]
     got = await captioner.caption_many.remote([data_uri(i) for i in imgs])
-    assert len(got) == 3 and len(set(got)) >= 2  # different images, different captions
+    steps = (await model.stats.remote())["steps"] - steps
+    expected = [hf_greedy(processor, hf_model, caption_request("x", 12)["messages"], [i], 12) for i in imgs]
+    assert got == [text for text, _ in expected]
+    tokens = sum(len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in got)
+    assert steps < tokens, (steps, tokens)
 
 
 async def test_handle_errors_are_typed(serve_url):

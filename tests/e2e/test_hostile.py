@@ -152,7 +152,7 @@ def test_private_destinations_are_refused_without_a_connection(serve_url, forbid
 @pytest.mark.parametrize(
     ("source", "fragment"),
     [
-        (f"data:image/png;base64,{base64.b64encode(png_bomb()).decode()}", "pixels, over the limit"),
+        (f"data:image/png;base64,{base64.b64encode(png_bomb()).decode()}", "over the limit of"),
         (f"data:image/png;base64,{'A' * (2 * 1024 * 1024)}", "larger than the limit"),
         ("data:image/png,rawbytes", "must be base64"),
         ("data:image/png;base64,!!!notbase64", "not valid base64"),

@@ -79,7 +79,7 @@ def test_http_image_url_is_fetched(serve_url, image_server, processor, hf_model)
         (
             {"messages": [{"role": "robot", "content": "hi"}]},
             "messages[0].role",
-            "'system', 'user' or 'assistant'",
+            "'system', 'developer', 'user' or 'assistant'",
         ),
         (
             {"messages": [{"role": "user", "content": "hi"}], "temperature": 3},
@@ -118,7 +118,9 @@ def test_malformed_json_is_400(serve_url):
 def test_models_and_health(serve_url):
     models = httpx.get(f"{serve_url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["llava-tiny"]
-    assert httpx.get(f"{serve_url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{serve_url}/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and set(health.json()["model"]) == {"running", "waiting"}
 
 
 def test_client_request_id_is_echoed(serve_url):

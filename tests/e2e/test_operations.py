@@ -37,6 +37,7 @@ def ops_url(serve_url, tiny_dir):
     base["llava_model"] |= {"graceful_shutdown_timeout_s": 1.0}
     base["engine"] |= {"max_batch_size": 2, "max_queue": 2}
     base["admission"] = {"max_inflight_requests": 6}
+    base["http"] = {"sse_keepalive_s": 0.2}
     OPS_CONFIG.update(base)
     serve.run(build(AppConfig.model_validate(base)), name="ops", route_prefix="/ops")
     yield f"{serve_url}/ops"
@@ -84,6 +85,55 @@ async def test_overload_is_a_fast_503_with_retry_after(ops_url):
         assert int(r.headers["retry-after"]) >= 1
         assert elapsed < 2.0  # refused at once, not after waiting for a slot
     assert all(r.status_code in (200, 503) for r, _ in results)
+
+
+async def test_300_streams_at_once_each_end_complete_or_as_a_fast_503(serve_url):
+    """The door check counts requests before their bodies are parsed: past the limit (128 here)
+    a refusal costs a header lookup, so even the last of a 300-request burst is refused fast,
+    and every admitted stream completes."""
+    body = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 4, "stream": True}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def one():
+            start = time.monotonic()
+            async with client.stream("POST", f"{serve_url}/v1/chat/completions", json=body) as r:
+                text = (await r.aread()).decode()
+            return r.status_code, r.headers, text, time.monotonic() - start
+
+        results = await asyncio.gather(*[one() for _ in range(300)])
+    complete = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 503]
+    assert len(complete) + len(refused) == 300, {r[0] for r in results}
+    assert complete and refused
+    for _, _, text, _ in complete:
+        assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+    for _, headers, text, _ in refused:
+        assert int(headers["retry-after"]) >= 1
+        assert json.loads(text)["error"]["type"] == "overloaded_error"  # ours, never Serve's own body
+    slowest = max(elapsed for *_, elapsed in refused)
+    print(f"complete {len(complete)}, refused {len(refused)}, slowest refusal {slowest:.2f}s")
+    assert slowest < 2.0
+
+
+def test_a_stream_waiting_in_the_queue_gets_keepalive_comments(ops_url):
+    """ops serves two rows at a time and sends an SSE comment every 0.2 s."""
+    url = f"{ops_url}/v1/chat/completions"
+    body = {**LONG, "stream": True}
+    with (
+        httpx.stream("POST", url, json=body, timeout=60) as a,
+        httpx.stream("POST", url, json=body, timeout=60) as b,
+    ):
+        for r in (a, b):  # both batch slots are taken
+            assert next(r.iter_lines()).startswith("data: {")
+        short = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", url, json=short, timeout=60) as r:
+            assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+            lines = r.iter_lines()
+            assert '"role":"assistant"' in next(lines)  # queued: the stream has begun
+            seen = [next(lines) for _ in range(4)]
+            assert any(line.startswith(":") for line in seen), seen  # a comment before any token
+            assert not any('"content":"' in line and '"content":""' not in line for line in seen)
 
 
 def test_killing_the_model_replica_mid_stream_ends_the_stream_with_an_error(ops_url):

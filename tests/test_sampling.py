@@ -1,0 +1,88 @@
+"""The sampler and penalties, row by row, against transformers' own processors."""
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+from llava_serve.config import GenerationConfig
+from llava_serve.errors import InvalidRequest
+from llava_serve.protocol import GREEDY_BELOW
+from llava_serve.sampling import SamplingParams, apply_penalties, make_generator, sample_row
+
+VOCAB = 200
+
+
+@pytest.fixture
+def logits() -> torch.Tensor:
+    return torch.randn(VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+
+
+def draws(logits: torch.Tensor, params: SamplingParams, n: int = 300) -> set[int]:
+    generator = make_generator(params, torch.device("cpu"))
+    return {sample_row(logits, params, generator) for _ in range(n)}
+
+
+def test_greedy_picks_the_argmax_and_needs_no_generator(logits):
+    for temperature in (0.0, GREEDY_BELOW / 2):
+        params = SamplingParams(max_tokens=1, temperature=temperature)
+        assert params.greedy and make_generator(params, torch.device("cpu")) is None
+        assert sample_row(logits, params, None) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 40])
+def test_top_k_samples_only_what_transformers_keeps(logits, top_k):
+    kept = TopKLogitsWarper(top_k)(None, logits[None].clone())[0].isfinite().nonzero().flatten().tolist()
+    got = draws(logits, SamplingParams(max_tokens=1, temperature=1.5, top_k=top_k, seed=1))
+    assert got <= set(kept) and len(got) >= min(top_k, 3)
+
+
+@pytest.mark.parametrize("top_p", [1e-9, 0.3, 0.9])
+def test_top_p_samples_only_what_transformers_keeps(logits, top_p):
+    kept = TopPLogitsWarper(top_p)(None, logits[None].clone())[0].isfinite().nonzero().flatten().tolist()
+    got = draws(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p, seed=2))
+    assert got <= set(kept)
+    assert got == set(kept) if len(kept) <= 3 else len(got) > 1
+
+
+def test_a_seed_reproduces_the_draws_and_another_seed_does_not(logits):
+    def run(seed: int) -> list[int]:
+        params = SamplingParams(max_tokens=1, temperature=1.0, seed=seed)
+        generator = make_generator(params, torch.device("cpu"))
+        return [sample_row(logits, params, generator) for _ in range(32)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+@pytest.mark.parametrize("seed", [0, 2**64 - 1, -(2**63)])
+def test_seeds_at_the_limits_the_api_accepts_work(logits, seed):
+    params = SamplingParams(max_tokens=1, temperature=1.0, seed=seed)
+    assert 0 <= sample_row(logits, params, make_generator(params, torch.device("cpu"))) < VOCAB
+
+
+def test_repetition_penalty_equals_transformers(logits):
+    prompt, generated = torch.tensor([3, 4, 5, 4]), [7, 3, 9]
+    params = SamplingParams(max_tokens=1, repetition_penalty=1.7)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(
+        torch.cat([prompt, torch.tensor(generated)])[None], logits[None].clone()
+    )[0]
+    assert torch.allclose(apply_penalties(logits, params, prompt, generated), expected)
+
+
+def test_presence_and_frequency_penalties_follow_openai(logits):
+    generated = [7, 7, 9, 7]
+    params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25)
+    got = apply_penalties(logits, params, torch.tensor([7, 8]), generated)
+    expected = logits.clone()
+    expected[7] -= 3 * 0.25 + 0.5
+    expected[9] -= 1 * 0.25 + 0.5
+    assert torch.allclose(got, expected)  # the prompt (token 8) is not penalised
+
+
+def test_resolve_fills_defaults_and_enforces_the_ceiling():
+    defaults = GenerationConfig(max_tokens=20, max_tokens_limit=100, temperature=0.7, top_k=5)
+    params = SamplingParams.resolve(defaults, temperature=None, stop=["x"])
+    assert (params.max_tokens, params.temperature, params.top_k, params.stop) == (20, 0.7, 5, ("x",))
+    with pytest.raises(InvalidRequest, match="limit of 100") as info:
+        SamplingParams.resolve(defaults, max_tokens=101)
+    assert info.value.param == "max_tokens"
