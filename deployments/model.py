@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import AsyncIterator
 
+import torch
 from ray import serve
 
 from deployments.metrics import EngineMetrics
@@ -23,6 +25,9 @@ from llava_serve.sequence import ACCEPTED, StepOutput
 @serve.deployment
 class LlavaModel:
     def __init__(self, config: AppConfig):
+        # As many intra-op threads as CPUs the replica reserved: torch's default (every core)
+        # spins the cores that the proxy, ingress and preprocessors were promised.
+        torch.set_num_threads(max(1, math.ceil(config.llava_model.num_cpus)))
         self.engine = Engine.load(config.model, config.engine)
         self.lag = LoopLagMonitor()
         self.metrics = EngineMetrics()

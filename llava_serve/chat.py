@@ -236,12 +236,6 @@ async def _recorded(outputs: AsyncIterator[StepOutput], record: RequestRecord) -
         yield out
 
 
-async def _prepend(first: StepOutput, rest: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput]:
-    yield first
-    async for out in rest:
-        yield out
-
-
 def _logprobs(entries: list[SampledLogprob]) -> ChoiceLogprobs:
     return ChoiceLogprobs(
         content=[

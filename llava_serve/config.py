@@ -109,6 +109,14 @@ class EngineConfig(_Strict):
     stall_timeout_s: float = Field(
         60.0, gt=0, description="Health check fails if work is pending and no step finished for this long."
     )
+    stream_interval_s: float = Field(
+        0.05,
+        ge=0,
+        description="After a stream's first token, its tokens go out at most this often, several per "
+        "message when steps are faster: each message costs every hop through Serve the same, so "
+        "one per token would spend the CPU that overload refusals need. 0: one message per step. "
+        "(Ray Serve LLM batches its streams the same way, every 50 ms by default.)",
+    )
 
 
 class AdmissionConfig(_Strict):

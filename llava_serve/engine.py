@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 Result = StepOutput | LlavaServeError
 
 
+def out_is_partial(out: StepOutput | Exception) -> bool:
+    """More of this request's outputs may follow."""
+    return isinstance(out, StepOutput) and out.finish_reason is None
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, eos_ids: list[int], config: EngineConfig):
         self.runner = runner
@@ -107,19 +112,23 @@ class Engine:
     async def stream(self, seq: Sequence) -> AsyncIterator[StepOutput]:
         """A submitted request's outputs; closing the iterator cancels the request.
 
-        Outputs that piled up while the consumer was busy go out as one: a stream that falls
-        behind gets fewer, larger messages instead of a backlog of one-token ones."""
+        The first output goes out at once. After it, a message carries whatever the request
+        produced in the last `stream_interval_s` (or piled up while the consumer was busy): every
+        message costs each hop through Serve the same, whatever it carries."""
+        interval = self.config.stream_interval_s
         try:
+            sent_at = None
             while True:
                 out = await seq.outputs.get()
-                while (
-                    not isinstance(out, Exception) and out.finish_reason is None and not seq.outputs.empty()
-                ):
+                if sent_at is not None and out_is_partial(out):
+                    await asyncio.sleep(interval - (time.monotonic() - sent_at))
+                while out_is_partial(out) and not seq.outputs.empty():
                     later = seq.outputs.get_nowait()
                     out = later if isinstance(later, Exception) else out + later
                 if isinstance(out, Exception):
                     raise out
                 yield out
+                sent_at = time.monotonic()
                 if out.finish_reason is not None:
                     return
         finally:

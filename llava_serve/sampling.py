@@ -111,8 +111,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop tokens once the mass before them already reaches top_p; the first always stays.
+        # Drop tokens once the mass before them already reaches top_p; the first always stays
+        # (a top_p that rounds to 0 in float32 would otherwise drop it too).
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p
+        drop[0] = False
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

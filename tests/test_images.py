@@ -73,3 +73,9 @@ def test_decompression_bomb_is_refused_before_decoding():
 def test_format_outside_the_allowlist_is_refused():
     with pytest.raises(ImageError, match="format BMP is not accepted"):
         images.decode(encode(random_image(5), "BMP"), ImageConfig(allowed_formats=["png"]))
+
+
+def test_pillows_process_wide_bomb_limit_is_left_alone():
+    """The pixel limit is ours, enforced where we decode (`images` is imported above); other code
+    in the process keeps Pillow's own."""
+    assert Image.MAX_IMAGE_PIXELS == (1024 * 1024 * 1024 // 4 // 3)

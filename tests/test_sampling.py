@@ -36,7 +36,7 @@ def test_top_k_samples_only_what_transformers_keeps(logits, top_k):
     assert got <= set(kept) and len(got) >= min(top_k, 3)
 
 
-@pytest.mark.parametrize("top_p", [1e-9, 0.3, 0.9])
+@pytest.mark.parametrize("top_p", [5e-324, 1e-9, 0.3, 0.9])
 def test_top_p_samples_only_what_transformers_keeps(logits, top_p):
     kept = TopPLogitsWarper(top_p)(None, logits[None].clone())[0].isfinite().nonzero().flatten().tolist()
     got = draws(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p, seed=2))

@@ -53,19 +53,15 @@ def client(serve_url):
     return openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0)
 
 
-def expected_answer(processor, hf_model, messages: list[dict], max_tokens: int) -> str:
-    """The same conversation as transformers sees it: developer is system, null content is empty."""
-    plain = []
-    for m in messages:
-        role = "system" if m["role"] == "developer" else m["role"]
-        plain.append({"role": role, "content": m["content"] if m["content"] is not None else []})
-    pil = [random_image(60)]
-    return hf_greedy(processor, hf_model, [m for m in plain if m["content"] != []], pil, max_tokens)[0]
+def expected_answer(processor, hf_model, max_tokens: int) -> str:
+    """HISTORY as transformers sees it (`ChatMessage` reads it as the server does: developer is
+    system, null content is no content)."""
+    return hf_greedy(processor, hf_model, HISTORY, [random_image(60)], max_tokens)[0]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_sdk_shaped_payloads_as_raw_json(serve_url, processor, hf_model, stream):
-    body = {"model": "llava-tiny", "messages": HISTORY, "max_tokens": 8, "temperature": 0, **NULLS}
+    body = {**NULLS, "model": "llava-tiny", "messages": HISTORY, "max_tokens": 8, "temperature": 0}
     r = httpx.post(f"{serve_url}/v1/chat/completions", json={**body, "stream": stream}, timeout=30)
     assert r.status_code == 200, r.text
     if stream:
@@ -75,7 +71,7 @@ def test_sdk_shaped_payloads_as_raw_json(serve_url, processor, hf_model, stream)
         text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events)
     else:
         text = r.json()["choices"][0]["message"]["content"]
-    assert text == expected_answer(processor, hf_model, HISTORY, 8)
+    assert text == expected_answer(processor, hf_model, 8)
 
 
 def test_sdk_shaped_payloads_through_the_official_client(client, processor, hf_model):
@@ -86,7 +82,7 @@ def test_sdk_shaped_payloads_through_the_official_client(client, processor, hf_m
         temperature=0,
         extra_body={k: None for k in ("tools", "tool_choice", "response_format", "top_logprobs", "n")},
     )
-    assert out.choices[0].message.content == expected_answer(processor, hf_model, HISTORY, 8)
+    assert out.choices[0].message.content == expected_answer(processor, hf_model, 8)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model="llava-tiny", messages=HISTORY, extra_body={"response_format": {"type": "json_object"}}
@@ -119,8 +115,20 @@ def test_text_that_spells_special_tokens_stays_text(client, processor):
         max_tokens=4,
         temperature=0,
     )
-    tokens_per_image = PromptBuilder(processor, 2048).tokens_per_image
-    assert with_image.usage.prompt_tokens == len(plain) + tokens_per_image + 1  # + the "\n" after it
+    # The template's placeholder comes first; the one the user typed stays text.
+    builder = PromptBuilder(processor, 2048)
+    messages = image_request("x", text)["messages"]
+    before, placeholder, after = builder.render(to_template_messages([ChatMessage(**messages[0])])).partition(
+        "<image>"
+    )
+    assert placeholder and "<image>" in after
+    tokenize = processor.tokenizer
+    expected = (
+        tokenize(before, split_special_tokens=True)["input_ids"]
+        + [processor.image_token_id] * builder.tokens_per_image
+        + tokenize(after, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    )
+    assert with_image.usage.prompt_tokens == len(expected)
 
 
 def ingress_rss() -> int:
