@@ -177,11 +177,17 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
 
 
 def _client(limits: ImageConfig, backend: PinnedBackend) -> httpx.AsyncClient:
-    context = ssl.create_default_context(cafile=limits.tls_ca_bundle) if limits.tls_ca_bundle else True
-    transport = httpx.AsyncHTTPTransport(verify=context, trust_env=False)
-    # httpx takes no network backend; its pool is rebuilt with ours (httpx pinned to 0.28.x for this).
+    verify = ssl.create_default_context(cafile=limits.tls_ca_bundle) if limits.tls_ca_bundle else True
+    ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context, trust_env=False)
+    # httpx takes no network backend: its pool is rebuilt with ours and httpx's default limits
+    # (httpx is pinned to 0.28.x for this).
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(verify=context, trust_env=False), network_backend=backend
+        ssl_context=ssl_context,
+        max_connections=100,
+        max_keepalive_connections=20,
+        keepalive_expiry=5.0,
+        network_backend=backend,
     )
     return httpx.AsyncClient(
         transport=transport,

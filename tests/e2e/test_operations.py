@@ -107,13 +107,14 @@ async def test_300_streams_at_once_each_end_complete_or_as_a_fast_503(serve_url)
 def test_a_stream_waiting_in_the_queue_gets_keepalive_comments(ops_url):
     """ops serves two rows at a time and sends an SSE comment every 0.2 s."""
     url = f"{ops_url}/v1/chat/completions"
-    body = {**LONG, "stream": True}
+    body = {**LONG, "stream": True, "temperature": 0}  # greedy "Talk." runs past 1500 tokens
     with (
         httpx.stream("POST", url, json=body, timeout=60) as a,
         httpx.stream("POST", url, json=body, timeout=60) as b,
     ):
-        for r in (a, b):  # both batch slots are taken
-            assert next(r.iter_lines()).startswith("data: {")
+        held = [a.iter_lines(), b.iter_lines()]  # kept: dropping one would close its stream
+        for lines in held:  # both batch slots are taken
+            assert next(lines).startswith("data: {")
         short = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
         with httpx.stream("POST", url, json=short, timeout=60) as r:
             assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
