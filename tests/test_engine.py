@@ -101,7 +101,7 @@ async def test_cancelling_half_of_16_streams_leaves_the_rest_correct(engine, cas
         tokens = []
         async for out in stream:
             tokens += out.token_ids
-            if i % 2 and len(tokens) == 3:
+            if i % 2 and len(tokens) >= 3:
                 await stream.aclose()  # what a client disconnect does
                 return None
         return tokens
