@@ -74,11 +74,11 @@ class StreamerModel:
         while True:
             try:
                 for text in streamer:
-                    yield StepOutput(-1, text, None, len(prompt.input_ids), streamer.tokens)
+                    yield StepOutput((), text, None, len(prompt.input_ids), streamer.tokens)
                 break
             except Empty:
                 await asyncio.sleep(0.001)
-        yield StepOutput(-1, "", "length", len(prompt.input_ids), streamer.tokens)
+        yield StepOutput((), "", "length", len(prompt.input_ids), streamer.tokens)
 
     async def loop_lag(self, reset: bool = False) -> dict:
         stats = self.lag.percentiles_ms()
