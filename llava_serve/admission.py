@@ -21,8 +21,8 @@ class Admission:
         self.retry_after_s = config.retry_after_s
         self.inflight = 0
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
+    def enter(self) -> None:
+        """Take a slot, or raise `Overloaded` at once."""
         if self.limit and self.inflight >= self.limit:
             raise Overloaded(
                 f"the server is at capacity ({self.inflight} requests in flight, the limit is "
@@ -30,7 +30,14 @@ class Admission:
                 self.retry_after_s,
             )
         self.inflight += 1
+
+    def leave(self) -> None:
+        self.inflight -= 1
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        self.enter()
         try:
             yield
         finally:
-            self.inflight -= 1
+            self.leave()

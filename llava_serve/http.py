@@ -95,10 +95,14 @@ class RequestGuard:
         try:
             if declared.isdigit() and int(declared) > self.max_bytes:
                 raise self._too_large(int(declared))
-            with self.admission.slot():
-                await self.app(scope, *self._counted(receive, send, rid))
+            self.admission.enter()
         except (RequestTooLarge, Overloaded) as e:
             await error_response(e, rid)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, *self._counted(receive, send, rid))
+        finally:
+            self.admission.leave()
 
     def _too_large(self, size: int) -> RequestTooLarge:
         return RequestTooLarge(

@@ -324,7 +324,8 @@ async def test_a_failed_prefill_is_retried_one_by_one_without_advancing_anyone_t
         )
 
 
-async def test_if_the_loop_dies_every_request_ends_at_once_with_a_typed_error(tiny_dir, processor, cases):
+async def one_running_one_waiting(tiny_dir, processor, cases):
+    """An engine of one row: a long request decoding, another waiting for the row."""
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
@@ -333,7 +334,12 @@ async def test_if_the_loop_dies_every_request_ends_at_once_with_a_typed_error(ti
     await anext(running)
     waiting = asyncio.ensure_future(collect(eng, cases[5]))
     await asyncio.sleep(0.05)
-    assert eng.num_waiting == 1
+    assert (eng.num_running, eng.num_waiting) == (1, 1)
+    return eng, running, waiting
+
+
+async def test_if_the_loop_dies_every_request_ends_at_once_with_a_typed_error(tiny_dir, processor, cases):
+    eng, running, waiting = await one_running_one_waiting(tiny_dir, processor, cases)
 
     def die(seqs, logits):
         raise RuntimeError("a bug in the step loop")
@@ -353,14 +359,7 @@ async def test_if_the_loop_dies_every_request_ends_at_once_with_a_typed_error(ti
 
 
 async def test_shutdown_ends_running_and_waiting_requests_with_unavailable(tiny_dir, processor, cases):
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
-    eng = Engine(ModelRunner(model, 0), processor.tokenizer, [2], EngineConfig(max_batch_size=1, max_queue=8))
-    running = eng.generate(cases[2].input_ids, [], SamplingParams(500, temperature=0.0))
-    await anext(running)
-    waiting = asyncio.ensure_future(collect(eng, cases[5]))
-    await asyncio.sleep(0.05)
+    eng, running, waiting = await one_running_one_waiting(tiny_dir, processor, cases)
     await eng.shutdown()
     with pytest.raises(Unavailable):
         async with asyncio.timeout(5):
