@@ -1,0 +1,53 @@
+"""`llava-serve serve tiny --port N` in a subprocess: it answers, says where, and stops cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.e2e.conftest import free_port
+
+
+def test_llava_serve_serve_tiny_answers_and_stops_cleanly(tiny_dir, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": "",  # a cluster of its own, apart from the test session's
+        "LLAVA_SERVE_CACHE": str(Path(tiny_dir).parent),  # 'tiny' is already built there
+    }
+    cli = Path(sys.executable).parent / "llava-serve"
+    log = tmp_path / "cli.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(cli), "serve", "tiny", "--port", str(port), "--timeout-s", "240"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        start = time.monotonic()
+        while "OpenAI base URL" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() - start < 240, log.read_text()[-3000:]
+            time.sleep(0.5)
+        printed = log.read_text()
+        base = f"http://127.0.0.1:{port}"
+        assert f"OpenAI base URL: {base}/v1" in printed and f"curl {base}/v1/chat/completions" in printed
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert code == 0, log.read_text()[-3000:]
