@@ -15,7 +15,7 @@ from llava_serve import http, process
 from llava_serve.admission import Admission
 from llava_serve.chat import ChatService
 from llava_serve.config import AppConfig
-from llava_serve.errors import unwrap
+from llava_serve.errors import LlavaServeError, unwrap
 from llava_serve.health import HealthProbe
 from llava_serve.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
 from llava_serve.telemetry import RequestRecord
@@ -59,7 +59,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         """Serve asks for the app once the replica is built: the routes behind the door check."""
-        return http.RequestGuard(self.app, self.config.limits, self.admission)
+        return http.RequestGuard(self.app, self.config.limits, self.admission, self._refused)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
@@ -108,6 +108,12 @@ class Ingress:
         except Exception:  # outside a request
             return None
 
+    def _refused(self, error: LlavaServeError, request_id: str | None) -> None:
+        """A request the door check answered (503, 413) is counted and logged like any other."""
+        record = RequestRecord(request_id, stream=None)
+        record.fail(error)
+        self._emit(record)
+
     @contextlib.contextmanager
     def _tracked(self, record: RequestRecord):
         """Close `record` however the request ends, then emit its metrics and log line."""
@@ -120,12 +126,15 @@ class Ingress:
             record.fail(unwrap(e))
             raise
         finally:
-            record.finish()
-            try:
-                self.metrics.record(record)
-                logger.info(record.log_line())
-            except Exception:  # telemetry must never turn an answer into an error
-                logger.exception("could not record request %s", record.request_id)
+            self._emit(record)
+
+    def _emit(self, record: RequestRecord) -> None:
+        record.finish()
+        try:
+            self.metrics.record(record)
+            logger.info(record.log_line())
+        except Exception:  # telemetry must never turn an answer into an error
+            logger.exception("could not record request %s", record.request_id)
 
     async def _tracked_stream(self, chunks: AsyncIterator, record: RequestRecord) -> AsyncIterator:
         with self._tracked(record):

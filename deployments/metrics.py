@@ -29,9 +29,16 @@ class IngressMetrics:
         self.itl = _histogram("llava_inter_token_seconds", "Time between output tokens.")
         self.e2e = _histogram("llava_e2e_latency_seconds", "Whole request, as the ingress sees it.")
         self.tokens = metrics.Counter("llava_tokens_total", "Tokens in and out.", tag_keys=("kind",))
+        self.stages = _histogram(
+            "llava_stage_seconds",
+            "Time a request spent in each stage: image_fetch, image_preprocess, tokenize, queue, "
+            "vision_encode, prefill, time_per_output_token, end_to_end.",
+            tags=("stage",),
+        )
 
     def record(self, r: RequestRecord) -> None:
-        self.requests.inc(tags={"outcome": r.outcome, "stream": str(r.stream).lower()})
+        stream = "unknown" if r.stream is None else str(r.stream).lower()
+        self.requests.inc(tags={"outcome": r.outcome, "stream": stream})
         if r.outcome not in ("ok", "cancelled"):
             self.errors.inc(tags={"type": r.outcome})
         if r.ttft_s is not None:
@@ -39,6 +46,8 @@ class IngressMetrics:
         for gap in r.inter_token_s:
             self.itl.observe(gap)
         self.e2e.observe(r.total_s)
+        for stage, seconds in r.stage_seconds().items():
+            self.stages.observe(seconds, tags={"stage": stage})
         for kind, n in (("prompt", r.prompt_tokens), ("completion", r.completion_tokens)):
             if n > 0:  # Ray's counters refuse increments of 0
                 self.tokens.inc(n, tags={"kind": kind})

@@ -47,7 +47,13 @@ class LlavaModel:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         if prompt.num_images != len(images):
             raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
-        seq = self.engine.submit(prompt.input_ids, list(images), params)
+        stages = {"tokenize": prompt.tokenize_s}
+        if images:  # fetched and preprocessed in parallel: the request waited for the slowest
+            stages |= {
+                "image_fetch": max(i.fetch_s for i in images),
+                "image_preprocess": max(i.preprocess_s for i in images),
+            }
+        seq = self.engine.submit(prompt.input_ids, list(images), params, stages)
         try:
             yield ACCEPTED
             async for out in self.engine.stream(seq):

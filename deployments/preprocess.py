@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import time
@@ -15,8 +16,7 @@ from llava_serve import checkpoint, images, process
 from llava_serve.config import AppConfig
 from llava_serve.fetch import ImageFetcher
 from llava_serve.images import PreparedImage
-from llava_serve.prompts import PromptBuilder, PromptInputs
-from llava_serve.protocol import ChatMessage
+from llava_serve.prompts import PromptBuilder, PromptInputs, TemplateMessage
 from llava_serve.telemetry import source_kind
 
 
@@ -40,10 +40,12 @@ class ImagePreprocessor:
         finally:
             size = None if data is None else len(data)
             self.metrics.record(source_kind(source), time.monotonic() - start, size)
+        fetched = time.monotonic()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
+        prepared = await loop.run_in_executor(
             self.executor, images.prepare, data, self.image_processor, self.limits, param
         )
+        return dataclasses.replace(prepared, fetch_s=fetched - start, preprocess_s=time.monotonic() - fetched)
 
     def stats(self) -> dict:
         cache = self.fetcher.cache
@@ -63,5 +65,7 @@ class PromptTokenizer:
         processor = checkpoint.load_processor(config.model)
         self.builder = PromptBuilder(processor, checkpoint.context_length(config.model))
 
-    async def __call__(self, messages: list[ChatMessage], max_tokens: int) -> PromptInputs:
-        return await asyncio.to_thread(self.builder.build, messages, max_tokens)
+    async def __call__(self, messages: list[TemplateMessage], max_tokens: int) -> PromptInputs:
+        start = time.monotonic()
+        prompt = await asyncio.to_thread(self.builder.build, messages, max_tokens)
+        return dataclasses.replace(prompt, tokenize_s=time.monotonic() - start)

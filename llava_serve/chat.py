@@ -232,6 +232,7 @@ async def _typed(outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput
 async def _recorded(outputs: AsyncIterator[StepOutput], record: RequestRecord) -> AsyncIterator[StepOutput]:
     async for out in outputs:
         record.token(out.completion_tokens, out.prompt_tokens)
+        record.stages.update(out.stages or {})
         record.finish_reason = out.finish_reason
         yield out
 

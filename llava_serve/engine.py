@@ -91,11 +91,19 @@ class Engine:
             "image_cache_bytes": cache.bytes,
         }
 
-    def submit(self, input_ids: list[int], images: list[PreparedImage], params: SamplingParams) -> Sequence:
-        """Queue one request, or refuse it at once (too long, queue full, engine stopped)."""
+    def submit(
+        self,
+        input_ids: list[int],
+        images: list[PreparedImage],
+        params: SamplingParams,
+        stages: dict[str, float] | None = None,
+    ) -> Sequence:
+        """Queue one request, or refuse it at once (too long, queue full, engine stopped).
+        `stages` are the seconds it already spent before reaching the engine, for its record."""
         if self._task is not None and self._task.done():
             raise EngineError("the engine has stopped; this replica is being replaced")
         seq = Sequence.create(input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device)
+        seq.stages.update(stages or {})
         if seq.kv_budget > self.config.max_batch_tokens:
             raise InvalidRequest(
                 f"prompt ({len(input_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
@@ -231,6 +239,7 @@ class Engine:
         now = time.monotonic()
         for seq in admit:
             self._running[seq.seq_id] = seq
+            seq.stages["queue"] = now - seq.created_at
             if self.on_admit is not None:
                 self.on_admit(now - seq.created_at)
         return admit
@@ -273,6 +282,8 @@ class Engine:
                 return [out for seq in seqs for out in self._prefill([seq])]
             logger.exception("prefill failed")
             return self._failed(seqs, e)
+        for seq in seqs:
+            seq.stages.update(self.runner.last_prefill_stages)
         outs = self._sample(seqs, logits)
         # Rows join in one step, failed ones included; `keep` drops those at the end of the step.
         self.runner.commit([out.token_id if isinstance(out, StepOutput) else 0 for _, out in outs])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,10 +80,17 @@ class RequestGuard:
     the generation routes before a byte of the body is read or parsed. A refusal here costs a
     header lookup, so overload is answered in milliseconds whatever the request carries."""
 
-    def __init__(self, app: ASGIApp, limits: LimitsConfig, admission: Admission):
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: LimitsConfig,
+        admission: Admission,
+        on_refused: Callable[[LlavaServeError, str | None], None] = lambda error, request_id: None,
+    ):
         self.app = app
         self.max_bytes = limits.max_request_bytes
         self.admission = admission
+        self.on_refused = on_refused  # refusals never reach the app: the caller counts them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].endswith(GUARDED_PATHS):
@@ -98,6 +105,7 @@ class RequestGuard:
             self.admission.enter()
         except (RequestTooLarge, Overloaded) as e:
             await error_response(e, rid)(scope, receive, send)
+            self.on_refused(e, rid)
             return
         try:
             await self.app(scope, *self._counted(receive, send, rid))

@@ -22,6 +22,9 @@ class PreparedImage:
 
     pixel_values: np.ndarray  # float32 [3, H, W]
     content_hash: str
+    # Seconds this image spent being fetched and decoded + preprocessed (filled by the preprocessor).
+    fetch_s: float = 0.0
+    preprocess_s: float = 0.0
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

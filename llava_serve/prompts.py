@@ -35,6 +35,7 @@ _MARKER_RE = re.compile("\ue000(\\d+)\ue001")
 class PromptInputs:
     input_ids: list[int]
     num_images: int
+    tokenize_s: float = 0.0  # filled by the tokenizer deployment
 
 
 def image_sources(messages: list[ChatMessage]) -> list[tuple[str, str]]:

@@ -7,6 +7,7 @@ same as if it ran alone. Rows join after a batched prefill and leave at step bou
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -112,6 +113,7 @@ class ModelRunner:
         self.text_config = model.config.get_text_config()
         self.vision_cache = VisionCache(image_cache_bytes)
         self.batch: Batch | None = None
+        self.last_prefill_stages: dict[str, float] = {}
 
     @property
     def num_rows(self) -> int:
@@ -162,7 +164,9 @@ class ModelRunner:
         The new rows are staged, not yet part of the running batch: call `commit()` once
         their first tokens are sampled, so a failure here leaves the running batch untouched.
         """
+        start = time.perf_counter()
         embeds = [self._embed(ids, images) for ids, images in prompts]
+        vision_done = self._synchronized()
         length = max(e.shape[0] for e in embeds)
         inputs = torch.stack([_left_pad(e, length, 0) for e in embeds])
         mask = torch.stack(
@@ -180,6 +184,11 @@ class ModelRunner:
             cache=cache,
             logits_to_keep=1,
         )
+        # Each request in the batch waited for all of it: the times are the batch's.
+        self.last_prefill_stages = {
+            "vision_encode": vision_done - start,
+            "prefill": self._synchronized() - vision_done,
+        }
         self._staged = Batch(
             seq_ids=list(seq_ids),
             cache=cache,
@@ -188,6 +197,12 @@ class ModelRunner:
             last_tokens=torch.zeros(len(seq_ids), dtype=torch.long, device=self.device),
         )
         return out.logits[:, -1, :]
+
+    def _synchronized(self) -> float:
+        """Now, once the device has finished what was queued (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def commit(self, first_tokens: list[int]) -> None:
         """Add the staged prefill rows, with their first sampled tokens, to the running batch."""

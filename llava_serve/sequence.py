@@ -43,6 +43,9 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[SampledLogprob, ...] = ()
+    # Seconds per stage before the first token (image_fetch, image_preprocess, tokenize, queue,
+    # vision_encode, prefill); on the first output only.
+    stages: dict[str, float] | None = None
 
     @property
     def token_id(self) -> int:
@@ -63,6 +66,7 @@ class StepOutput:
             later.prompt_tokens,
             later.completion_tokens,
             self.logprobs + later.logprobs,
+            self.stages or later.stages,
         )
 
 
@@ -85,6 +89,7 @@ class Sequence:
     created_at: float = field(default_factory=time.monotonic)
     finished: bool = False
     cancelled: bool = False
+    stages: dict[str, float] = field(default_factory=dict)
     stop: StopMatcher = field(init=False)
     _prompt: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -135,7 +140,8 @@ class Sequence:
             text += self.stop.flush()
         self.finished = finish is not None
         logprobs = () if logprob is None else (logprob,)
-        return StepOutput((token,), text, finish, len(self.input_ids), self.num_generated, logprobs)
+        stages = self.stages if self.num_generated == 1 else None
+        return StepOutput((token,), text, finish, len(self.input_ids), self.num_generated, logprobs, stages)
 
     def _prompt_tensor(self, device: torch.device) -> torch.Tensor:
         """The prompt's ids as a tensor, built once: the repetition penalty reads it every step."""

@@ -24,7 +24,7 @@ def source_kind(url: str) -> str:
 @dataclass
 class RequestRecord:
     request_id: str | None
-    stream: bool
+    stream: bool | None  # None: refused before the body was read
     started: float = field(default_factory=time.monotonic)
     image_sources: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -33,6 +33,8 @@ class RequestRecord:
     last_token_at: float | None = None
     inter_token_s: list[float] = field(default_factory=list)
     finished_at: float | None = None
+    # Seconds per stage before the first token, as the model replica measured them.
+    stages: dict[str, float] = field(default_factory=dict)
     outcome: str = "ok"  # ok | cancelled | the OpenAI error type
     status: int = 200
     finish_reason: str | None = None
@@ -68,6 +70,22 @@ class RequestRecord:
     def total_s(self) -> float:
         return (self.finished_at or time.monotonic()) - self.started
 
+    @property
+    def time_per_output_token_s(self) -> float | None:
+        if self.first_token_at is None or self.completion_tokens < 2:
+            return None
+        return (self.last_token_at - self.first_token_at) / (self.completion_tokens - 1)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Every stage this request went through: fetch, preprocess, tokenize, queue, vision
+        encode, prefill (from the model replica), time per output token and end to end."""
+        tpot = self.time_per_output_token_s
+        return {
+            **self.stages,
+            **({} if tpot is None else {"time_per_output_token": tpot}),
+            "end_to_end": self.total_s,
+        }
+
     def log_line(self) -> str:
         """One JSON object per request, for log pipelines."""
         ttft = self.ttft_s
@@ -81,6 +99,7 @@ class RequestRecord:
                 "completion_tokens": self.completion_tokens,
                 "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
                 "total_ms": round(self.total_s * 1000, 1),
+                "stages_ms": {k: round(v * 1000, 2) for k, v in self.stage_seconds().items()},
                 "finish_reason": self.finish_reason,
                 "outcome": self.outcome,
                 "status": self.status,

@@ -367,3 +367,15 @@ async def test_shutdown_ends_running_and_waiting_requests_with_unavailable(tiny_
                 pass
     with pytest.raises(Unavailable):
         await asyncio.wait_for(waiting, 5)
+
+
+async def test_the_first_output_carries_the_requests_stage_timings(engine, cases):
+    case = cases[3]  # two images
+    params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0)
+    seq = engine.submit(case.input_ids, case.images, params, {"tokenize": 0.25, "image_fetch": 0.5})
+    outs = [o async for o in engine.stream(seq)]
+    stages = outs[0].stages
+    assert set(stages) == {"tokenize", "image_fetch", "queue", "vision_encode", "prefill"}
+    assert (stages["tokenize"], stages["image_fetch"]) == (0.25, 0.5)
+    assert all(v >= 0 for v in stages.values()) and stages["prefill"] > 0
+    assert all(o.stages is None for o in outs[1:])

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -26,6 +28,16 @@ from tests.conftest import data_uri, encode, random_image
 from tests.e2e.conftest import app_config
 from tests.reference import image_request
 
+STAGES = [
+    "image_fetch",
+    "image_preprocess",
+    "tokenize",
+    "queue",
+    "vision_encode",
+    "prefill",
+    "time_per_output_token",
+    "end_to_end",
+]
 OPS_CONFIG: dict = {}  # the "ops" app's config, for tests that redeploy it
 LONG = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 1500}
 
@@ -204,12 +216,18 @@ def test_prometheus_metrics_are_exported(serve_url, metrics_url, image_server):
     for body in (
         image_request(url, max_tokens=4),
         image_request(data_uri(random_image(81)), max_tokens=4, stream=True),
-        {"messages": [{"role": "user", "content": "hi"}], "temperature": 7},
+        image_request("data:image/png;base64,AAAA", max_tokens=4),  # a 400 from the preprocessor
     ):
         httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=30)
+    # A body declared over the limit: refused at the door, before the app, and still counted.
+    host, port = serve_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+        assert b" 413 " in conn.recv(1024)
     wanted = [
         'ray_llava_requests_total{outcome="ok"',
-        'ray_llava_requests_total{outcome="invalid_request_error"',
+        'ray_llava_requests_total{outcome="invalid_request_error",stream="false"',
+        'ray_llava_requests_total{outcome="invalid_request_error",stream="unknown"',
         "ray_llava_ttft_seconds_bucket",
         "ray_llava_inter_token_seconds_bucket",
         "ray_llava_e2e_latency_seconds_bucket",
@@ -221,6 +239,7 @@ def test_prometheus_metrics_are_exported(serve_url, metrics_url, image_server):
         "ray_llava_image_fetch_bytes_bucket",
         'ray_llava_errors_total{type="invalid_request_error"',
         'ray_llava_tokens_total{kind="completion"',
+        *[f'ray_llava_stage_seconds_bucket{{stage="{stage}"' for stage in STAGES],
     ]
     deadline = time.monotonic() + 60
     while True:
@@ -229,6 +248,24 @@ def test_prometheus_metrics_are_exported(serve_url, metrics_url, image_server):
         if not missing:
             return
         assert time.monotonic() < deadline, f"never exported: {missing}"
+        time.sleep(1)
+
+
+def test_every_metric_on_the_grafana_dashboard_is_exported(serve_url, metrics_url):
+    dashboard = json.loads((Path(__file__).parents[2] / "deployments/grafana/llava-serve.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    names = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_llava_\w+", e)}
+    assert len(names) >= 15
+    httpx.post(f"{serve_url}/v1/chat/completions", json=image_request(data_uri(random_image(83))), timeout=30)
+    deadline = time.monotonic() + 60
+    while True:
+        exported = {
+            line.split("{")[0].split(" ")[0] for line in httpx.get(metrics_url, timeout=10).text.splitlines()
+        }
+        missing = sorted(n for n in names if not {n, f"{n}_bucket"} & exported)
+        if not missing:
+            return
+        assert time.monotonic() < deadline, f"on the dashboard but never exported: {missing}"
         time.sleep(1)
 
 
@@ -260,6 +297,13 @@ def test_each_request_leaves_one_structured_log_line(serve_url):
     assert record["event"] == "chat_completion" and record["outcome"] == "ok" and record["status"] == 200
     assert record["image_sources"] == ["data"] and record["completion_tokens"] == 3
     assert record["prompt_tokens"] > 0 and record["ttft_ms"] <= record["total_ms"]
+    stages = record["stages_ms"]
+    assert set(stages) == set(STAGES) and all(v >= 0 for v in stages.values())
+    # The stages before the first token fit inside it.
+    before_first = sum(
+        stages[s] for s in ("image_fetch", "image_preprocess", "queue", "vision_encode", "prefill")
+    )
+    assert before_first <= record["ttft_ms"]
 
 
 def _session_dir() -> str:
