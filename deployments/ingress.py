@@ -5,17 +5,20 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+import llava_serve
 from deployments.metrics import IngressMetrics
 from llava_serve import http, process
 from llava_serve.admission import Admission
 from llava_serve.chat import ChatService
 from llava_serve.config import AppConfig
-from llava_serve.errors import LlavaServeError, unwrap
+from llava_serve.errors import LlavaServeError, NotFound, unwrap
 from llava_serve.health import HealthProbe
 from llava_serve.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
 from llava_serve.telemetry import RequestRecord
@@ -23,6 +26,7 @@ from llava_serve.telemetry import RequestRecord
 # Serve's own logger: lines written through it carry the replica and request id.
 logger = logging.getLogger("ray.serve")
 
+PLAYGROUND = (Path(llava_serve.__file__).parent / "playground.html").read_text()
 app = FastAPI(title="llava-serve", description="OpenAI-compatible chat completions for LLaVA models.")
 http.install(app)
 
@@ -70,6 +74,13 @@ class Ingress:
                 return await self.service.complete(body, record)
         chunks = self._tracked_stream(self.service.stream(body, record), record)
         return await http.event_stream(chunks, rid, self.config.http.sse_keepalive_s)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """The browser playground: one page, everything it needs inline, the same /v1 API."""
+        if not self.config.ingress.playground:
+            raise NotFound("the playground is off on this server (ingress.playground: false)")
+        return HTMLResponse(PLAYGROUND)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:

@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
 def announce(base_url: str, config: AppConfig) -> None:
     """What a person needs once the server answers."""
     request = {"model": config.model.public_name, "messages": [{"role": "user", "content": "Hello"}]}
+    playground = f"  Playground:      {base_url}/\n" if config.ingress.playground else ""
     print(
         f"\nllava-serve is serving {config.model.name!r} as {config.model.public_name!r}\n"
+        f"{playground}"
         f"  OpenAI base URL: {base_url}/v1\n"
         f"  Try it:\n"
         f"    curl {base_url}/v1/chat/completions -H 'content-type: application/json' \\\n"

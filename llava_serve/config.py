@@ -197,6 +197,18 @@ class DeploymentOptions(_Strict):
         return opts
 
 
+class IngressOptions(DeploymentOptions):
+    """The ingress's Serve knobs, and what it serves besides the API."""
+
+    playground: bool = Field(
+        True,
+        description="Serve the browser playground at `/`; production configs turn it off (then 404).",
+    )
+
+    def to_serve_options(self) -> dict[str, Any]:
+        return DeploymentOptions.model_validate(self.model_dump(exclude={"playground"})).to_serve_options()
+
+
 # Where a deployment's defaults differ from `DeploymentOptions`' own. A deployment section in
 # YAML is laid over these, so `llava_model: {num_gpus: 1}` keeps the rest.
 DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -211,8 +223,8 @@ DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _deployment_default(name: str):
-    return lambda: DeploymentOptions(**DEPLOYMENT_DEFAULTS[name])
+def _deployment_default(name: str, kind: type[DeploymentOptions] = DeploymentOptions):
+    return lambda: kind(**DEPLOYMENT_DEFAULTS[name])
 
 
 class AppConfig(_Strict):
@@ -225,7 +237,7 @@ class AppConfig(_Strict):
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
-    ingress: DeploymentOptions = Field(default_factory=_deployment_default("ingress"))
+    ingress: IngressOptions = Field(default_factory=_deployment_default("ingress", IngressOptions))
     image_preprocessor: DeploymentOptions = Field(default_factory=_deployment_default("image_preprocessor"))
     prompt_tokenizer: DeploymentOptions = Field(default_factory=_deployment_default("prompt_tokenizer"))
     llava_model: DeploymentOptions = Field(default_factory=_deployment_default("llava_model"))

@@ -67,6 +67,14 @@ class ImageError(InvalidRequest):
         super().__init__(message, param, code or "invalid_image")
 
 
+class NotFound(LlavaServeError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param, code or "not_found")
+
+
 class ModelNotFound(LlavaServeError):
     status_code = 404
     error_type = "invalid_request_error"

@@ -37,6 +37,7 @@ def test_llava_serve_serve_tiny_answers_and_stops_cleanly(tiny_dir, tmp_path):
         printed = log.read_text()
         base = f"http://127.0.0.1:{port}"
         assert f"OpenAI base URL: {base}/v1" in printed and f"curl {base}/v1/chat/completions" in printed
+        assert f"Playground:      {base}/" in printed and httpx.get(f"{base}/").status_code == 200
         r = httpx.post(
             f"{base}/v1/chat/completions",
             json={"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},

@@ -51,6 +51,7 @@ def ops_url(serve_url, tiny_dir):
     base["engine"] |= {"max_batch_size": 2, "max_queue": 2}
     base["admission"] = {"max_inflight_requests": 6}
     base["http"] = {"sse_keepalive_s": 0.2}
+    base["ingress"] |= {"playground": False}
     OPS_CONFIG.update(base)
     serve.run(build(AppConfig.model_validate(base)), name="ops", route_prefix="/ops")
     yield f"{serve_url}/ops"
@@ -98,6 +99,11 @@ async def test_overload_is_a_fast_503_with_retry_after(ops_url):
         assert int(r.headers["retry-after"]) >= 1
         assert elapsed < 2.0  # refused at once, not after waiting for a slot
     assert all(r.status_code in (200, 503) for r, _ in results)
+
+
+def test_with_the_playground_off_the_root_is_a_404(ops_url):
+    r = httpx.get(ops_url, timeout=10)
+    assert r.status_code == 404 and "ingress.playground" in r.json()["error"]["message"]
 
 
 async def test_300_streams_at_once_each_end_complete_or_as_a_fast_503(serve_url):
