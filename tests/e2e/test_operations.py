@@ -102,7 +102,7 @@ async def test_overload_is_a_fast_503_with_retry_after(ops_url):
 
 
 def test_with_the_playground_off_the_root_is_a_404(ops_url):
-    r = httpx.get(ops_url, timeout=10)
+    r = httpx.get(f"{ops_url}/", timeout=10)
     assert r.status_code == 404 and "ingress.playground" in r.json()["error"]["message"]
 
 
