@@ -63,7 +63,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         """Serve asks for the app once the replica is built: the routes behind the door check."""
-        return http.RequestGuard(self.app, self.config.limits, self.admission, self._refused)
+        self.app.state.on_rejected = self._rejected  # bodies FastAPI refuses are counted too
+        return http.RequestGuard(self.app, self.config.limits, self.admission, self._rejected)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
@@ -119,8 +120,9 @@ class Ingress:
         except Exception:  # outside a request
             return None
 
-    def _refused(self, error: LlavaServeError, request_id: str | None) -> None:
-        """A request the door check answered (503, 413) is counted and logged like any other."""
+    def _rejected(self, error: LlavaServeError, request_id: str | None) -> None:
+        """A request answered before it reached the chat service (the door check's 503 or 413, a
+        body FastAPI could not validate) is counted and logged like any other."""
         record = RequestRecord(request_id, stream=None)
         record.fail(error)
         self._emit(record)

@@ -85,12 +85,12 @@ class RequestGuard:
         app: ASGIApp,
         limits: LimitsConfig,
         admission: Admission,
-        on_refused: Callable[[LlavaServeError, str | None], None] = lambda error, request_id: None,
+        on_rejected: Callable[[LlavaServeError, str | None], None] = lambda error, request_id: None,
     ):
         self.app = app
         self.max_bytes = limits.max_request_bytes
         self.admission = admission
-        self.on_refused = on_refused  # refusals never reach the app: the caller counts them
+        self.on_rejected = on_rejected  # refusals never reach the app: the caller counts them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].endswith(GUARDED_PATHS):
@@ -105,7 +105,7 @@ class RequestGuard:
             self.admission.enter()
         except (RequestTooLarge, Overloaded) as e:
             await error_response(e, rid)(scope, receive, send)
-            self.on_refused(e, rid)
+            self.on_rejected(e, rid)
             return
         try:
             await self.app(scope, *self._counted(receive, send, rid))
@@ -147,7 +147,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(invalid_from_validation(exc), request_id(request))
+        error, rid = invalid_from_validation(exc), request_id(request)
+        # The body never reached a handler; whoever serves the app may count it (`app.state`).
+        on_rejected = getattr(request.app.state, "on_rejected", None)
+        if on_rejected is not None:
+            on_rejected(error, rid)
+        return error_response(error, rid)
 
     @app.exception_handler(LlavaServeError)
     async def _typed(request: Request, exc: LlavaServeError):

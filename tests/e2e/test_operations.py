@@ -283,23 +283,37 @@ def _has(text: str, wanted: str) -> bool:
     return any(all(p.rstrip('"') + '"' in line for p in pairs) for line in lines)
 
 
+def log_record(request_id: str) -> dict:
+    """The JSON log line the ingress wrote for `request_id`."""
+    logs = os.path.join(_session_dir(), "logs", "serve")
+    deadline = time.monotonic() + 10
+    while True:
+        files = [Path(logs, name) for name in os.listdir(logs) if name.startswith("replica_llava_Ingress")]
+        text = "\n".join(f.read_text(errors="replace") for f in files)
+        lines = [line for line in text.splitlines() if f'"request_id": "{request_id}"' in line]
+        if lines:
+            return json.loads(lines[0][lines[0].index("{") :])
+        assert time.monotonic() < deadline, f"no log line for request {request_id}"
+        time.sleep(0.2)
+
+
+def test_a_body_fastapi_refuses_is_logged_and_counted_too(serve_url):
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 7}
+    r = httpx.post(
+        f"{serve_url}/v1/chat/completions", json=body, headers={"x-request-id": "bad-7"}, timeout=30
+    )
+    assert r.status_code == 400
+    record = log_record("bad-7")
+    assert (record["outcome"], record["status"], record["stream"]) == ("invalid_request_error", 400, None)
+
+
 def test_each_request_leaves_one_structured_log_line(serve_url):
     body = image_request(data_uri(random_image(82)), max_tokens=3)
     r = httpx.post(
         f"{serve_url}/v1/chat/completions", json=body, headers={"x-request-id": "log-line-7"}, timeout=30
     )
     assert r.status_code == 200
-    logs = os.path.join(_session_dir(), "logs", "serve")
-    deadline = time.monotonic() + 10
-    while True:
-        files = [Path(logs, name) for name in os.listdir(logs) if name.startswith("replica_llava_Ingress")]
-        text = "\n".join(f.read_text(errors="replace") for f in files)
-        lines = [line for line in text.splitlines() if '"request_id": "log-line-7"' in line]
-        if lines:
-            break
-        assert time.monotonic() < deadline, "no log line for the request"
-        time.sleep(0.2)
-    record = json.loads(lines[0][lines[0].index("{") :])
+    record = log_record("log-line-7")
     assert record["event"] == "chat_completion" and record["outcome"] == "ok" and record["status"] == 200
     assert record["image_sources"] == ["data"] and record["completion_tokens"] == 3
     assert record["prompt_tokens"] > 0 and record["ttft_ms"] <= record["total_ms"]
