@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from llava_serve.config import AppConfig
-from llava_serve.errors import InvalidRequest, ModelNotFound, Unavailable, unwrap
+from llava_serve.errors import EngineError, InvalidRequest, ModelNotFound, Unavailable, unwrap
 from llava_serve.fetch import check_data_uri
 from llava_serve.prompts import TemplateMessage, image_sources, to_template_messages
 from llava_serve.protocol import (
@@ -157,8 +157,8 @@ class ChatService:
         while True:
             outputs = self._start(request, record)
             try:
-                accepted = await anext(outputs)
-                assert accepted.accepted, "a backend's stream starts with ACCEPTED"
+                if not (await anext(outputs)).accepted:  # a contract check that survives `python -O`
+                    raise EngineError("the model's stream did not start with its acceptance marker")
                 return outputs
             except Unavailable:
                 if retries == _RETRIES:
