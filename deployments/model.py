@@ -53,7 +53,8 @@ class LlavaModel:
                 "image_fetch": max(i.fetch_s for i in images),
                 "image_preprocess": max(i.preprocess_s for i in images),
             }
-        seq = self.engine.submit(prompt.input_ids, list(images), params, stages)
+        grammar = None if params.output is None else await self.engine.compile(params.output)
+        seq = self.engine.submit(prompt.input_ids, list(images), params, stages, grammar)
         try:
             yield ACCEPTED
             async for out in self.engine.stream(seq):

@@ -28,7 +28,11 @@ from llava_serve.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    FunctionCall,
+    FunctionCallDelta,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
     new_completion_id,
@@ -36,6 +40,8 @@ from llava_serve.protocol import (
 )
 from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import SampledLogprob, StepOutput
+from llava_serve.structured.request import output_format
+from llava_serve.structured.tools import ToolCallReader
 from llava_serve.telemetry import RequestRecord, source_kind
 
 logger = logging.getLogger(__name__)
@@ -135,6 +141,8 @@ class ChatService:
             repetition_penalty=request.repetition_penalty,
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
+            logit_bias=request.logit_bias,
+            output=output_format(request),
         )
         for url, param in sources:
             if url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
@@ -176,9 +184,12 @@ class ChatService:
             text.append(out.text)
             logprobs += out.logprobs
             last = out
+        message, finish = AssistantMessage(content="".join(text)), last.finish_reason
+        if request.forces_tool_call():
+            message, finish = _tool_call_message(request, message.content, finish)
         choice = Choice(
-            message=AssistantMessage(content="".join(text)),
-            finish_reason=last.finish_reason,
+            message=message,
+            finish_reason=finish,
             logprobs=_logprobs(logprobs) if request.logprobs else None,
         )
         return ChatCompletion(
@@ -208,16 +219,57 @@ class ChatService:
             choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
             return ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice])
 
-        yield chunk(Delta(role="assistant", content=""))
+        calls = _tool_call_reader(request)
+        yield chunk(Delta(role="assistant") if calls else Delta(role="assistant", content=""))
         last = None
         async for out in outputs:
             last = out
             pending += out.logprobs
-            if out.text:
+            if calls is not None:
+                if (delta := calls.feed(out.text)) is not None:
+                    yield chunk(_call_delta(delta))
+            elif out.text:
                 yield chunk(Delta(content=out.text))
-        yield chunk(Delta(), last.finish_reason)
+        finish = last.finish_reason
+        if calls is not None:
+            if (delta := calls.finish(finish == "stop")) is not None:
+                yield chunk(_call_delta(delta))
+            finish = "tool_calls" if finish == "stop" and calls.name is not None else finish
+        yield chunk(Delta(), finish)
         if include_usage:
             yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=_usage(last))
+
+
+def _tool_call_reader(request: ChatCompletionRequest) -> ToolCallReader | None:
+    fmt = request.forces_tool_call() and output_format(request)
+    return ToolCallReader(fmt.tool_call) if fmt else None
+
+
+def _tool_call_message(
+    request: ChatCompletionRequest, text: str, finish: str | None
+) -> tuple[AssistantMessage, str | None]:
+    """A forced call's answer as `tool_calls`; finish_reason "tool_calls" once the call is complete
+    ("length" when max_tokens cut it, its arguments then incomplete)."""
+    reader = _tool_call_reader(request)
+    reader.feed(text)
+    reader.finish(finish == "stop")
+    if reader.name is None:  # cut before the function's name was complete: no call to report
+        return AssistantMessage(content=None), finish
+    call = ToolCall(id=reader.call_id, function=FunctionCall(name=reader.name, arguments=reader.arguments))
+    return AssistantMessage(content=None, tool_calls=[call]), "tool_calls" if finish == "stop" else finish
+
+
+def _call_delta(delta) -> Delta:
+    head = delta.name is not None
+    return Delta(
+        tool_calls=[
+            ToolCallDelta(
+                id=delta.call_id,
+                type="function" if head else None,
+                function=FunctionCallDelta(name=delta.name, arguments=delta.arguments),
+            )
+        ]
+    )
 
 
 async def _typed(outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput]:

@@ -106,6 +106,9 @@ class EngineConfig(_Strict):
     )
     max_queue: int = Field(256, ge=0, description="Admitted-but-waiting requests; beyond it, 503.")
     image_cache_bytes: int = Field(256 * MiB, ge=0, description="LRU of vision-tower outputs; 0 disables.")
+    grammar_cache_size: int = Field(
+        256, gt=0, description="Compiled output grammars (response_format schemas, tool calls) kept, LRU."
+    )
     stall_timeout_s: float = Field(
         60.0, gt=0, description="Health check fails if work is pending and no step finished for this long."
     )

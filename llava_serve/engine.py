@@ -26,6 +26,8 @@ from llava_serve.images import PreparedImage
 from llava_serve.runner import ModelRunner
 from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import Sequence, StepOutput
+from llava_serve.structured.grammar import Grammar, GrammarCompiler, MaskBuffer
+from llava_serve.structured.spec import OutputFormat
 
 logger = logging.getLogger(__name__)
 Result = StepOutput | LlavaServeError
@@ -45,6 +47,11 @@ class Engine:
         self.config = config
         # The single owner of the model: every forward pass goes through this thread.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-engine")
+        # Output grammars compile on their own thread: neither the loop nor a step waits for one.
+        self._grammar_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-grammar")
+        vocab = runner.vocab_size
+        self.grammars = GrammarCompiler(tokenizer, vocab, eos_ids, config.grammar_cache_size)
+        self._masks = MaskBuffer(vocab)
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}
         self._wake = asyncio.Event()
@@ -89,7 +96,15 @@ class Engine:
             "image_cache_hits": cache.hits,
             "image_cache_misses": cache.misses,
             "image_cache_bytes": cache.bytes,
+            "grammar_cache_hits": self.grammars.hits,
+            "grammar_cache_misses": self.grammars.misses,
         }
+
+    async def compile(self, fmt: OutputFormat) -> Grammar:
+        """A grammar for one request's output format, compiled (or copied from the cache) off
+        the event loop and off the model thread; a format it cannot enforce is `InvalidRequest`."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._grammar_executor, self.grammars.compile, fmt)
 
     def submit(
         self,
@@ -97,12 +112,22 @@ class Engine:
         images: list[PreparedImage],
         params: SamplingParams,
         stages: dict[str, float] | None = None,
+        grammar: Grammar | None = None,
     ) -> Sequence:
         """Queue one request, or refuse it at once (too long, queue full, engine stopped).
-        `stages` are the seconds it already spent before reaching the engine, for its record."""
+        `stages` are the seconds it already spent before reaching the engine, for its record;
+        `grammar` (from `compile`) is required when `params.output` is set."""
         if self._task is not None and self._task.done():
             raise EngineError("the engine has stopped; this replica is being replaced")
-        seq = Sequence.create(input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device)
+        if (grammar is None) != (params.output is None):
+            raise ValueError("a grammar goes with params.output, and only with it")
+        if any(not 0 <= token < self.runner.vocab_size for token, _ in params.logit_bias):
+            raise InvalidRequest(
+                f"logit_bias names a token id outside 0..{self.runner.vocab_size - 1}", "logit_bias"
+            )
+        seq = Sequence.create(
+            input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device, grammar
+        )
         seq.stages.update(stages or {})
         if seq.kv_budget > self.config.max_batch_tokens:
             raise InvalidRequest(
@@ -155,8 +180,9 @@ class Engine:
     async def generate(
         self, input_ids: list[int], images: list[PreparedImage], params: SamplingParams
     ) -> AsyncIterator[StepOutput]:
-        """Submit and stream in one call."""
-        seq = self.submit(input_ids, images, params)
+        """Compile the output format if any, submit and stream in one call."""
+        grammar = None if params.output is None else await self.compile(params.output)
+        seq = self.submit(input_ids, images, params, grammar=grammar)
         async for out in self.stream(seq):
             yield out
 
@@ -176,6 +202,7 @@ class Engine:
             self._task.cancel()
         self._fail_all(Unavailable("the model replica is shutting down; retry"))
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._grammar_executor.shutdown(wait=False, cancel_futures=True)
 
     def _fail_all(self, error: LlavaServeError) -> None:
         """End every request the engine holds with `error`, so none of their streams can hang."""
@@ -295,11 +322,21 @@ class Engine:
         if self.logits_hook is not None:
             logits = self.logits_hook(seqs, logits)
         finite = torch.isfinite(logits).all(-1).tolist()
+        # Constrained rows' masks are filled and applied together; free rows are not touched.
+        constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None and finite[i]]
+        unmasked: set[int] = set()
+        try:
+            self._masks.apply(logits, constrained)
+        except Exception:
+            logger.exception("applying output grammars failed")
+            unmasked = {i for i, _ in constrained}
         outs: list[tuple[Sequence, Result]] = []
-        for seq, row, ok in zip(seqs, logits, finite, strict=True):
+        for i, (seq, row, ok) in enumerate(zip(seqs, logits, finite, strict=True)):
             try:
                 if not ok:
                     raise EngineError("the model produced non-finite logits for this request")
+                if i in unmasked:
+                    raise EngineError("the output grammar could not be applied to this request")
                 outs.append((seq, seq.advance(row)))
             except Exception as e:
                 logger.exception("sampling failed for request %d", seq.seq_id)

@@ -91,6 +91,52 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class JSONSchemaFormat(_Request):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute; absent means any JSON value.
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    # Accepted for compatibility: every schema is enforced by the grammar, strict or not.
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and allowed with no other type")
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
 def _as_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
@@ -115,12 +161,24 @@ class ChatCompletionRequest(_Request):
     repetition_penalty: float | None = Field(
         None, ge=0.01, le=10.0, description="Extension, as transformers: >1 discourages tokens seen so far."
     )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias from -100 to 100, added to the logits."
+    )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     n: Literal[1] = Field(1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description="'required' or a named function constrain the answer to a call; 'auto' (the default "
+        "when tools are given) is refused: LLaVA chat templates have no tool-calling format.",
+    )
+    # One call is made per answer, so parallel calls are never produced whatever this says.
+    parallel_tool_calls: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -128,6 +186,18 @@ class ChatCompletionRequest(_Request):
         stops = _as_list(v)
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values lie in [-100, 100]; token {key} has {bias}")
+        if v is not None and len(v) > 1024:
+            raise ValueError("logit_bias takes at most 1024 tokens")
         return v
 
     @field_validator("stream_options")
@@ -151,7 +221,30 @@ class ChatCompletionRequest(_Request):
             raise ValueError("messages must contain at least one user message")
         if not any(p.type == "image_url" or p.text.strip() for m in users for p in m.parts()):
             raise ValueError("the user messages carry no text and no image: there is nothing to answer")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            raise ValueError("tool_choice: a tool choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: function {choice.function.name!r} is not among the tools")
+        if names and choice in (None, "auto"):
+            raise ValueError(
+                "tool_choice: 'auto' (the default when tools are given) is not supported: LLaVA chat "
+                "templates have no tool-calling format, so the model cannot choose to call a tool. "
+                "Pass 'required' or {'type': 'function', 'function': {'name': ...}} to force a call, "
+                "or 'none'"
+            )
+        if self.forces_tool_call() and self.response_format and self.response_format.type != "text":
+            raise ValueError("response_format: a forced tool call already fixes the answer's format")
+
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     def stop_list(self) -> list[str]:
         return _as_list(self.stop)
@@ -162,7 +255,7 @@ class ChatCompletionRequest(_Request):
 
 # ---- responses ---------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -185,9 +278,28 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler):
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class Choice(BaseModel):
@@ -206,14 +318,29 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
+class _Sparse(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler):
         # OpenAI sends only the keys a delta carries ({"content": "..."}), never "role": null.
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCallDelta(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Sparse):
+    index: int = 0
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class Delta(_Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

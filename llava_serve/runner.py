@@ -116,6 +116,11 @@ class ModelRunner:
         self.last_prefill_stages: dict[str, float] = {}
 
     @property
+    def vocab_size(self) -> int:
+        """Width of the logits (the output embedding's rows; may exceed the tokenizer's size)."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
     def num_rows(self) -> int:
         return 0 if self.batch is None else len(self.batch.seq_ids)
 

@@ -10,6 +10,7 @@ import torch
 from llava_serve.config import GenerationConfig
 from llava_serve.errors import InvalidRequest
 from llava_serve.protocol import GREEDY_BELOW
+from llava_serve.structured.spec import OutputFormat
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # The format the answer must match (a JSON schema, a tool call), enforced by a grammar.
+    output: OutputFormat | None = None
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +54,8 @@ class SamplingParams:
         repetition_penalty: float | None = None,
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
+        logit_bias: dict[str, float] | None = None,
+        output: OutputFormat | None = None,
     ) -> SamplingParams:
         """Fill what the request left out from config defaults, and enforce the ceilings."""
         max_tokens = defaults.max_tokens if max_tokens is None else max_tokens
@@ -70,6 +76,8 @@ class SamplingParams:
             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
             logprobs=bool(logprobs),
             top_logprobs=top_logprobs or 0,
+            logit_bias=tuple((int(k), float(v)) for k, v in (logit_bias or {}).items()),
+            output=output,
         )
 
 
@@ -98,6 +106,13 @@ def apply_penalties(
         ids, counts = out.unique(return_counts=True)
         logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """One row of logits with OpenAI's `logit_bias` added (a token a grammar forbids stays -inf)."""
+    ids = torch.tensor([i for i, _ in bias], dtype=torch.long, device=logits.device)
+    values = torch.tensor([b for _, b in bias], dtype=torch.float32, device=logits.device)
+    return logits.float().index_add(0, ids, values)
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

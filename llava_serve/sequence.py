@@ -11,7 +11,8 @@ import torch
 
 from llava_serve.detok import IncrementalDetokenizer, StopMatcher, TokenBytes
 from llava_serve.images import PreparedImage
-from llava_serve.sampling import SamplingParams, apply_penalties, make_generator, sample_row
+from llava_serve.sampling import SamplingParams, apply_logit_bias, apply_penalties, make_generator, sample_row
+from llava_serve.structured.grammar import Grammar
 
 _ids = itertools.count()
 
@@ -90,6 +91,8 @@ class Sequence:
     finished: bool = False
     cancelled: bool = False
     stages: dict[str, float] = field(default_factory=dict)
+    # Present when the answer must match a format; the engine masks this row's logits with it.
+    grammar: Grammar | None = None
     stop: StopMatcher = field(init=False)
     _prompt: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -97,7 +100,16 @@ class Sequence:
         self.stop = StopMatcher(self.params.stop)
 
     @classmethod
-    def create(cls, input_ids, images, params, token_bytes: TokenBytes, eos_ids, device) -> Sequence:
+    def create(
+        cls,
+        input_ids,
+        images,
+        params,
+        token_bytes: TokenBytes,
+        eos_ids,
+        device,
+        grammar: Grammar | None = None,
+    ) -> Sequence:
         tokenizer = token_bytes.tokenizer
         return cls(
             input_ids=list(input_ids),
@@ -107,6 +119,7 @@ class Sequence:
             detok=IncrementalDetokenizer.after_prompt(tokenizer, input_ids),
             generator=make_generator(params, device),
             token_bytes=token_bytes,
+            grammar=grammar,
         )
 
     @property
@@ -119,23 +132,30 @@ class Sequence:
         return len(self.generated)
 
     def advance(self, logits: torch.Tensor) -> StepOutput:
-        """Sample the next token from this row's logits and turn it into text.
+        """Sample the next token from this row's logits and turn it into text. A constrained
+        row's logits come already masked by its grammar, which then moves on by the token.
 
         Everything that can fail (penalties, sampling) runs before any state changes, so a
         failure leaves the request exactly as it was."""
         scores = logits
         if self.params.penalized:
             scores = apply_penalties(logits, self.params, self._prompt_tensor(logits.device), self.generated)
+        if self.params.logit_bias:
+            scores = apply_logit_bias(scores, self.params.logit_bias)
         token = sample_row(scores, self.params, self.generator)
+        if self.grammar is not None:
+            self.grammar.accept(token)
         self.generated.append(token)
         eos = token in self.eos_ids
-        out_of_room = not eos and self.num_generated >= self.params.max_tokens
+        # A complete grammar allows nothing more: the answer ends with this token.
+        complete = not eos and self.grammar is not None and self.grammar.done
+        out_of_room = not (eos or complete) and self.num_generated >= self.params.max_tokens
         new = self.detok.flush() if eos else self.detok.push(token)
-        if out_of_room:
+        if out_of_room or complete:
             new += self.detok.flush()
         logprob = self._logprob(logits, token, new) if self.params.logprobs else None
         text, hit = self.stop.feed(new)
-        finish = "stop" if hit or eos else "length" if out_of_room else None
+        finish = "stop" if hit or eos or complete else "length" if out_of_room else None
         if finish is not None and not hit:
             text += self.stop.flush()
         self.finished = finish is not None
@@ -157,5 +177,6 @@ class Sequence:
         if self.params.top_logprobs:
             values, ids = torch.topk(logprobs, self.params.top_logprobs)
             pairs = zip(ids.tolist(), values.tolist(), strict=True)
-            top = tuple((decode([i]), self.token_bytes(i), v) for i, v in pairs)
+            # Under a grammar, fewer tokens than asked for may be possible at all.
+            top = tuple((decode([i]), self.token_bytes(i), v) for i, v in pairs if v > float("-inf"))
         return SampledLogprob(text, self.token_bytes(token), float(logprobs[token]), top)

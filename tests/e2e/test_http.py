@@ -87,7 +87,17 @@ def test_http_image_url_is_fetched(serve_url, image_server, processor, hf_model)
             "less than or equal to 2",
         ),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "1"),
-        ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}}, "logit_bias", "Extra inputs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "functions": []}, "functions", "Extra inputs"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}},
+            "logit_bias",
+            "[-100, 100]",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 1}},
+            "logit_bias",
+            "outside 0..",
+        ),
         (
             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
             "max_tokens",

@@ -1,0 +1,2 @@
+"""Structured outputs: what a request's answer must look like (`spec`), the grammar that enforces
+it token by token (`grammar`), and forced tool calls (`tools`)."""

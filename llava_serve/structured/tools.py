@@ -1,0 +1,97 @@
+"""Forced tool calls: the schema a call must match, and reading calls back out of the answer.
+
+With `tool_choice` naming a function the model writes that function's arguments object and
+nothing else. With `"required"` it writes `{"name": "<function>", "arguments": {...}}`, one
+alternative per offered function, in that key order and without whitespace (the grammar allows
+no other layout), so a stream can tell the name as soon as it is complete and pass the
+arguments on as they are generated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from llava_serve.structured.spec import OutputFormat, ToolCallFormat, check_schema
+
+_HEAD = re.compile(r'\{"name":"((?:[^"\\]|\\.)*)","arguments":')
+ANY_OBJECT = {"type": "object"}
+
+
+def call_format(functions: dict[str, dict | None], named: str | None) -> OutputFormat:
+    """The output format for a forced call: of `named`, or of any function in `functions`
+    (name -> parameters schema; None takes any object), each schema checked on its own so an
+    error names the function."""
+    for name, params in functions.items():
+        if params is not None:
+            check_schema(params, f"tools[{name}].function.parameters")
+    if named is not None:
+        return OutputFormat.from_schema(
+            functions[named] or ANY_OBJECT, "tools", ToolCallFormat((named,), False)
+        )
+    alternatives = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": name}, "arguments": params or ANY_OBJECT},
+            "required": ["name", "arguments"],
+        }
+        for name, params in functions.items()
+    ]
+    schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+    return OutputFormat.from_schema(schema, "tools", ToolCallFormat(tuple(functions), True))
+
+
+@dataclass
+class ToolCallDelta:
+    """What a stream should send for the call so far: its header once (id, name), then pieces of
+    the arguments text."""
+
+    name: str | None = None
+    call_id: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class ToolCallReader:
+    """Reads one call out of an answer's text as it arrives (`feed`), then at its end (`finish`)."""
+
+    format: ToolCallFormat
+    call_id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    name: str | None = None
+    arguments: str = ""
+    _held: str = ""
+
+    def __post_init__(self):
+        if not self.format.wrapped:
+            self.name = self.format.names[0]
+
+    def feed(self, text: str) -> ToolCallDelta | None:
+        """The part of the call `text` completes, or None while nothing new can be said."""
+        header = self.name is None
+        self._held += text
+        if self.name is None:
+            match = _HEAD.match(self._held)
+            if match is None:
+                return None
+            self.name = json.loads(f'"{match.group(1)}"')
+            self._held = self._held[match.end() :]
+        # A wrapped call ends with the wrapper's "}", which is not part of the arguments: hold the
+        # last character back until the answer ends.
+        keep = 1 if self.format.wrapped else 0
+        piece, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        self.arguments += piece
+        if not (piece or header):
+            return None
+        return ToolCallDelta(self.name if header else None, self.call_id if header else None, piece)
+
+    def finish(self, complete: bool) -> ToolCallDelta | None:
+        """At the end of the answer: a complete wrapped call drops the wrapper's "}"; a call cut
+        short (`max_tokens`) passes on whatever arguments it had."""
+        if self.name is None:  # cut (max_tokens) before the name was complete: there is no call
+            return None
+        rest = "" if complete and self.format.wrapped else self._held
+        self._held = ""
+        self.arguments += rest
+        return ToolCallDelta(arguments=rest) if rest else None
