@@ -174,6 +174,7 @@ class ChatCompletionRequest(_Request):
     tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None,
+        validate_default=True,  # tools without a tool_choice mean 'auto', which is refused
         description="'required' or a named function constrain the answer to a call; 'auto' (the default "
         "when tools are given) is refused: LLaVA chat templates have no tool-calling format.",
     )
@@ -200,6 +201,34 @@ class ChatCompletionRequest(_Request):
             raise ValueError("logit_bias takes at most 1024 tokens")
         return v
 
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [t.function.name for t in tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("function names must be unique")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, choice, info: ValidationInfo):
+        names = [t.function.name for t in info.data.get("tools") or ()]
+        if choice is not None and choice != "none" and not names:
+            raise ValueError("a tool choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"function {choice.function.name!r} is not among the tools")
+        if names and choice in (None, "auto"):
+            raise ValueError(
+                "'auto' (the default when tools are given) is not supported: LLaVA chat templates have "
+                "no tool-calling format, so the model cannot choose to call a tool. Pass 'required' or "
+                "{'type': 'function', 'function': {'name': ...}} to force a call, or 'none'"
+            )
+        fmt = info.data.get("response_format")
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and fmt is not None and fmt.type != "text":
+            raise ValueError("a forced tool call already fixes the answer's format; drop response_format")
+        return choice
+
     @field_validator("stream_options")
     @classmethod
     def _check_stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
@@ -221,27 +250,7 @@ class ChatCompletionRequest(_Request):
             raise ValueError("messages must contain at least one user message")
         if not any(p.type == "image_url" or p.text.strip() for m in users for p in m.parts()):
             raise ValueError("the user messages carry no text and no image: there is nothing to answer")
-        self._check_tools()
         return self
-
-    def _check_tools(self) -> None:
-        names = [t.function.name for t in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
-        choice = self.tool_choice
-        if choice is not None and choice != "none" and not names:
-            raise ValueError("tool_choice: a tool choice needs tools")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice: function {choice.function.name!r} is not among the tools")
-        if names and choice in (None, "auto"):
-            raise ValueError(
-                "tool_choice: 'auto' (the default when tools are given) is not supported: LLaVA chat "
-                "templates have no tool-calling format, so the model cannot choose to call a tool. "
-                "Pass 'required' or {'type': 'function', 'function': {'name': ...}} to force a call, "
-                "or 'none'"
-            )
-        if self.forces_tool_call() and self.response_format and self.response_format.type != "text":
-            raise ValueError("response_format: a forced tool call already fixes the answer's format")
 
     def forces_tool_call(self) -> bool:
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)

@@ -115,3 +115,42 @@ def test_seed_outside_what_the_sampler_accepts_is_refused(seed):
 @pytest.mark.parametrize("seed", [0, 2**64 - 1, -(2**63)])
 def test_seed_at_the_limits_is_accepted(seed):
     assert parse_request({"messages": [USER], "seed": seed}).seed == seed
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "says"),
+    [
+        ({"tools": [TOOL]}, "tool_choice", "'auto' (the default"),
+        ({"tools": [TOOL], "tool_choice": "auto"}, "tool_choice", "'auto'"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": [TOOL, TOOL], "tool_choice": "required"}, "tools", "unique"),
+        (
+            {"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "drop response_format",
+        ),
+        (
+            {"response_format": {"type": "text", "json_schema": {"name": "x"}}},
+            "response_format",
+            "no other type",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "bad name"}}},
+            "response_format.json_schema.name",
+            "pattern",
+        ),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+    ],
+)
+def test_formats_and_tools_that_cannot_work_are_refused_naming_the_field(extra, param, says):
+    with pytest.raises(InvalidRequest) as info:
+        parse_request({"messages": [USER], **extra})
+    assert info.value.param == param and says in info.value.message, info.value.message
+
+
+def test_tools_with_tool_choice_none_are_plain_text():
+    request = parse_request({"messages": [USER], "tools": [TOOL], "tool_choice": "none"})
+    assert not request.forces_tool_call()

@@ -69,7 +69,7 @@ class GrammarCompiler:
         return Grammar(template.deep_copy())
 
     def _build(self, fmt: OutputFormat) -> llguidance.LLMatcher:
-        param = "tools" if fmt.tool_call else "response_format"
+        param = fmt.param
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.loads(fmt.schema_json), JSON_OPTIONS)
         except (ValueError, TypeError) as e:

@@ -34,6 +34,7 @@ class OutputFormat:
 
     schema_json: str
     tool_call: ToolCallFormat | None = None
+    param: str = "response_format"  # the request field the schema came from, for errors
 
     @property
     def key(self) -> str:
@@ -43,7 +44,7 @@ class OutputFormat:
     def from_schema(cls, schema: dict, param: str, tool_call: ToolCallFormat | None = None) -> OutputFormat:
         check_schema(schema, param)
         # Key order is kept: properties are generated in the order the schema lists them.
-        return cls(json.dumps(closed(schema), separators=(",", ":")), tool_call)
+        return cls(json.dumps(closed(schema), separators=(",", ":")), tool_call, param)
 
 
 # The `json_object` format: any JSON object.

@@ -62,6 +62,7 @@ class ToolCallReader:
     name: str | None = None
     arguments: str = ""
     _held: str = ""
+    _announced: bool = False  # the header (id, name) has gone out
 
     def __post_init__(self):
         if not self.format.wrapped:
@@ -69,7 +70,7 @@ class ToolCallReader:
 
     def feed(self, text: str) -> ToolCallDelta | None:
         """The part of the call `text` completes, or None while nothing new can be said."""
-        header = self.name is None
+        header = not self._announced
         self._held += text
         if self.name is None:
             match = _HEAD.match(self._held)
@@ -84,6 +85,7 @@ class ToolCallReader:
         self.arguments += piece
         if not (piece or header):
             return None
+        self._announced = True
         return ToolCallDelta(self.name if header else None, self.call_id if header else None, piece)
 
     def finish(self, complete: bool) -> ToolCallDelta | None:
