@@ -53,6 +53,15 @@ class IngressMetrics:
                 self.tokens.inc(n, tags={"kind": kind})
 
 
+# Engine stats that count cache lookups -> (the counter attribute, its `result` tag).
+_CACHE_COUNTERS = {
+    "image_cache_hits": ("image_cache", "hit"),
+    "image_cache_misses": ("image_cache", "miss"),
+    "grammar_cache_hits": ("grammar_cache", "hit"),
+    "grammar_cache_misses": ("grammar_cache", "miss"),
+}
+
+
 class EngineMetrics:
     """Gauges sampled from the engine's stats; counters advanced by their deltas."""
 
@@ -66,7 +75,12 @@ class EngineMetrics:
             "llava_image_cache_total", "Vision-embedding cache lookups.", tag_keys=("result",)
         )
         self.image_cache_bytes = metrics.Gauge("llava_image_cache_bytes", "Bytes held by the vision cache.")
-        self._last = {"image_cache_hits": 0, "image_cache_misses": 0}
+        self.grammar_cache = metrics.Counter(
+            "llava_grammar_cache_total",
+            "Output-grammar lookups (response_format schemas, forced tool calls).",
+            tag_keys=("result",),
+        )
+        self._last = {key: 0 for key in _CACHE_COUNTERS}
 
     def sample(self, stats: dict) -> None:
         self.running.set(stats["running"])
@@ -74,10 +88,10 @@ class EngineMetrics:
         self.kv_tokens.set(stats["kv_tokens_reserved"])
         self.kv_budget.set(stats["kv_tokens_budget"])
         self.image_cache_bytes.set(stats["image_cache_bytes"])
-        for key, result in (("image_cache_hits", "hit"), ("image_cache_misses", "miss")):
+        for key, (counter, result) in _CACHE_COUNTERS.items():
             delta = stats[key] - self._last[key]
             if delta > 0:
-                self.image_cache.inc(delta, tags={"result": result})
+                getattr(self, counter).inc(delta, tags={"result": result})
             self._last[key] = stats[key]
 
 

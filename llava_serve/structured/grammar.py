@@ -72,7 +72,7 @@ class GrammarCompiler:
         param = fmt.param
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.loads(fmt.schema_json), JSON_OPTIONS)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # the library's own errors are ValueErrors; a schema is the caller's
             raise InvalidRequest(f"{param}: this schema cannot be enforced: {e}", param) from None
         ok, problem, _warnings = validate(grammar)
         if not ok:

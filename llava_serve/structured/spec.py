@@ -43,8 +43,11 @@ class OutputFormat:
     @classmethod
     def from_schema(cls, schema: dict, param: str, tool_call: ToolCallFormat | None = None) -> OutputFormat:
         check_schema(schema, param)
-        # Key order is kept: properties are generated in the order the schema lists them.
-        return cls(json.dumps(closed(schema), separators=(",", ":")), tool_call, param)
+        try:
+            # Key order is kept: properties are generated in the order the schema lists them.
+            return cls(json.dumps(closed(schema), separators=(",", ":")), tool_call, param)
+        except RecursionError:
+            raise InvalidRequest(f"{param}: the schema nests too deeply", param) from None
 
 
 # The `json_object` format: any JSON object.
@@ -57,6 +60,8 @@ def check_schema(schema: Any, param: str) -> None:
         raise InvalidRequest(f"{param}: a JSON Schema must be an object", param)
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
+    except RecursionError:
+        raise InvalidRequest(f"{param}: the schema nests too deeply", param) from None
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise InvalidRequest(f"{param}: invalid JSON Schema at {where}: {e.message}", param) from None

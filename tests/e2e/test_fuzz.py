@@ -79,6 +79,72 @@ at_the_limits = st.fixed_dictionaries(
 )
 
 
+# Schema-shaped values: JSON Schema keywords with values that are sometimes right and often not.
+KEYWORDS = [
+    "type",
+    "properties",
+    "required",
+    "items",
+    "enum",
+    "const",
+    "minItems",
+    "maxItems",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "multipleOf",
+    "pattern",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "$defs",
+    "additionalProperties",
+    "format",
+    "uniqueItems",
+    "not",
+    "if",
+    "then",
+]
+TYPES = st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null", "objectx"])
+schemas = st.recursive(
+    st.fixed_dictionaries({"type": TYPES}) | st.just({}),
+    lambda inner: st.dictionaries(
+        st.sampled_from(KEYWORDS),
+        inner
+        | TYPES
+        | json_values
+        | st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+        max_size=4,
+    ),
+    max_leaves=12,
+)
+function = st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g", "bad name"])}, optional={"parameters": schemas}
+)
+with_formats = st.fixed_dictionaries(
+    {"messages": st.just([{"role": "user", "content": "JSON, please."}]), "max_tokens": st.integers(1, 6)},
+    optional={
+        "response_format": st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
+            optional={
+                "json_schema": st.fixed_dictionaries({"name": st.just("s")}, optional={"schema": schemas})
+            },
+        )
+        | json_values,
+        "tools": st.lists(
+            st.fixed_dictionaries({"type": st.just("function"), "function": function}), max_size=3
+        ),
+        "tool_choice": st.sampled_from(["none", "auto", "required"])
+        | st.builds(lambda n: {"type": "function", "function": {"name": n}}, st.sampled_from(["f", "g"])),
+        "logit_bias": st.dictionaries(st.sampled_from(["0", "5", "1023", "1024", "-1", "x"]), EDGE_FLOATS),
+        "stream": st.booleans(),
+        "temperature": st.sampled_from([0.0, 1.0]),
+    },
+)
+
+
 @st.composite
 def mutated_image(draw) -> bytes:
     data = bytearray(draw(st.sampled_from(SEEDS)))
@@ -106,6 +172,14 @@ def client():
 @FUZZ
 @given(body=json_values | near_valid)
 def test_fuzzed_request_bodies_get_2xx_or_4xx(serve_url, client, body):
+    check_response(client.post(f"{serve_url}/v1/chat/completions", json=body))
+
+
+@settings(FUZZ, max_examples=150)
+@given(body=with_formats)
+def test_fuzzed_formats_tools_and_biases_get_2xx_or_4xx(serve_url, client, body):
+    """Broken schemas, schemas the grammar cannot enforce, tool choices that do not fit their
+    tools: each a 400, never a 5xx, and the answers that are served end cleanly."""
     check_response(client.post(f"{serve_url}/v1/chat/completions", json=body))
 
 

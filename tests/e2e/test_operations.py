@@ -227,6 +227,7 @@ def test_prometheus_metrics_are_exported(serve_url, metrics_url, image_server):
         image_request(url, max_tokens=4),
         image_request(data_uri(random_image(81)), max_tokens=4, stream=True),
         image_request("data:image/png;base64,AAAA", max_tokens=4),  # a 400 from the preprocessor
+        {**LONG, "max_tokens": 4, "response_format": {"type": "json_object"}},
     ):
         httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=30)
     # A body declared over the limit: refused at the door, before the app, and still counted.
@@ -245,6 +246,7 @@ def test_prometheus_metrics_are_exported(serve_url, metrics_url, image_server):
         "ray_llava_running_requests",
         "ray_llava_kv_tokens_budget",
         "ray_llava_image_cache_total",
+        "ray_llava_grammar_cache_total",
         'ray_llava_image_fetch_seconds_bucket{result="ok",source="http"',
         "ray_llava_image_fetch_bytes_bucket",
         'ray_llava_errors_total{type="invalid_request_error"',
