@@ -51,17 +51,19 @@ def cases(processor, hf_model):
     return built
 
 
-@pytest.fixture
-async def engine(tiny_dir, processor):
+def build_engine(tiny_dir, processor, config: EngineConfig) -> Engine:
+    """An engine around a fresh copy of the tiny model (its own weights: nothing leaks between tests)."""
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
-    eng = Engine(
-        ModelRunner(model, 1 << 24),
-        processor.tokenizer,
-        [model.config.text_config.eos_token_id],
-        EngineConfig(max_batch_size=8, max_queue=64),
+    return Engine(
+        ModelRunner(model, 1 << 24), processor.tokenizer, [model.config.text_config.eos_token_id], config
     )
+
+
+@pytest.fixture
+async def engine(tiny_dir, processor):
+    eng = build_engine(tiny_dir, processor, EngineConfig(max_batch_size=8, max_queue=64))
     yield eng
     await eng.shutdown()
 

@@ -12,15 +12,13 @@ import pytest
 import torch
 
 from llava_serve.config import EngineConfig
-from llava_serve.engine import Engine
 from llava_serve.errors import InvalidRequest
-from llava_serve.runner import ModelRunner
 from llava_serve.sampling import SamplingParams
 from llava_serve.structured.grammar import JSON_OPTIONS
 from llava_serve.structured.spec import JSON_OBJECT, OutputFormat, check_schema, closed
 from llava_serve.structured.tools import ToolCallReader, call_format
 from tests import schemas
-from tests.test_engine import Case, collect
+from tests.test_engine import Case, build_engine, collect
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +33,8 @@ def cases(processor, hf_model):
 
 @pytest.fixture
 async def engine(tiny_dir, processor):
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
-    eng = Engine(
-        ModelRunner(model, 1 << 24),
-        processor.tokenizer,
-        [model.config.text_config.eos_token_id],
-        EngineConfig(max_batch_size=16, max_queue=64, grammar_cache_size=4),
+    eng = build_engine(
+        tiny_dir, processor, EngineConfig(max_batch_size=16, max_queue=64, grammar_cache_size=4)
     )
     yield eng
     await eng.shutdown()
