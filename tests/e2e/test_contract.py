@@ -85,9 +85,9 @@ def test_sdk_shaped_payloads_through_the_official_client(client, processor, hf_m
     assert out.choices[0].message.content == expected_answer(processor, hf_model, 8)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model="llava-tiny", messages=HISTORY, extra_body={"response_format": {"type": "json_object"}}
+            model="llava-tiny", messages=HISTORY, extra_body={"functions": [{"name": "f"}]}
         )
-    assert info.value.body["param"] == "response_format"
+    assert info.value.body["param"] == "functions"
 
 
 def test_a_seed_the_sampler_cannot_take_is_a_400_naming_seed(client):
