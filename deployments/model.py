@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 from collections.abc import AsyncIterator
 
+import ray
 import torch
 from ray import serve
 
@@ -20,6 +22,13 @@ from llava_serve.looplag import LoopLagMonitor
 from llava_serve.prompts import PromptInputs
 from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import ACCEPTED, StepOutput
+
+
+async def _resolved(image: PreparedImage) -> PreparedImage:
+    """The image with its tiles fetched from the object store (the preprocessor put them there)."""
+    if isinstance(image.pixel_values, ray.ObjectRef):
+        return dataclasses.replace(image, pixel_values=await image.pixel_values)
+    return image
 
 
 @serve.deployment
@@ -47,6 +56,7 @@ class LlavaModel:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         if prompt.num_images != len(images):
             raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
+        images = [await _resolved(image) for image in images]
         stages = {"tokenize": prompt.tokenize_s}
         if images:  # fetched and preprocessed in parallel: the request waited for the slowest
             stages |= {

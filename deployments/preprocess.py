@@ -6,9 +6,11 @@ import asyncio
 import dataclasses
 import math
 import os
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import ray
 from ray import serve
 
 from deployments.metrics import FetchMetrics
@@ -26,14 +28,18 @@ class ImagePreprocessor:
 
     def __init__(self, config: AppConfig):
         self.limits = config.images
-        self.image_processor = checkpoint.load_processor(config.model).image_processor
+        self.adapter = checkpoint.load_adapter(config.model)
         self.fetcher = ImageFetcher(self.limits)
         self.metrics = FetchMetrics()
         # As many decoding threads as the replica has CPUs: more would only contend and hold memory.
         threads = max(1, math.ceil(config.image_preprocessor.num_cpus))
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
-    async def __call__(self, source: str, param: str | None = None) -> PreparedImage:
+    async def __call__(
+        self, source: str, param: str | None = None, detail: str | None = None, num_images: int = 1
+    ) -> PreparedImage:
+        """The image's tiles, size and token count; the tiles go into the object store and travel
+        to the model replica as a reference, so the ingress only ever holds their address."""
         start, data = time.monotonic(), None
         try:
             data = await self.fetcher.fetch(source, param)
@@ -42,10 +48,16 @@ class ImagePreprocessor:
             self.metrics.record(source_kind(source), time.monotonic() - start, size)
         fetched = time.monotonic()
         loop = asyncio.get_running_loop()
+        base_only = self.adapter.base_only(detail, num_images)
         prepared = await loop.run_in_executor(
-            self.executor, images.prepare, data, self.image_processor, self.limits, param
+            self.executor, images.prepare, data, self.adapter, self.limits, param, base_only
         )
-        return dataclasses.replace(prepared, fetch_s=fetched - start, preprocess_s=time.monotonic() - fetched)
+        return dataclasses.replace(
+            prepared,
+            pixel_values=ray.put(prepared.pixel_values),
+            fetch_s=fetched - start,
+            preprocess_s=time.monotonic() - fetched,
+        )
 
     def stats(self) -> dict:
         cache = self.fetcher.cache
@@ -59,13 +71,23 @@ class ImagePreprocessor:
 
 @serve.deployment
 class PromptTokenizer:
-    """Render the chat template and tokenize, with image placeholders expanded."""
+    """Render the chat template and tokenize, with image placeholders expanded from the counts
+    the image preprocessor computed; it never sees pixels."""
 
     def __init__(self, config: AppConfig):
-        processor = checkpoint.load_processor(config.model)
-        self.builder = PromptBuilder(processor, checkpoint.context_length(config.model))
+        self.builder = PromptBuilder(
+            checkpoint.load_adapter(config.model), checkpoint.context_length(config.model)
+        )
+        self.last_call_bytes = 0
 
-    async def __call__(self, messages: list[TemplateMessage], max_tokens: int) -> PromptInputs:
+    async def __call__(
+        self, messages: list[TemplateMessage], max_tokens: int, image_tokens: list[int]
+    ) -> PromptInputs:
         start = time.monotonic()
-        prompt = await asyncio.to_thread(self.builder.build, messages, max_tokens)
+        # What a call carries, for `stats()`: text and counts, a few hundred bytes, never pixels.
+        self.last_call_bytes = len(pickle.dumps((messages, max_tokens, image_tokens)))
+        prompt = await asyncio.to_thread(self.builder.build, messages, max_tokens, image_tokens)
         return dataclasses.replace(prompt, tokenize_s=time.monotonic() - start)
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "rss_bytes": process.rss_bytes(), "last_call_bytes": self.last_call_bytes}

@@ -49,11 +49,13 @@ _RETRIES = 3  # of a request whose replica died before its first token
 
 
 class Backend(Protocol):
-    """Where the work happens. `generate` streams `ACCEPTED` first, once the engine has queued
-    the request, then the request's outputs."""
+    """Where the work happens. `prepare_image` returns an awaitable `PreparedImage` (its pixels
+    may stay a reference the model resolves); `tokenize` and `generate` take what they are given
+    unresolved. `generate` streams `ACCEPTED` first, once the engine has queued the request,
+    then the request's outputs."""
 
-    def prepare_image(self, source: str, param: str) -> Any: ...
-    def tokenize(self, messages: list[TemplateMessage], max_tokens: int) -> Any: ...
+    def prepare_image(self, source: str, param: str, detail: str | None, num_images: int) -> Any: ...
+    def tokenize(self, messages: list[TemplateMessage], max_tokens: int, image_tokens: list[int]) -> Any: ...
     def generate(
         self, prompt: Any, params: SamplingParams, images: list[Any]
     ) -> AsyncIterator[StepOutput]: ...
@@ -114,7 +116,7 @@ class ChatService:
         self.backend = backend
         self.model_names = {config.model.public_name, config.model.name}
 
-    def _start(
+    async def _start(
         self, request: ChatCompletionRequest, record: RequestRecord | None
     ) -> AsyncIterator[StepOutput]:
         if request.model is not None and request.model not in self.model_names:
@@ -124,7 +126,7 @@ class ChatService:
             )
         sources = image_sources(request.messages)
         if record is not None:
-            record.image_sources = [source_kind(url) for url, _ in sources]
+            record.image_sources = [source_kind(url) for url, _, _ in sources]
         limit = self.config.images.max_images_per_request
         if len(sources) > limit:
             raise InvalidRequest(f"request has {len(sources)} images; the limit is {limit}", "messages")
@@ -144,12 +146,21 @@ class ChatService:
             logit_bias=request.logit_bias,
             output=output_format(request),
         )
-        for url, param in sources:
+        for url, param, _ in sources:
             if url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
                 check_data_uri(url, self.config.images, param)
-        images = [self.backend.prepare_image(url, param) for url, param in sources]
-        # The tokenizer needs the text and where images go, never the images themselves.
-        prompt = self.backend.tokenize(to_template_messages(request.messages), params.max_tokens)
+        # Every fetch starts at once; how many tokens each image becomes (its size and detail
+        # decide, on anyres models) is known when it is preprocessed, and the prompt is
+        # tokenized as soon as all are. The tokenizer gets the text and those counts, never pixels.
+        pending = [
+            self.backend.prepare_image(url, param, detail, len(sources)) for url, param, detail in sources
+        ]
+        try:
+            images = list(await asyncio.gather(*pending)) if pending else []
+        except Exception as e:
+            raise unwrap(e) from e
+        counts = [image.num_tokens for image in images]
+        prompt = self.backend.tokenize(to_template_messages(request.messages), params.max_tokens, counts)
         outputs = _typed(self.backend.generate(prompt, params, images))
         return outputs if record is None else _recorded(outputs, record)
 
@@ -163,8 +174,8 @@ class ChatService:
         each time: the router needs a moment to stop choosing the dead replica."""
         retries = 0
         while True:
-            outputs = self._start(request, record)
             try:
+                outputs = await self._start(request, record)
                 if not (await anext(outputs)).accepted:  # a contract check that survives `python -O`
                     raise EngineError("the model's stream did not start with its acceptance marker")
                 return outputs

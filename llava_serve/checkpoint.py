@@ -11,11 +11,21 @@ from pathlib import Path
 from llava_serve import tiny
 from llava_serve.config import ModelConfig
 
+# The embedded random-weight checkpoints, one per architecture.
+TINY = {"tiny": "llava", "tiny-next": "llava_next", "tiny-onevision": "llava_onevision"}
+
 
 def resolve_path(cfg: ModelConfig) -> str:
-    if cfg.name == "tiny":
-        return str(tiny.ensure(cfg.tiny_preset, cfg.cache_dir))
+    if cfg.name in TINY:
+        return str(tiny.ensure(cfg.tiny_preset, cfg.cache_dir, arch=TINY[cfg.name]))
     return str(Path(cfg.name)) if Path(cfg.name).exists() else cfg.name
+
+
+def load_adapter(cfg: ModelConfig):
+    """The checkpoint's `llava_serve.models.ImageAdapter` (tokenizer, image processor, geometry)."""
+    from llava_serve.models import load_adapter
+
+    return load_adapter(resolve_path(cfg))
 
 
 def load_processor(cfg: ModelConfig):
@@ -46,10 +56,9 @@ def pick_dtype(cfg: ModelConfig, device):
     return getattr(torch, cfg.dtype)
 
 
-def load_model(cfg: ModelConfig):
-    """The `LlavaForConditionalGeneration` in eval mode on the configured device and dtype."""
-    from transformers import LlavaForConditionalGeneration
-
+def load_model(cfg: ModelConfig, adapter=None):
+    """The architecture's `*ForConditionalGeneration` in eval mode on the configured device and dtype."""
+    adapter = adapter or load_adapter(cfg)
     device = pick_device(cfg)
-    model = LlavaForConditionalGeneration.from_pretrained(resolve_path(cfg), dtype=pick_dtype(cfg, device))
+    model = adapter.load_model(resolve_path(cfg), pick_dtype(cfg, device))
     return model.to(device).eval()

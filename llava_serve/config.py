@@ -23,7 +23,8 @@ class ModelConfig(_Strict):
 
     name: str = Field(
         "tiny",
-        description="'tiny' (the embedded random-weight checkpoint, built on first use), "
+        description="'tiny', 'tiny-next' or 'tiny-onevision' (the embedded random-weight LLaVA-1.5, "
+        "LLaVA-NeXT and LLaVA-OneVision checkpoints, built on first use), "
         "a local directory, or a hub id such as llava-hf/llava-1.5-7b-hf.",
     )
     served_name: str | None = Field(None, description="Name reported by /v1/models; defaults to `name`.")

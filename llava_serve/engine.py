@@ -68,11 +68,11 @@ class Engine:
     @classmethod
     def load(cls, model: ModelConfig, config: EngineConfig) -> Engine:
         """Load the checkpoint and build an engine around it (blocking: call from a constructor)."""
-        processor = checkpoint.load_processor(model)
-        weights = checkpoint.load_model(model)
+        adapter = checkpoint.load_adapter(model)
+        weights = checkpoint.load_model(model, adapter)
         eos = weights.generation_config.eos_token_id
         eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
-        return cls(ModelRunner(weights, config.image_cache_bytes), processor.tokenizer, eos_ids, config)
+        return cls(ModelRunner(weights, config.image_cache_bytes), adapter.tokenizer, eos_ids, config)
 
     # -- public API (event loop) -------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -18,10 +19,16 @@ from llava_serve.errors import ImageError
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """Model-ready pixels plus the content hash that keys the engine's vision cache."""
+    """Model-ready tiles, what the prompt needs to know of them, and the hash that keys the
+    engine's vision cache."""
 
-    pixel_values: np.ndarray  # float32 [3, H, W]
-    content_hash: str
+    # float32 [tiles, 3, H, W], base tile first. Between deployments, a reference to them in the
+    # object store (so the ingress and the tokenizer never hold pixels); the model resolves it.
+    pixel_values: Any
+    content_hash: str  # of the tiles and of how they are encoded (base_only)
+    size: tuple[int, int] = (0, 0)  # the original (height, width): anyres packing needs it
+    num_tokens: int = 0  # placeholder tokens this image becomes in the prompt
+    base_only: bool = False  # reduced to its base tile (detail low; OneVision's multi-image rule)
     # Seconds this image spent being fetched and decoded + preprocessed (filled by the preprocessor).
     fetch_s: float = 0.0
     preprocess_s: float = 0.0
@@ -70,18 +77,26 @@ def decode(data: bytes, limits: ImageConfig, param: str | None = None) -> Image.
     return to_rgb(image)
 
 
-def preprocess(image: Image.Image, image_processor) -> np.ndarray:
-    """Resize, crop and normalize with the checkpoint's own image processor: [3, H, W] float32."""
-    out = image_processor(images=image, return_tensors="np")
-    return np.ascontiguousarray(out["pixel_values"][0], dtype=np.float32)
+def content_hash(pixel_values: np.ndarray, base_only: bool = False) -> str:
+    """Hash of the preprocessed tiles and their encoding: equal images share vision-tower output
+    whatever their file format, and the same image at another detail does not."""
+    digest = hashlib.blake2b(pixel_values.tobytes(), digest_size=16)
+    digest.update(repr((pixel_values.shape, base_only)).encode())
+    return digest.hexdigest()
 
 
-def content_hash(pixel_values: np.ndarray) -> str:
-    """Hash of the preprocessed pixels: equal images share vision-tower output whatever their encoding."""
-    return hashlib.blake2b(pixel_values.tobytes(), digest_size=16).hexdigest()
-
-
-def prepare(data: bytes, image_processor, limits: ImageConfig, param: str | None = None) -> PreparedImage:
-    """Bytes in, model-ready pixels out."""
-    pixels = preprocess(decode(data, limits, param), image_processor)
-    return PreparedImage(pixels, content_hash(pixels))
+def prepare(
+    data: bytes, adapter, limits: ImageConfig, param: str | None = None, base_only: bool = False
+) -> PreparedImage:
+    """Bytes in, model-ready tiles and their token count out (`adapter`: the checkpoint's
+    `llava_serve.models.ImageAdapter`)."""
+    image = decode(data, limits, param)
+    pixels = adapter.preprocess(image, base_only)
+    width, height = image.size
+    return PreparedImage(
+        pixels,
+        content_hash(pixels, base_only),
+        (height, width),
+        adapter.num_tokens(height, width, base_only),
+        base_only,
+    )

@@ -1,7 +1,8 @@
 """Chat messages to token ids through the checkpoint's own chat template.
 
-Each image part becomes the checkpoint's image placeholder, expanded to the number of image
-tokens exactly as its processor expands it, so the ids here equal `processor(text, images)`'s.
+Each image part becomes the checkpoint's image placeholder, expanded to that image's number of
+tokens (which its architecture's adapter computes as the processor does, from the image's size
+and detail), so the ids here equal `processor(text, images)`'s. No pixels are needed here.
 
 What a caller writes is always text. A user who types `<image>`, `</s>` or `[INST]` gets
 those characters tokenized as characters: only the template's own output can hold special
@@ -38,10 +39,10 @@ class PromptInputs:
     tokenize_s: float = 0.0  # filled by the tokenizer deployment
 
 
-def image_sources(messages: list[ChatMessage]) -> list[tuple[str, str]]:
-    """(url, request field) of every image part, in the order the prompt places them."""
+def image_sources(messages: list[ChatMessage]) -> list[tuple[str, str, str | None]]:
+    """(url, request field, detail) of every image part, in the order the prompt places them."""
     return [
-        (part.image_url.url, f"messages[{i}].content[{j}].image_url.url")
+        (part.image_url.url, f"messages[{i}].content[{j}].image_url.url", part.image_url.detail)
         for i, message in enumerate(messages)
         for j, part in enumerate(message.parts())
         if isinstance(part, ImagePart)
@@ -82,16 +83,16 @@ def _plain_text_tokenizers(tokenizer):
 
 
 class PromptBuilder:
-    """Renders and tokenizes prompts for one checkpoint."""
+    """Renders and tokenizes prompts for one checkpoint. `source` is anything that carries the
+    checkpoint's `tokenizer`, `chat_template`, `image_token` and `image_token_id`: its adapter
+    (`llava_serve.models`) or a transformers processor."""
 
-    def __init__(self, processor, context_length: int):
-        self.tokenizer = processor.tokenizer
-        self.image_token = processor.image_token
-        self.image_token_id = processor.image_token_id
-        self.chat_template = processor.chat_template
-        self.processor = processor
+    def __init__(self, source, context_length: int):
+        self.tokenizer = source.tokenizer
+        self.image_token = source.image_token
+        self.image_token_id = source.image_token_id
+        self.chat_template = source.chat_template
         self.context_length = context_length
-        self.tokens_per_image = self._tokens_per_image(processor)
         self._first, self._rest = _plain_text_tokenizers(self.tokenizer)
         specials = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
         specials |= {str(t): i for i, t in self.tokenizer.added_tokens_decoder.items()}
@@ -104,23 +105,21 @@ class PromptBuilder:
         at = next(i for i in range(len(with_specials)) if with_specials[i : i + len(bare)] == bare)
         self._prefix, self._suffix = with_specials[:at], with_specials[at + len(bare) :]
 
-    @staticmethod
-    def _tokens_per_image(processor) -> int:
-        crop = processor.image_processor.crop_size
-        n = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
-        n += processor.num_additional_image_tokens
-        return n - 1 if processor.vision_feature_select_strategy == "default" else n
-
     def render(self, messages: list[TemplateMessage]) -> str:
         if self.chat_template is None:
             raise InvalidRequest("this checkpoint has no chat template", "model")
         try:
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+            )
         except Exception as e:  # checkpoint templates raise their own errors for shapes they refuse
             raise InvalidRequest(f"the chat template cannot render these messages: {e}", "messages") from e
 
-    def build(self, messages: list[TemplateMessage], max_tokens: int) -> PromptInputs:
-        """Token ids for `messages`, checked to leave room for `max_tokens` of output."""
+    def build(
+        self, messages: list[TemplateMessage], max_tokens: int, image_tokens: list[int]
+    ) -> PromptInputs:
+        """Token ids for `messages`, each image's placeholder expanded to its count in
+        `image_tokens` (from its adapter), checked to leave room for `max_tokens` of output."""
         texts: list[str] = []
         marked = []
         for message in messages:
@@ -132,8 +131,10 @@ class PromptBuilder:
                 else:
                     content.append(part)
             marked.append({**message, "content": content})
-        ids, num_images = self._tokenize(self.render(marked), texts)
         expected = sum(part["type"] == "image" for m in messages for part in m["content"])
+        if len(image_tokens) != expected:
+            raise InvalidRequest(f"{expected} images in the messages but {len(image_tokens)} token counts")
+        ids, num_images = self._tokenize(self.render(marked), texts, image_tokens)
         if num_images != expected:
             raise InvalidRequest(
                 f"the chat template placed {num_images} images but the messages carry {expected}; "
@@ -142,13 +143,13 @@ class PromptBuilder:
             )
         if len(ids) + max_tokens > self.context_length:
             raise ContextLengthExceeded(
-                f"prompt is {len(ids)} tokens (including {num_images * self.tokens_per_image} image tokens) "
+                f"prompt is {len(ids)} tokens (including {sum(image_tokens)} image tokens) "
                 f"and max_tokens is {max_tokens}: {len(ids) + max_tokens} is over the model's context "
                 f"length of {self.context_length}"
             )
         return PromptInputs(ids, num_images)
 
-    def _tokenize(self, rendered: str, texts: list[str]) -> tuple[list[int], int]:
+    def _tokenize(self, rendered: str, texts: list[str], image_tokens: list[int]) -> tuple[list[int], int]:
         """Ids of a rendering whose text parts are markers: the template's special tokens as
         themselves (image placeholders expanded), everything else as plain text."""
         ids, num_images, start = list(self._prefix), 0, 0
@@ -161,7 +162,8 @@ class PromptBuilder:
                 break
             token = match.group()
             if token == self.image_token:
-                ids += [self.image_token_id] * self.tokens_per_image
+                if num_images < len(image_tokens):  # more placeholders than images: refused by build()
+                    ids += [self.image_token_id] * image_tokens[num_images]
                 num_images += 1
             else:
                 ids.append(self._special_ids[token])

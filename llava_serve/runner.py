@@ -103,10 +103,14 @@ class Batch:
 
 
 class ModelRunner:
-    """Runs batched forward passes of a `LlavaForConditionalGeneration`."""
+    """Runs batched forward passes of a LLaVA-family model; images are encoded by the adapter
+    of its architecture (`llava_serve.models`)."""
 
     def __init__(self, model, image_cache_bytes: int):
+        from llava_serve.models import ADAPTERS
+
         self.model = model
+        self.encoder = ADAPTERS[model.config.model_type]
         self.device = model.device
         self.dtype = model.dtype
         self.image_token_id = model.config.image_token_id
@@ -132,10 +136,13 @@ class ModelRunner:
         missing = [h for h, v in found.items() if v is None]
         if missing:
             by_hash = {im.content_hash: im for im in images}
-            pixels = torch.stack([torch.from_numpy(by_hash[h].pixel_values) for h in missing])
-            features = self.model.model.get_image_features(
-                pixel_values=pixels.to(self.device, self.dtype)
-            ).pooler_output
+            todo = [by_hash[h] for h in missing]
+            features = self.encoder.encode(
+                self.model,
+                [torch.from_numpy(im.pixel_values).to(self.device, self.dtype) for im in todo],
+                [im.size for im in todo],
+                [im.base_only for im in todo],
+            )
             for h, f in zip(missing, features, strict=True):
                 found[h] = f
                 self.vision_cache.put(h, f)

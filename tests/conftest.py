@@ -29,6 +29,19 @@ def processor(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def adapter(tiny_dir):
+    from llava_serve.models import load_adapter
+
+    return load_adapter(tiny_dir)
+
+
+def image_token_count(processor) -> int:
+    """How many placeholder tokens the processor itself expands one (LLaVA-1.5) image to."""
+    out = processor(text=processor.image_token, images=[random_image(0)], return_tensors="np")
+    return int((out["input_ids"][0] == processor.image_token_id).sum())
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_dir):
     from transformers import LlavaForConditionalGeneration
 

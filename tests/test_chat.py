@@ -16,6 +16,7 @@ from llava_serve.engine import Engine
 from llava_serve.errors import Overloaded, Unavailable
 from llava_serve.fetch import ImageFetcher
 from llava_serve.health import HealthProbe
+from llava_serve.models import load_adapter
 from llava_serve.prompts import PromptBuilder
 from llava_serve.runner import ModelRunner
 from llava_serve.sequence import ACCEPTED
@@ -30,8 +31,8 @@ class LocalBackend:
 
     def __init__(self, config: AppConfig, processor, engine: Engine):
         self.fetcher = ImageFetcher(config.images)
-        self.image_processor = processor.image_processor
-        self.builder = PromptBuilder(processor, 2048)
+        self.adapter = load_adapter(processor.tokenizer.name_or_path)
+        self.builder = PromptBuilder(self.adapter, 2048)
         self.engine = engine
         self.tokenized: list = []
         self.deaths: dict[str, int] = {}
@@ -42,25 +43,25 @@ class LocalBackend:
             raise Unavailable(f"replica died during {stage}")
 
     # Started at once and awaited later, as Serve's DeploymentResponses are.
-    def prepare_image(self, source, param):
-        return asyncio.ensure_future(self._prepare_image(source, param))
+    def prepare_image(self, source, param, detail, num_images):
+        return asyncio.ensure_future(self._prepare_image(source, param, detail, num_images))
 
-    def tokenize(self, messages, max_tokens):
+    def tokenize(self, messages, max_tokens, image_tokens):
         self.tokenized.append(messages)
-        return asyncio.ensure_future(self._tokenize(messages, max_tokens))
+        return asyncio.ensure_future(self._tokenize(messages, max_tokens, image_tokens))
 
-    async def _prepare_image(self, source, param):
+    async def _prepare_image(self, source, param, detail, num_images):
         data = await self.fetcher.fetch(source, param)
-        return images.prepare(data, self.image_processor, images.ImageConfig())
+        base_only = self.adapter.base_only(detail, num_images)
+        return images.prepare(data, self.adapter, images.ImageConfig(), param, base_only)
 
-    async def _tokenize(self, messages, max_tokens):
+    async def _tokenize(self, messages, max_tokens, image_tokens):
         self._die("tokenize")
-        return self.builder.build(messages, max_tokens)
+        return self.builder.build(messages, max_tokens, image_tokens)
 
     async def generate(self, prompt, params, images_):
         prompt = await prompt
-        pixels = [await i for i in images_]
-        seq = self.engine.submit(prompt.input_ids, pixels, params)
+        seq = self.engine.submit(prompt.input_ids, images_, params)
         try:
             yield ACCEPTED
             self._die("stream")

@@ -11,6 +11,7 @@ from llava_serve import images
 from llava_serve.config import EngineConfig, ImageConfig
 from llava_serve.engine import Engine
 from llava_serve.errors import EngineError, Overloaded, Unavailable
+from llava_serve.models import load_adapter
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
 from llava_serve.runner import ModelRunner
@@ -29,9 +30,10 @@ class Case:
             [ChatMessage(role="user", content=[*content, {"type": "text", "text": question}])]
         )
         builder = PromptBuilder(processor, 2048)
-        self.input_ids = builder.build(msgs, max_tokens).input_ids
         pics = [random_image(s, (40 + 13 * s, 64 - 3 * s)) for s in image_seeds]
-        self.images = [images.prepare(encode(p), processor.image_processor, ImageConfig()) for p in pics]
+        adapter = load_adapter(processor.tokenizer.name_or_path)
+        self.images = [images.prepare(encode(p), adapter, ImageConfig()) for p in pics]
+        self.input_ids = builder.build(msgs, max_tokens, [im.num_tokens for im in self.images]).input_ids
         self.max_tokens = max_tokens
         inputs = processor(text=builder.render(msgs), images=pics or None, return_tensors="pt")
         self.inputs = inputs

@@ -24,20 +24,22 @@ LIMITS = ImageConfig()
         ("RGBA", (64, 48), "WEBP"),
     ],
 )
-def test_prepare_matches_the_checkpoint_processor(processor, mode, size, fmt):
+def test_prepare_matches_the_checkpoint_processor(processor, adapter, mode, size, fmt):
     original = random_image(1, size, mode)
     data = encode(original, fmt)
-    prepared = images.prepare(data, processor.image_processor, LIMITS)
+    prepared = images.prepare(data, adapter, LIMITS)
     expected = processor(images=Image.open(io.BytesIO(data)), text="<image>", return_tensors="np")
-    assert prepared.pixel_values.shape == expected["pixel_values"][0].shape
-    assert np.allclose(prepared.pixel_values, expected["pixel_values"][0], atol=1e-6)
+    assert prepared.pixel_values.shape == expected["pixel_values"].shape  # one tile
+    assert np.allclose(prepared.pixel_values, expected["pixel_values"], atol=1e-6)
+    assert prepared.num_tokens == int((expected["input_ids"] == processor.image_token_id).sum())
+    assert prepared.size == (size[1], size[0])
 
 
-def test_equal_pixels_share_a_hash_across_encodings(processor):
+def test_equal_pixels_share_a_hash_across_encodings(adapter):
     image = random_image(2)
-    a = images.prepare(encode(image, "PNG"), processor.image_processor, LIMITS)
-    b = images.prepare(encode(image, "BMP"), processor.image_processor, LIMITS)
-    c = images.prepare(encode(random_image(3), "PNG"), processor.image_processor, LIMITS)
+    a = images.prepare(encode(image, "PNG"), adapter, LIMITS)
+    b = images.prepare(encode(image, "BMP"), adapter, LIMITS)
+    c = images.prepare(encode(random_image(3), "PNG"), adapter, LIMITS)
     assert a.content_hash == b.content_hash != c.content_hash
 
 

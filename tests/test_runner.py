@@ -82,8 +82,8 @@ def test_a_failed_merge_leaves_the_batch_as_it_was(runner):
     assert all(layer.keys.shape[2] == 4 for layer in runner.batch.cache.layers)
 
 
-def test_image_features_must_fill_the_image_slots_exactly(runner, processor):
-    image = images.prepare(encode(random_image(1)), processor.image_processor, ImageConfig())
+def test_image_features_must_fill_the_image_slots_exactly(runner, adapter):
+    image = images.prepare(encode(random_image(1)), adapter, ImageConfig())
     slot = runner.image_token_id
     with pytest.raises(InvalidRequest, match="image positions"):
         runner.prefill([1], [([3, slot, slot, 4], [image])])

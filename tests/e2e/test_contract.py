@@ -11,7 +11,7 @@ from ray import serve
 
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
-from tests.conftest import data_uri, random_image
+from tests.conftest import data_uri, image_token_count, random_image
 from tests.reference import hf_greedy, image_request
 
 HISTORY = [
@@ -125,7 +125,7 @@ def test_text_that_spells_special_tokens_stays_text(client, processor):
     tokenize = processor.tokenizer
     expected = (
         tokenize(before, split_special_tokens=True)["input_ids"]
-        + [processor.image_token_id] * builder.tokens_per_image
+        + [processor.image_token_id] * image_token_count(processor)
         + tokenize(after, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     )
     assert with_image.usage.prompt_tokens == len(expected)

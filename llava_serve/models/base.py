@@ -1,0 +1,90 @@
+"""What every architecture's adapter provides, and what they share."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class ImageAdapter:
+    """Loads a checkpoint's tokenizer and image processor, and knows its image geometry.
+
+    CPU side (`preprocess`, `num_tokens`) runs in the preprocessing deployments; model side
+    (`encode`) in the model replica. `detail` is "low" or "high" (OpenAI's "auto" is "high");
+    `base_only` marks an image reduced to its base tile (detail low, or OneVision's rule for
+    several images in one request), which changes both its token count and its features.
+    """
+
+    model_type: ClassVar[str]
+    model_class: ClassVar[str]  # the transformers class, by name
+
+    def __init__(self, tokenizer, image_processor, config, processor_config: dict):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.processor_config = processor_config
+        self.image_token = processor_config.get("image_token") or "<image>"
+        self.image_token_id = config.image_token_id
+        self.chat_template = tokenizer.chat_template
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ImageAdapter:
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        from llava_serve.models import processor_config
+
+        return cls(
+            AutoTokenizer.from_pretrained(path),
+            AutoImageProcessor.from_pretrained(path),
+            AutoConfig.from_pretrained(path),
+            processor_config(path),
+        )
+
+    def load_model(self, path: str, dtype):
+        import transformers
+
+        return getattr(transformers, self.model_class).from_pretrained(path, dtype=dtype)
+
+    # -- CPU side -------------------------------------------------------------------------
+
+    def base_only(self, detail: str | None, num_images: int) -> bool:
+        """Whether an image of this request is reduced to its base tile."""
+        return False
+
+    def preprocess(self, image: Image.Image, base_only: bool) -> np.ndarray:
+        """The tiles the vision tower sees: float32 [tiles, 3, H, W], base tile first."""
+        out = self.image_processor(images=[image], return_tensors="np")
+        pixels = np.asarray(out["pixel_values"][0], dtype=np.float32)
+        if pixels.ndim == 3:  # one tile, no tile axis
+            pixels = pixels[None]
+        return np.ascontiguousarray(pixels[:1] if base_only else pixels)
+
+    def num_tokens(self, height: int, width: int, base_only: bool) -> int:
+        """How many placeholder tokens an image of this original size becomes."""
+        raise NotImplementedError
+
+    # -- model side -----------------------------------------------------------------------
+
+    @classmethod
+    def encode(cls, model, pixels: list[torch.Tensor], sizes: list[tuple[int, int]], base_only: list[bool]):
+        """Projected, packed features [tokens, hidden] per image (model side: needs only the
+        model, whose config says all the rest)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def tile_features(model, pixels: torch.Tensor) -> torch.Tensor:
+        """Projected features [tiles, patches, hidden] of a stack of tiles, selected as the model's
+        own `get_image_features` selects them (feature layer(s), CLS dropped for "default")."""
+        config = model.config
+        out = model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+        layer = config.vision_feature_layer
+        if isinstance(layer, int):
+            hidden = out.hidden_states[layer]
+        else:
+            hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        if config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        return model.model.multi_modal_projector(hidden)
