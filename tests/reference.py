@@ -32,3 +32,76 @@ def image_request(url: str, question: str = "What is in this image?", **params) 
         ],
         **params,
     }
+
+
+def family_greedy(
+    path: str, model, messages: list[dict], pil_images: list, max_tokens: int, detail: str | None = None
+) -> tuple[str, int]:
+    """`family`'s oracle: (completion text, prompt tokens) from `model.generate(do_sample=False)`
+    for any supported architecture, from transformers' own pieces.
+
+    LLaVA-NeXT at full detail goes through its processor whole. OneVision's processor cannot be
+    built without torchvision, so its two halves are used: the image processor for the tiles and
+    the processor's counting code (bound in the adapter) for the placeholders; the model gets
+    `batch_num_images` as the processor would give it. LLaVA-NeXT at detail "low" has no
+    transformers equivalent: its base tile goes through the model's own vision tower, projector
+    and `pack_image_features` (the one-tile branch), and `generate` takes the embeddings."""
+    from transformers import AutoProcessor
+
+    from llava_serve.models import load_adapter
+
+    adapter = load_adapter(path)
+    msgs = [ChatMessage.model_validate(m) for m in messages]
+    text = PromptBuilder(adapter, 10**6).render(to_template_messages(msgs))
+    kind = model.config.model_type
+    if kind in ("llava", "llava_next") and detail != "low":
+        processor = AutoProcessor.from_pretrained(path)
+        inputs = processor(text=text, images=pil_images or None, return_tensors="pt")
+        return _generate(adapter, model, inputs, max_tokens)
+    pixels = adapter.image_processor(images=pil_images, return_tensors="pt") if pil_images else {}
+    sizes = [(im.height, im.width) for im in pil_images]
+    base_only = adapter.base_only(detail, len(pil_images))
+    parts = text.split(adapter.image_token)
+    expanded = parts[0] + "".join(
+        adapter.image_token * adapter.num_tokens(h, w, base_only) + rest
+        for (h, w), rest in zip(sizes, parts[1:], strict=True)
+    )
+    inputs = adapter.tokenizer(expanded, return_tensors="pt")
+    if kind == "llava_onevision":
+        if pil_images:
+            inputs["pixel_values"] = pixels["pixel_values"]
+            inputs["image_sizes"] = pixels["image_sizes"]
+            inputs["batch_num_images"] = torch.tensor([len(pil_images)])
+        return _generate(adapter, model, inputs, max_tokens)
+    with torch.no_grad():  # LLaVA-NeXT, base tile only
+        ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(ids)
+        if pil_images:
+            hidden = model.model.vision_tower(
+                pixels["pixel_values"][:, 0], output_hidden_states=True
+            ).hidden_states[model.config.vision_feature_layer]
+            if model.config.vision_feature_select_strategy == "default":
+                hidden = hidden[:, 1:]
+            tiles = model.model.multi_modal_projector(hidden)
+            packed, _ = model.model.pack_image_features(
+                [t[None] for t in tiles],
+                torch.tensor(sizes),
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                image_newline=model.model.image_newline,
+            )
+            slots = (ids == model.config.image_token_id)[..., None]
+            embeds = embeds.masked_scatter(slots, torch.cat(packed).to(embeds.dtype))
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=inputs["attention_mask"],
+            max_new_tokens=max_tokens,
+            do_sample=False,
+        )
+    return adapter.tokenizer.decode(out[0], skip_special_tokens=True), ids.shape[1]
+
+
+def _generate(adapter, model, inputs, max_tokens: int) -> tuple[str, int]:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    n = inputs["input_ids"].shape[1]
+    return adapter.tokenizer.decode(out[0, n:], skip_special_tokens=True), n

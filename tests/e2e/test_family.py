@@ -1,0 +1,155 @@
+"""LLaVA-NeXT and LLaVA-OneVision served end to end: greedy answers over HTTP (streamed and not)
+and through handles equal `transformers`' own `generate` on the same checkpoint, chat template and
+images, for images of every shape, several images, images in two turns, all in one mixed batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import torch
+from ray import serve
+
+from deployments.app import build
+from llava_serve import tiny
+from llava_serve.config import AppConfig
+from llava_serve.models import load_adapter
+from tests.conftest import data_uri, random_image
+from tests.e2e.conftest import app_config
+from tests.reference import family_greedy
+
+ARCHS = {"next": "llava_next", "onevision": "llava_onevision"}
+SIZES = {"wide": (120, 30), "tall": (24, 100), "tiny": (6, 6), "over one tile": (90, 70), "small": (40, 30)}
+MAX_TOKENS = 8
+
+
+@dataclass
+class Served:
+    name: str
+    url: str
+    path: str
+    model: object
+
+
+@pytest.fixture(scope="module")
+def family(serve_url, tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    served = {}
+    for name, arch in ARCHS.items():
+        path = str(tiny.ensure("tiny", root, arch=arch))
+        config = app_config(path).model_dump()
+        config["model"]["served_name"] = f"tiny-{name}"
+        config["llava_model"]["num_cpus"] = 0.3
+        serve.run(build(AppConfig.model_validate(config)), name=name, route_prefix=f"/{name}")
+        adapter = load_adapter(path)
+        served[name] = Served(
+            name, f"{serve_url}/{name}", path, adapter.load_model(path, torch.float32).eval()
+        )
+    yield served
+    for name in ARCHS:
+        serve.delete(name)
+
+
+def image_part(image, detail: str | None = None) -> dict:
+    url = {"url": data_uri(image)} | ({"detail": detail} if detail else {})
+    return {"type": "image_url", "image_url": url}
+
+
+def cases() -> dict[str, tuple[list[dict], list]]:
+    """name -> (messages, the images in prompt order)."""
+    out = {}
+    for i, (label, size) in enumerate(SIZES.items()):
+        image = random_image(20 + i, size)
+        out[label] = (
+            [{"role": "user", "content": [image_part(image), {"type": "text", "text": "What is it?"}]}],
+            [image],
+        )
+    a, b = random_image(30, (50, 30)), random_image(31, (30, 50))
+    out["two images"] = (
+        [{"role": "user", "content": [image_part(a), {"type": "text", "text": "Compare"}, image_part(b)]}],
+        [a, b],
+    )
+    out["two turns"] = (
+        [
+            {"role": "user", "content": [image_part(a), {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": "A pattern."},
+            {"role": "user", "content": [image_part(b), {"type": "text", "text": "And this one?"}]},
+        ],
+        [a, b],
+    )
+    return out
+
+
+async def http_answer(client: httpx.AsyncClient, url: str, body: dict) -> tuple[str, int]:
+    if not body.get("stream"):
+        r = await client.post(f"{url}/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["prompt_tokens"]
+    text, usage = [], None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                if chunk["choices"]:
+                    text.append(chunk["choices"][0]["delta"].get("content") or "")
+    return "".join(text), usage["prompt_tokens"]
+
+
+async def handle_answer(app: str, body: dict) -> tuple[str, int]:
+    out = await serve.get_app_handle(app).chat.remote(body)
+    return out["choices"][0]["message"]["content"], out["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+async def test_every_shape_and_conversation_equals_transformers_in_one_mixed_batch(family, name):
+    served = family[name]
+    calls, expected = [], []
+    async with httpx.AsyncClient(timeout=120) as client:
+        for label, (messages, pictures) in cases().items():
+            reference = family_greedy(served.path, served.model, messages, pictures, MAX_TOKENS)
+            body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
+            streamed = body | {"stream": True, "stream_options": {"include_usage": True}}
+            for how, call in [
+                ("http", http_answer(client, served.url, body)),
+                ("http stream", http_answer(client, served.url, streamed)),
+                ("handle", handle_answer(name, body)),
+            ]:
+                calls.append(call)
+                expected.append((label, how, reference))
+        answers = await asyncio.gather(*calls)
+    for (label, how, reference), answer in zip(expected, answers, strict=True):
+        assert answer == reference, (label, how)
+
+
+async def test_next_detail_low_is_one_tile_and_fewer_tokens(family):
+    served = family["next"]
+    image = random_image(40, (90, 70))  # a 2x2 grid plus the base tile at full detail
+    answers = {}
+    async with httpx.AsyncClient(timeout=60) as client:
+        for detail in ("low", "high", "auto"):
+            messages = [
+                {"role": "user", "content": [image_part(image, detail), {"type": "text", "text": "Hi"}]}
+            ]
+            body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
+            answers[detail] = await http_answer(client, served.url, body)
+            reference = family_greedy(served.path, served.model, messages, [image], MAX_TOKENS, detail)
+            assert answers[detail] == reference, detail
+    assert answers["low"][1] < answers["high"][1] == answers["auto"][1]
+
+
+def test_the_tokenizer_deployment_never_receives_pixels(family):
+    served = family["next"]
+    image = random_image(41, (90, 70))
+    body = {"messages": [{"role": "user", "content": [image_part(image), {"type": "text", "text": "Hi"}]}]}
+    r = httpx.post(f"{served.url}/v1/chat/completions", json=body | {"max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+    tiles = load_adapter(served.path).preprocess(image, base_only=False)
+    received = (
+        serve.get_deployment_handle("PromptTokenizer", "next").stats.remote().result()["last_call_bytes"]
+    )
+    assert 0 < received < 2048 < tiles.nbytes  # the call carried text and counts; the tiles alone are 61 kB
