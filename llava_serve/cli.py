@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("dir")
     make.add_argument("--preset", choices=sorted(tiny.PRESETS), default="tiny")
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument(
+        "--arch", choices=tiny.ARCHS, default="llava", help="architecture (default: llava, 1.5)"
+    )
     _add_serve(sub)
     return parser
 
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "make-tiny-model":
-        print(tiny.build(args.dir, args.preset, args.seed))
+        print(tiny.build(args.dir, args.preset, args.seed, args.arch))
     elif args.command == "serve":
         from deployments.launch import serve_until_interrupted  # Ray is imported only here
 

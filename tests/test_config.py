@@ -20,7 +20,14 @@ def _app_args(path: Path) -> dict:
     return app.args
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/llava-1.5-7b.yaml"])
+CONFIGS = [
+    "configs/llava-1.5-7b.yaml",
+    "configs/llava-v1.6-mistral-7b.yaml",
+    "configs/llava-onevision-qwen2-7b.yaml",
+]
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", *CONFIGS])
 def test_shipped_configs_validate_and_build(path):
     config = AppConfig.model_validate(_app_args(ROOT / path))
     ingress = build(config)._bound_deployment  # binds deployments; nothing loads until replicas start
@@ -33,10 +40,18 @@ def test_shipped_configs_validate_and_build(path):
         assert bound[name].max_ongoing_requests == options.max_ongoing_requests
 
 
-def test_gpu_example_pins_the_model_to_a_gpu_in_fp16():
-    config = AppConfig.model_validate(_app_args(ROOT / "configs/llava-1.5-7b.yaml"))
-    assert config.model.name == "llava-hf/llava-1.5-7b-hf"
-    assert config.model.dtype == "float16"
+@pytest.mark.parametrize(
+    ("path", "checkpoint"),
+    [
+        (CONFIGS[0], "llava-hf/llava-1.5-7b-hf"),
+        (CONFIGS[1], "llava-hf/llava-v1.6-mistral-7b-hf"),
+        (CONFIGS[2], "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
+    ],
+)
+def test_gpu_examples_pin_the_model_to_a_gpu_in_fp16(path, checkpoint):
+    config = AppConfig.model_validate(_app_args(ROOT / path))
+    assert config.model.name == checkpoint
+    assert config.model.dtype == "float16" and config.model.device == "cuda"
     opts = config.llava_model.to_serve_options()
     assert opts["ray_actor_options"]["num_gpus"] == 1
     assert config.image_preprocessor.to_serve_options()["ray_actor_options"]["num_gpus"] == 0

@@ -81,3 +81,17 @@ def test_pillows_process_wide_bomb_limit_is_left_alone():
     """The pixel limit is ours, enforced where we decode (`images` is imported above); other code
     in the process keeps Pillow's own."""
     assert Image.MAX_IMAGE_PIXELS == (1024 * 1024 * 1024 // 4 // 3)
+
+
+def test_detail_changes_the_tiles_the_count_and_the_cache_key(tmp_path):
+    from llava_serve import tiny
+    from llava_serve.models import load_adapter
+
+    adapter = load_adapter(str(tiny.ensure("tiny", tmp_path, arch="llava_next")))
+    data = encode(random_image(4, (90, 70)))
+    high = images.prepare(data, adapter, LIMITS, base_only=False)
+    low = images.prepare(data, adapter, LIMITS, base_only=True)
+    assert high.pixel_values.shape[0] == 5 and low.pixel_values.shape[0] == 1  # base + 2x2 / base
+    assert np.array_equal(low.pixel_values[0], high.pixel_values[0])  # the same base tile...
+    assert low.content_hash != high.content_hash  # ...encoded differently, so cached apart
+    assert low.num_tokens < high.num_tokens
