@@ -39,11 +39,11 @@ class HandleBackend:
         self.tokenizer = tokenizer
         self.model = model.options(stream=True, method_name="generate")
 
-    def prepare_image(self, source, param, detail, num_images):
-        return self.preprocessor.remote(source, param, detail, num_images)
+    def prepare_image(self, source, num_images):
+        return self.preprocessor.remote(source.url, source.param, source.detail, num_images, source.kind)
 
-    def tokenize(self, messages, max_tokens, image_tokens):
-        return self.tokenizer.remote(messages, max_tokens, image_tokens)
+    def tokenize(self, messages, max_tokens, media_tokens):
+        return self.tokenizer.remote(messages, max_tokens, media_tokens)
 
     def generate(self, prompt, params, images):
         return self.model.remote(prompt, params, *images)

@@ -30,28 +30,39 @@ class ImagePreprocessor:
         self.limits = config.images
         self.adapter = checkpoint.load_adapter(config.model)
         self.fetcher = ImageFetcher(self.limits)
+        self.video_fetcher = ImageFetcher(self.limits.for_video())
         self.metrics = FetchMetrics()
         # As many decoding threads as the replica has CPUs: more would only contend and hold memory.
         threads = max(1, math.ceil(config.image_preprocessor.num_cpus))
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
     async def __call__(
-        self, source: str, param: str | None = None, detail: str | None = None, num_images: int = 1
+        self,
+        source: str,
+        param: str | None = None,
+        detail: str | None = None,
+        num_images: int = 1,
+        kind: str = "image",
     ) -> PreparedImage:
         """The image's tiles, size and token count; the tiles go into the object store and travel
         to the model replica as a reference, so the ingress only ever holds their address."""
         start, data = time.monotonic(), None
         try:
-            data = await self.fetcher.fetch(source, param)
+            data = await (self.fetcher if kind == "image" else self.video_fetcher).fetch(source, param)
         finally:
             size = None if data is None else len(data)
             self.metrics.record(source_kind(source), time.monotonic() - start, size)
         fetched = time.monotonic()
         loop = asyncio.get_running_loop()
-        base_only = self.adapter.base_only(detail, num_images)
-        prepared = await loop.run_in_executor(
-            self.executor, images.prepare, data, self.adapter, self.limits, param, base_only
-        )
+        if kind == "video":
+            prepared = await loop.run_in_executor(
+                self.executor, images.prepare_video, data, self.adapter, self.limits, param
+            )
+        else:
+            base_only = self.adapter.base_only(detail, num_images)
+            prepared = await loop.run_in_executor(
+                self.executor, images.prepare, data, self.adapter, self.limits, param, base_only
+            )
         return dataclasses.replace(
             prepared,
             pixel_values=ray.put(prepared.pixel_values),
@@ -81,12 +92,12 @@ class PromptTokenizer:
         self.last_call_bytes = 0
 
     async def __call__(
-        self, messages: list[TemplateMessage], max_tokens: int, image_tokens: list[int]
+        self, messages: list[TemplateMessage], max_tokens: int, media_tokens: list[int]
     ) -> PromptInputs:
         start = time.monotonic()
         # What a call carries, for `stats()`: text and counts, a few hundred bytes, never pixels.
-        self.last_call_bytes = len(pickle.dumps((messages, max_tokens, image_tokens)))
-        prompt = await asyncio.to_thread(self.builder.build, messages, max_tokens, image_tokens)
+        self.last_call_bytes = len(pickle.dumps((messages, max_tokens, media_tokens)))
+        prompt = await asyncio.to_thread(self.builder.build, messages, max_tokens, media_tokens)
         return dataclasses.replace(prompt, tokenize_s=time.monotonic() - start)
 
     def stats(self) -> dict:

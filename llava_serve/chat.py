@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from llava_serve.config import AppConfig
 from llava_serve.errors import EngineError, InvalidRequest, ModelNotFound, Unavailable, unwrap
 from llava_serve.fetch import check_data_uri
-from llava_serve.prompts import TemplateMessage, image_sources, to_template_messages
+from llava_serve.prompts import MediaSource, TemplateMessage, image_sources, to_template_messages
 from llava_serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -54,8 +54,8 @@ class Backend(Protocol):
     unresolved. `generate` streams `ACCEPTED` first, once the engine has queued the request,
     then the request's outputs."""
 
-    def prepare_image(self, source: str, param: str, detail: str | None, num_images: int) -> Any: ...
-    def tokenize(self, messages: list[TemplateMessage], max_tokens: int, image_tokens: list[int]) -> Any: ...
+    def prepare_image(self, source: MediaSource, num_images: int) -> Any: ...
+    def tokenize(self, messages: list[TemplateMessage], max_tokens: int, media_tokens: list[int]) -> Any: ...
     def generate(
         self, prompt: Any, params: SamplingParams, images: list[Any]
     ) -> AsyncIterator[StepOutput]: ...
@@ -126,7 +126,7 @@ class ChatService:
             )
         sources = image_sources(request.messages)
         if record is not None:
-            record.image_sources = [source_kind(url) for url, _, _ in sources]
+            record.image_sources = [source_kind(s.url) for s in sources]
         limit = self.config.images.max_images_per_request
         if len(sources) > limit:
             raise InvalidRequest(f"request has {len(sources)} images; the limit is {limit}", "messages")
@@ -146,15 +146,14 @@ class ChatService:
             logit_bias=request.logit_bias,
             output=output_format(request),
         )
-        for url, param, _ in sources:
-            if url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
-                check_data_uri(url, self.config.images, param)
+        for source in sources:
+            if source.url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
+                limits = self.config.images if source.kind == "image" else self.config.images.for_video()
+                check_data_uri(source.url, limits, source.param)
         # Every fetch starts at once; how many tokens each image becomes (its size and detail
         # decide, on anyres models) is known when it is preprocessed, and the prompt is
         # tokenized as soon as all are. The tokenizer gets the text and those counts, never pixels.
-        pending = [
-            self.backend.prepare_image(url, param, detail, len(sources)) for url, param, detail in sources
-        ]
+        pending = [self.backend.prepare_image(source, len(sources)) for source in sources]
         try:
             images = list(await asyncio.gather(*pending)) if pending else []
         except Exception as e:

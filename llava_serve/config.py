@@ -56,7 +56,16 @@ class ImageConfig(_Strict):
         le=89_478_485,
         description="Decoded width*height per image; stops decompression bombs.",
     )
-    max_images_per_request: int = Field(4, ge=0, description="Images across all messages of one request.")
+    max_images_per_request: int = Field(
+        4, ge=0, description="Images and videos across all messages of one request."
+    )
+    max_video_bytes: int = Field(
+        50 * MiB, gt=0, description="Encoded bytes per video (video_url parts; OneVision checkpoints)."
+    )
+    max_video_seconds: float = Field(120.0, gt=0, description="Longest video accepted, by its container.")
+    max_video_frames: int = Field(
+        8, gt=0, description="Frames sampled uniformly from a video; each costs ~tokens of a quarter tile."
+    )
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0, description="Longest silence between two reads.")
     total_timeout_s: float = Field(20.0, gt=0, description="Whole fetch, so a slow drip cannot hold a slot.")
@@ -81,6 +90,10 @@ class ImageConfig(_Strict):
         description="PEM file of the CAs trusted for https image fetches, e.g. an internal CDN's "
         "private CA; default: the certifi bundle.",
     )
+
+    def for_video(self) -> ImageConfig:
+        """The same limits with the byte ceiling of a video."""
+        return self.model_copy(update={"max_bytes": self.max_video_bytes})
 
     @field_validator("allowed_formats")
     @classmethod

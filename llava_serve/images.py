@@ -19,8 +19,8 @@ from llava_serve.errors import ImageError
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """Model-ready tiles, what the prompt needs to know of them, and the hash that keys the
-    engine's vision cache."""
+    """Model-ready tiles (or a video's frames), what the prompt needs to know of them, and the
+    hash that keys the engine's vision cache."""
 
     # float32 [tiles, 3, H, W], base tile first. Between deployments, a reference to them in the
     # object store (so the ingress and the tokenizer never hold pixels); the model resolves it.
@@ -29,6 +29,7 @@ class PreparedImage:
     size: tuple[int, int] = (0, 0)  # the original (height, width): anyres packing needs it
     num_tokens: int = 0  # placeholder tokens this image becomes in the prompt
     base_only: bool = False  # reduced to its base tile (detail low; OneVision's multi-image rule)
+    kind: str = "image"  # or "video": then `pixel_values` are its sampled frames
     # Seconds this image spent being fetched and decoded + preprocessed (filled by the preprocessor).
     fetch_s: float = 0.0
     preprocess_s: float = 0.0
@@ -77,11 +78,11 @@ def decode(data: bytes, limits: ImageConfig, param: str | None = None) -> Image.
     return to_rgb(image)
 
 
-def content_hash(pixel_values: np.ndarray, base_only: bool = False) -> str:
+def content_hash(pixel_values: np.ndarray, base_only: bool = False, kind: str = "image") -> str:
     """Hash of the preprocessed tiles and their encoding: equal images share vision-tower output
     whatever their file format, and the same image at another detail does not."""
     digest = hashlib.blake2b(pixel_values.tobytes(), digest_size=16)
-    digest.update(repr((pixel_values.shape, base_only)).encode())
+    digest.update(repr((pixel_values.shape, base_only, kind)).encode())
     return digest.hexdigest()
 
 
@@ -99,4 +100,23 @@ def prepare(
         (height, width),
         adapter.num_tokens(height, width, base_only),
         base_only,
+    )
+
+
+def prepare_video(data: bytes, adapter, limits: ImageConfig, param: str | None = None) -> PreparedImage:
+    """Bytes of a video in, its sampled frames preprocessed and their token count out."""
+    from llava_serve import video
+
+    if not adapter.takes_video:
+        raise ImageError("this model does not take video (video_url parts)", param, "video_not_supported")
+    frames = video.decode(data, limits, param)
+    pixels = adapter.preprocess_video(frames)
+    height, width = frames[0].height, frames[0].width
+    return PreparedImage(
+        pixels,
+        content_hash(pixels, False, "video"),
+        (height, width),
+        adapter.video_tokens(len(frames)),
+        False,
+        "video",
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llava_serve.errors import ContextLengthExceeded, InvalidRequest
-from llava_serve.protocol import ChatMessage, ImagePart
+from llava_serve.protocol import ChatMessage, ImagePart, VideoPart
 
 # A template message: {"role": ..., "content": [{"type": "text", "text": ...} | {"type": "image"}]}.
 # The shape chat templates expect, and all the tokenizer needs: it never sees image bytes.
@@ -39,14 +39,29 @@ class PromptInputs:
     tokenize_s: float = 0.0  # filled by the tokenizer deployment
 
 
-def image_sources(messages: list[ChatMessage]) -> list[tuple[str, str, str | None]]:
-    """(url, request field, detail) of every image part, in the order the prompt places them."""
-    return [
-        (part.image_url.url, f"messages[{i}].content[{j}].image_url.url", part.image_url.detail)
-        for i, message in enumerate(messages)
-        for j, part in enumerate(message.parts())
-        if isinstance(part, ImagePart)
-    ]
+@dataclass(frozen=True)
+class MediaSource:
+    """An image or video part: where to get it, the request field to name in errors, its kind."""
+
+    url: str
+    param: str
+    kind: str = "image"  # or "video"
+    detail: str | None = None
+
+
+def image_sources(messages: list[ChatMessage]) -> list[MediaSource]:
+    """Every image and video part, in the order the prompt places them."""
+    out = []
+    for i, message in enumerate(messages):
+        for j, part in enumerate(message.parts()):
+            if isinstance(part, ImagePart):
+                where = f"messages[{i}].content[{j}].image_url.url"
+                out.append(MediaSource(part.image_url.url, where, "image", part.image_url.detail))
+            elif isinstance(part, VideoPart):
+                out.append(
+                    MediaSource(part.video_url.url, f"messages[{i}].content[{j}].video_url.url", "video")
+                )
+    return out
 
 
 def to_template_messages(messages: list[ChatMessage]) -> list[TemplateMessage]:
@@ -54,7 +69,11 @@ def to_template_messages(messages: list[ChatMessage]) -> list[TemplateMessage]:
     out = []
     for message in messages:
         content = [
-            {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
+            {"type": "image"}
+            if isinstance(part, ImagePart)
+            else {"type": "video"}
+            if isinstance(part, VideoPart)
+            else {"type": "text", "text": part.text}
             for part in message.parts()
         ]
         out.append({"role": message.role, "content": content})
@@ -91,12 +110,17 @@ class PromptBuilder:
         self.tokenizer = source.tokenizer
         self.image_token = source.image_token
         self.image_token_id = source.image_token_id
+        # Checkpoints that take video (OneVision) have a second placeholder.
+        self.video_token = getattr(source, "video_token", None)
+        self.video_token_id = getattr(source, "video_token_id", None)
         self.chat_template = source.chat_template
         self.context_length = context_length
         self._first, self._rest = _plain_text_tokenizers(self.tokenizer)
         specials = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
         specials |= {str(t): i for i, t in self.tokenizer.added_tokens_decoder.items()}
         specials[self.image_token] = self.image_token_id
+        if self.video_token is not None:
+            specials[self.video_token] = self.video_token_id
         self._special_ids = specials
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
         # What the tokenizer adds around a sequence itself (a BOS for Llama, nothing for Qwen2).
@@ -116,12 +140,14 @@ class PromptBuilder:
             raise InvalidRequest(f"the chat template cannot render these messages: {e}", "messages") from e
 
     def build(
-        self, messages: list[TemplateMessage], max_tokens: int, image_tokens: list[int]
+        self, messages: list[TemplateMessage], max_tokens: int, media_tokens: list[int]
     ) -> PromptInputs:
-        """Token ids for `messages`, each image's placeholder expanded to its count in
-        `image_tokens` (from its adapter), checked to leave room for `max_tokens` of output."""
+        """Token ids for `messages`, each image's or video's placeholder expanded to its count in
+        `media_tokens` (in the order of the parts; from its adapter), checked to leave room for
+        `max_tokens` of output."""
         texts: list[str] = []
         marked = []
+        kinds = []
         for message in messages:
             content = []
             for part in message["content"]:
@@ -129,30 +155,45 @@ class PromptBuilder:
                     content.append({"type": "text", "text": _MARKER.format(len(texts))})
                     texts.append(part["text"])
                 else:
+                    kinds.append(part["type"])
                     content.append(part)
             marked.append({**message, "content": content})
-        expected = sum(part["type"] == "image" for m in messages for part in m["content"])
-        if len(image_tokens) != expected:
-            raise InvalidRequest(f"{expected} images in the messages but {len(image_tokens)} token counts")
-        ids, num_images = self._tokenize(self.render(marked), texts, image_tokens)
-        if num_images != expected:
+        if len(media_tokens) != len(kinds):
             raise InvalidRequest(
-                f"the chat template placed {num_images} images but the messages carry {expected}; "
+                f"{len(kinds)} images and videos in the messages but {len(media_tokens)} token counts"
+            )
+        if "video" in kinds and self.video_token is None:
+            raise InvalidRequest("this model does not take video (video_url parts)", "messages")
+        counts = {
+            kind: [n for k, n in zip(kinds, media_tokens, strict=True) if k == kind]
+            for kind in ("image", "video")
+        }
+        ids, placed = self._tokenize(self.render(marked), texts, counts)
+        if placed != len(kinds):
+            raise InvalidRequest(
+                f"the chat template placed {placed} images and videos but the messages carry {len(kinds)}; "
                 "images are only allowed in user turns",
                 "messages",
             )
         if len(ids) + max_tokens > self.context_length:
             raise ContextLengthExceeded(
-                f"prompt is {len(ids)} tokens (including {sum(image_tokens)} image tokens) "
+                f"prompt is {len(ids)} tokens (including {sum(media_tokens)} image tokens) "
                 f"and max_tokens is {max_tokens}: {len(ids) + max_tokens} is over the model's context "
                 f"length of {self.context_length}"
             )
-        return PromptInputs(ids, num_images)
+        return PromptInputs(ids, placed)
 
-    def _tokenize(self, rendered: str, texts: list[str], image_tokens: list[int]) -> tuple[list[int], int]:
+    def _tokenize(
+        self, rendered: str, texts: list[str], counts: dict[str, list[int]]
+    ) -> tuple[list[int], int]:
         """Ids of a rendering whose text parts are markers: the template's special tokens as
-        themselves (image placeholders expanded), everything else as plain text."""
-        ids, num_images, start = list(self._prefix), 0, 0
+        themselves (placeholders expanded, each kind's in its own order: a template may hoist
+        images before videos), everything else as plain text."""
+        ids, start = list(self._prefix), 0
+        placed = {"image": 0, "video": 0}
+        slots = {self.image_token: ("image", self.image_token_id)}
+        if self.video_token is not None:
+            slots[self.video_token] = ("video", self.video_token_id)
         for match in [*self._special_re.finditer(rendered), None]:
             end = match.start() if match else len(rendered)
             run = _MARKER_RE.sub(lambda m: texts[int(m.group(1))], rendered[start:end])
@@ -161,11 +202,12 @@ class PromptBuilder:
             if match is None:
                 break
             token = match.group()
-            if token == self.image_token:
-                if num_images < len(image_tokens):  # more placeholders than images: refused by build()
-                    ids += [self.image_token_id] * image_tokens[num_images]
-                num_images += 1
+            if token in slots:
+                kind, token_id = slots[token]
+                if placed[kind] < len(counts[kind]):  # more placeholders than media: refused by build()
+                    ids += [token_id] * counts[kind][placed[kind]]
+                placed[kind] += 1
             else:
                 ids.append(self._special_ids[token])
             start = match.end()
-        return ids + self._suffix, num_images
+        return ids + self._suffix, placed["image"] + placed["video"]

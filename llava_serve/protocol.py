@@ -51,7 +51,18 @@ class ImagePart(_Request):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Request):
+    url: str = Field(min_length=1)
+
+
+class VideoPart(_Request):
+    """An extension (vLLM's shape): a clip for models that take video (LLaVA-OneVision)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Request):
@@ -79,7 +90,7 @@ class ChatMessage(_Request):
             raise ValueError(f"Field required: content is required in {role} messages")
         return v
 
-    def parts(self) -> list[TextPart | ImagePart]:
+    def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         if self.content is None:
             return []
         if isinstance(self.content, str):
@@ -248,7 +259,7 @@ class ChatCompletionRequest(_Request):
         users = [m for m in self.messages if m.role == "user"]
         if not users:
             raise ValueError("messages must contain at least one user message")
-        if not any(p.type == "image_url" or p.text.strip() for m in users for p in m.parts()):
+        if not any(p.type != "text" or p.text.strip() for m in users for p in m.parts()):
             raise ValueError("the user messages carry no text and no image: there is nothing to answer")
         return self
 

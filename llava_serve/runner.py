@@ -114,6 +114,7 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype
         self.image_token_id = model.config.image_token_id
+        self.video_token_id = getattr(model.config, "video_token_id", None)
         self.text_config = model.config.get_text_config()
         self.vision_cache = VisionCache(image_cache_bytes)
         self.batch: Batch | None = None
@@ -131,40 +132,53 @@ class ModelRunner:
     # -- vision ---------------------------------------------------------------------------
 
     def encode_images(self, images: list[PreparedImage]) -> list[torch.Tensor]:
-        """Projected features [tokens, hidden] per image; cache misses go through the tower together."""
+        """Projected features [tokens, hidden] per image or video; cache misses go through the
+        tower together (images), or one clip at a time (videos)."""
         found = {im.content_hash: self.vision_cache.get(im.content_hash) for im in images}
         missing = [h for h, v in found.items() if v is None]
         if missing:
             by_hash = {im.content_hash: im for im in images}
-            todo = [by_hash[h] for h in missing]
+            todo = [by_hash[h] for h in missing if by_hash[h].kind == "image"]
             features = self.encoder.encode(
                 self.model,
-                [torch.from_numpy(im.pixel_values).to(self.device, self.dtype) for im in todo],
+                [self._tensor(im) for im in todo],
                 [im.size for im in todo],
                 [im.base_only for im in todo],
             )
-            for h, f in zip(missing, features, strict=True):
-                found[h] = f
-                self.vision_cache.put(h, f)
+            computed = dict(zip([im.content_hash for im in todo], features, strict=True))
+            for h in missing:
+                if by_hash[h].kind == "video":
+                    computed[h] = self.encoder.encode_video(self.model, self._tensor(by_hash[h]))
+            for h in missing:
+                found[h] = computed[h]
+                self.vision_cache.put(h, computed[h])
         return [found[im.content_hash] for im in images]
+
+    def _tensor(self, image: PreparedImage) -> torch.Tensor:
+        return torch.from_numpy(image.pixel_values).to(self.device, self.dtype)
 
     # -- prefill and decode ----------------------------------------------------------------
 
     def _embed(self, input_ids: list[int], images: list[PreparedImage]) -> torch.Tensor:
         ids = torch.tensor(input_ids, device=self.device)
         embeds = self.model.get_input_embeddings()(ids)
-        slots = ids == self.image_token_id
-        features = torch.cat(self.encode_images(images)) if images else embeds[:0]
-        # masked_scatter fills slots from whatever rows it is given; a mismatch would silently
-        # shift every image's features (or read past them), so it fails the request instead.
-        if int(slots.sum()) != features.shape[0]:
-            raise InvalidRequest(
-                f"the prompt has {int(slots.sum())} image positions but its {len(images)} images give "
-                f"{features.shape[0]} feature rows",
-                "messages",
-            )
-        if images:
-            embeds = embeds.masked_scatter(slots[:, None], features.to(embeds.dtype))
+        features = self.encode_images(images) if images else []
+        # Images fill the image slots and videos the video slots, each kind in its own order (a
+        # template may place all of a turn's images before its videos).
+        for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
+            slots = ids == token_id if token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+            rows = [f for f, im in zip(features, images, strict=True) if im.kind == kind]
+            filling = torch.cat(rows) if rows else embeds[:0]
+            # masked_scatter fills slots from whatever rows it is given; a mismatch would silently
+            # shift every image's features (or read past them), so it fails the request instead.
+            if int(slots.sum()) != filling.shape[0]:
+                raise InvalidRequest(
+                    f"the prompt has {int(slots.sum())} {kind} positions but its {len(rows)} {kind}s give "
+                    f"{filling.shape[0]} feature rows",
+                    "messages",
+                )
+            if rows:
+                embeds = embeds.masked_scatter(slots[:, None], filling.to(embeds.dtype))
         return embeds
 
     @torch.inference_mode()

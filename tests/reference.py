@@ -105,3 +105,45 @@ def _generate(adapter, model, inputs, max_tokens: int) -> tuple[str, int]:
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
     n = inputs["input_ids"].shape[1]
     return adapter.tokenizer.decode(out[0, n:], skip_special_tokens=True), n
+
+
+def onevision_video_greedy(
+    path: str, model, messages: list[dict], frames: list, max_tokens: int
+) -> tuple[str, int]:
+    """The oracle for a OneVision request with one video: `frames` (already sampled) resized,
+    rescaled and normalized with transformers' own image transforms (the checkpoint's video
+    processor needs torchvision), the `<video>` placeholder expanded as the processor counts it
+    (frames x pooled patches + one newline), and `generate` given `pixel_values_videos`."""
+    import math
+
+    import numpy as np
+    from transformers.image_transforms import normalize, rescale, resize
+    from transformers.image_utils import ChannelDimension, PILImageResampling
+
+    from llava_serve.models import load_adapter
+
+    adapter = load_adapter(path)
+    cfg = adapter.video_config
+    size = (cfg["size"]["height"], cfg["size"]["width"])
+    pixels = []
+    for frame in frames:
+        array = resize(
+            np.asarray(frame),
+            size,
+            resample=PILImageResampling.BICUBIC,
+            input_data_format=ChannelDimension.LAST,
+        )
+        array = rescale(
+            array.astype(np.float32), cfg["rescale_factor"], input_data_format=ChannelDimension.LAST
+        )
+        array = normalize(array, cfg["image_mean"], cfg["image_std"], input_data_format=ChannelDimension.LAST)
+        pixels.append(array.transpose(2, 0, 1))
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    count = len(frames) * math.ceil(side / 2) ** 2 + 1
+    msgs = [ChatMessage.model_validate(m) for m in messages]
+    text = PromptBuilder(adapter, 10**6).render(to_template_messages(msgs))
+    inputs = adapter.tokenizer(
+        text.replace(adapter.video_token, adapter.video_token * count), return_tensors="pt"
+    )
+    inputs["pixel_values_videos"] = torch.from_numpy(np.stack(pixels)[None].astype(np.float32))
+    return _generate(adapter, model, inputs, max_tokens)

@@ -43,8 +43,8 @@ class LocalBackend:
             raise Unavailable(f"replica died during {stage}")
 
     # Started at once and awaited later, as Serve's DeploymentResponses are.
-    def prepare_image(self, source, param, detail, num_images):
-        return asyncio.ensure_future(self._prepare_image(source, param, detail, num_images))
+    def prepare_image(self, source, num_images):
+        return asyncio.ensure_future(self._prepare_image(source.url, source.param, source.detail, num_images))
 
     def tokenize(self, messages, max_tokens, image_tokens):
         self.tokenized.append(messages)

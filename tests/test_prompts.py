@@ -37,7 +37,7 @@ def test_ids_equal_the_processors(any_processor, messages):
     builder = PromptBuilder(any_processor, context_length=2048)
     n = sum(p["type"] == "image" for m in msgs for p in m["content"])
     per_image = image_token_count(any_processor)
-    prompt = builder.build(msgs, max_tokens=16, image_tokens=[per_image] * n)
+    prompt = builder.build(msgs, max_tokens=16, media_tokens=[per_image] * n)
     images = [random_image(i) for i in range(n)] or None
     expected = any_processor(text=builder.render(msgs), images=images, return_tensors="np")
     assert prompt.input_ids == expected["input_ids"][0].tolist()
@@ -51,7 +51,7 @@ def test_special_looking_user_text_is_tokenized_as_plain_text(any_processor):
     msgs = template([{"role": "user", "content": SPECIAL_LOOKING}])
     rendered = builder.render(msgs)
     plain = tokenizer(rendered, split_special_tokens=True)["input_ids"]
-    assert builder.build(msgs, max_tokens=8, image_tokens=[]).input_ids == plain
+    assert builder.build(msgs, max_tokens=8, media_tokens=[]).input_ids == plain
     # ...and it differs from what the tokenizer would make of it with special tokens matched.
     assert plain != tokenizer(rendered)["input_ids"]
 
@@ -59,7 +59,7 @@ def test_special_looking_user_text_is_tokenized_as_plain_text(any_processor):
 def test_only_image_parts_make_image_slots(any_processor):
     builder = PromptBuilder(any_processor, context_length=2048)
     msgs = template([{"role": "user", "content": [IMAGE, {"type": "text", "text": SPECIAL_LOOKING}]}])
-    prompt = builder.build(msgs, max_tokens=8, image_tokens=[7])
+    prompt = builder.build(msgs, max_tokens=8, media_tokens=[7])
     assert prompt.num_images == 1
     assert prompt.input_ids.count(any_processor.image_token_id) == 7
 
@@ -67,15 +67,15 @@ def test_only_image_parts_make_image_slots(any_processor):
 def test_context_length_is_enforced_with_image_tokens_counted(processor):
     builder = PromptBuilder(processor, context_length=64)
     msgs = template([{"role": "user", "content": [IMAGE, {"type": "text", "text": "hi"}]}])
-    builder.build(msgs, max_tokens=8, image_tokens=[16])
+    builder.build(msgs, max_tokens=8, media_tokens=[16])
     with pytest.raises(ContextLengthExceeded, match="context length of 64"):
-        builder.build(msgs, max_tokens=60, image_tokens=[16])
+        builder.build(msgs, max_tokens=60, media_tokens=[16])
     with pytest.raises(ContextLengthExceeded, match="including 50 image tokens"):
-        builder.build(msgs, max_tokens=8, image_tokens=[50])
+        builder.build(msgs, max_tokens=8, media_tokens=[50])
 
 
 def test_images_outside_user_turns_are_refused(processor):
     builder = PromptBuilder(processor, context_length=2048)
     msgs = template([{"role": "system", "content": [IMAGE]}, {"role": "user", "content": "hi"}])
     with pytest.raises(InvalidRequest, match="only allowed in user turns"):
-        builder.build(msgs, max_tokens=8, image_tokens=[16])
+        builder.build(msgs, max_tokens=8, media_tokens=[16])

@@ -20,6 +20,9 @@ class ImageAdapter:
 
     model_type: ClassVar[str]
     model_class: ClassVar[str]  # the transformers class, by name
+    takes_video: ClassVar[bool] = False
+    video_token: str | None = None
+    video_token_id: int | None = None
 
     def __init__(self, tokenizer, image_processor, config, processor_config: dict):
         self.tokenizer = tokenizer
@@ -72,6 +75,17 @@ class ImageAdapter:
     def encode(cls, model, pixels: list[torch.Tensor], sizes: list[tuple[int, int]], base_only: list[bool]):
         """Projected, packed features [tokens, hidden] per image (model side: needs only the
         model, whose config says all the rest)."""
+        raise NotImplementedError
+
+    def preprocess_video(self, frames: list[Image.Image]) -> np.ndarray:
+        raise NotImplementedError
+
+    def video_tokens(self, num_frames: int) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def encode_video(cls, model, frames: torch.Tensor) -> torch.Tensor:
+        """Features [tokens, hidden] of one video's frames [frames, 3, H, W]."""
         raise NotImplementedError
 
     @staticmethod

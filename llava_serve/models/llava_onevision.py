@@ -4,18 +4,31 @@ base tile only, as OneVision was trained."""
 
 from __future__ import annotations
 
+import math
 import types
 
+import numpy as np
 import torch
+from PIL import Image
 
 from llava_serve.models.base import ImageAdapter
+
+# LlavaOnevisionVideoProcessor's defaults, for checkpoints that ship no video_preprocessor_config.json.
+VIDEO_DEFAULTS = {
+    "size": {"height": 384, "width": 384},
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
 
 
 class LlavaOnevisionAdapter(ImageAdapter):
     model_type = "llava_onevision"
     model_class = "LlavaOnevisionForConditionalGeneration"
+    takes_video = True
 
-    def __init__(self, tokenizer, image_processor, config, processor_config):
+    def __init__(self, tokenizer, image_processor, config, processor_config, video_config=None):
         super().__init__(tokenizer, image_processor, config, processor_config)
         from transformers import LlavaOnevisionProcessor
 
@@ -33,6 +46,54 @@ class LlavaOnevisionAdapter(ImageAdapter):
             LlavaOnevisionProcessor._get_unpadded_features, counter
         )
         self._count = types.MethodType(LlavaOnevisionProcessor._get_number_of_features, counter)
+        self.video_token = processor_config.get("video_token") or "<video>"
+        self.video_token_id = config.video_token_id
+        self.video_config = VIDEO_DEFAULTS | (video_config or {})
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ImageAdapter:
+        import json
+        from pathlib import Path
+
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+        from transformers.utils import cached_file
+
+        from llava_serve.models import processor_config
+
+        file = cached_file(
+            path, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False
+        )
+        return cls(
+            AutoTokenizer.from_pretrained(path),
+            AutoImageProcessor.from_pretrained(path),
+            AutoConfig.from_pretrained(path),
+            processor_config(path),
+            json.loads(Path(file).read_text()) if file else None,
+        )
+
+    def preprocess_video(self, frames):
+        """Each frame resized to the tower's input, rescaled and normalized, as the checkpoint's
+        video processor does (which needs torchvision; this is its arithmetic, with PIL)."""
+        size, cfg = self.video_config["size"], self.video_config
+        mean = np.asarray(cfg["image_mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(cfg["image_std"], dtype=np.float32)[:, None, None]
+        out = []
+        for frame in frames:
+            resized = frame.resize(
+                (size["width"], size["height"]), resample=Image.Resampling(cfg["resample"])
+            )
+            pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) * cfg["rescale_factor"]
+            out.append((pixels - mean) / std)
+        return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+    def video_tokens(self, num_frames: int) -> int:
+        """The processor's count: each frame's patches pooled 2x2, and one image_newline."""
+        side = int(math.sqrt(self.tokens_per_tile))
+        return num_frames * math.ceil(side / 2) ** 2 + 1
+
+    @classmethod
+    def encode_video(cls, model, frames):
+        return model.model.get_video_features(pixel_values_videos=frames[None]).pooler_output[0]
 
     def base_only(self, detail: str | None, num_images: int) -> bool:
         return detail == "low" or num_images > 1

@@ -5,6 +5,7 @@ images, for images of every shape, several images, images in two turns, all in o
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from dataclasses import dataclass
 
@@ -14,12 +15,13 @@ import torch
 from ray import serve
 
 from deployments.app import build
-from llava_serve import tiny
+from llava_serve import tiny, video
 from llava_serve.config import AppConfig
 from llava_serve.models import load_adapter
 from tests.conftest import data_uri, random_image
 from tests.e2e.conftest import app_config
-from tests.reference import family_greedy
+from tests.reference import family_greedy, onevision_video_greedy
+from tests.videos import decoded_frames, make_mp4
 
 ARCHS = {"next": "llava_next", "onevision": "llava_onevision"}
 SIZES = {"wide": (120, 30), "tall": (24, 100), "tiny": (6, 6), "over one tile": (90, 70), "small": (40, 30)}
@@ -153,3 +155,44 @@ def test_the_tokenizer_deployment_never_receives_pixels(family):
         serve.get_deployment_handle("PromptTokenizer", "next").stats.remote().result()["last_call_bytes"]
     )
     assert 0 < received < 2048 < tiles.nbytes  # the call carried text and counts; the tiles alone are 61 kB
+
+
+def video_part(data: bytes) -> dict:
+    return {
+        "type": "video_url",
+        "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()},
+    }
+
+
+async def test_a_onevision_video_equals_transformers(family, config):
+    served = family["onevision"]
+    data = make_mp4(frames=20, size=(64, 48))
+    every = decoded_frames(data)
+    frames = [every[i] for i in video.sample_indices(len(every), config.images.max_video_frames)]
+    messages = [{"role": "user", "content": [video_part(data), {"type": "text", "text": "What happens?"}]}]
+    reference = onevision_video_greedy(served.path, served.model, messages, frames, MAX_TOKENS)
+    body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as client:
+        assert await http_answer(client, served.url, body) == reference
+        assert (
+            await http_answer(
+                client, served.url, body | {"stream": True, "stream_options": {"include_usage": True}}
+            )
+            == reference
+        )
+
+
+@pytest.mark.parametrize(
+    ("app", "data", "says"),
+    [
+        ("onevision", make_mp4(frames=300, fps=2), "over the limit of 120s"),
+        ("onevision", b"not a video at all" * 10, "could not decode video"),
+        ("next", make_mp4(frames=4), "does not take video"),
+    ],
+)
+def test_videos_that_cannot_be_served_are_a_400_naming_the_part(family, app, data, says):
+    body = {"messages": [{"role": "user", "content": [video_part(data), {"type": "text", "text": "Hi"}]}]}
+    r = httpx.post(f"{family[app].url}/v1/chat/completions", json=body | {"max_tokens": 2}, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and says in error["message"], error
+    assert error["param"] in ("messages[0].content[0].video_url.url", "messages")

@@ -1,0 +1,105 @@
+"""Decode a caller's video and sample its frames, within limits; CPU-bound, run off the loop.
+
+Containers FFmpeg reads (MP4, WebM, MKV, MOV, ...) go through PyAV; animated GIF and WebP through
+Pillow. Frames are sampled uniformly over the clip (first and last included), as LLaVA-OneVision's
+own pipeline samples them. A video is checked before its frames are decoded: its container's
+duration, its frame size against `images.max_pixels`, and its frame count (demuxed, not decoded).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from llava_serve.config import ImageConfig
+from llava_serve.errors import ImageError
+from llava_serve.images import to_rgb
+
+_MAX_FRAMES_SCANNED = 100_000  # packets demuxed to count frames: a bound on the work a file can ask for
+
+
+def sample_indices(total: int, wanted: int) -> list[int]:
+    """`wanted` frame indices spread evenly over `total`, first and last included."""
+    if total <= wanted:
+        return list(range(total))
+    return np.linspace(0, total - 1, wanted).round().astype(int).tolist()
+
+
+def decode(data: bytes, limits: ImageConfig, param: str | None = None) -> list[Image.Image]:
+    """Up to `limits.max_video_frames` RGB frames of `data`, sampled uniformly."""
+    if data[:6] in (b"GIF87a", b"GIF89a") or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return _decode_animation(data, limits, param)
+    return _decode_container(data, limits, param)
+
+
+def _decode_container(data: bytes, limits: ImageConfig, param: str | None) -> list[Image.Image]:
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise ImageError("the file has no video stream", param, "not_a_video")
+            stream = container.streams.video[0]
+            seconds = container.duration / av.time_base if container.duration else None
+            if seconds is None and stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            if seconds is None:
+                raise ImageError("the video does not say how long it is", param, "not_a_video")
+            if seconds > limits.max_video_seconds:
+                raise ImageError(
+                    f"video is {seconds:.1f}s long, over the limit of {limits.max_video_seconds:g}s",
+                    param,
+                    "video_too_long",
+                )
+            width, height = stream.codec_context.width, stream.codec_context.height
+            _check_pixels(width, height, limits, param)
+            total = 0
+            for packet in container.demux(stream):
+                total += bool(packet.size)
+                if total > _MAX_FRAMES_SCANNED:
+                    raise ImageError("the video has too many frames", param, "video_too_long")
+            wanted = set(sample_indices(total, limits.max_video_frames))
+            container.seek(0)
+            frames = []
+            for index, frame in enumerate(container.decode(stream)):
+                if index in wanted:
+                    frames.append(frame.to_image())
+                if len(frames) == len(wanted):
+                    break
+    except ImageError:
+        raise
+    except Exception as e:  # PyAV raises many types for corrupt or unknown input; all mean the same
+        raise ImageError(f"could not decode video: {e}", param, "not_a_video") from e
+    if not frames:
+        raise ImageError("the video has no frames", param, "not_a_video")
+    return [to_rgb(f) for f in frames]
+
+
+def _decode_animation(data: bytes, limits: ImageConfig, param: str | None) -> list[Image.Image]:
+    try:
+        image = Image.open(io.BytesIO(data))
+        _check_pixels(*image.size, limits, param)
+        total = getattr(image, "n_frames", 1)
+        if total > _MAX_FRAMES_SCANNED:
+            raise ImageError("the animation has too many frames", param, "video_too_long")
+        frames = []
+        for index in sample_indices(total, limits.max_video_frames):
+            image.seek(index)
+            frames.append(to_rgb(image.copy()))
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(f"could not decode animation: {e}", param, "not_a_video") from e
+    return frames
+
+
+def _check_pixels(width: int, height: int, limits: ImageConfig, param: str | None) -> None:
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"video frames are {width}x{height} = {width * height} pixels, "
+            f"over the limit of {limits.max_pixels}",
+            param,
+            "image_too_large",
+        )
