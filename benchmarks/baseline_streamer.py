@@ -56,7 +56,7 @@ class StreamerModel:
             "attention_mask": torch.ones(1, len(prompt.input_ids), dtype=torch.long, device=device),
         }
         if images:
-            pixels = np.stack([im.pixel_values for im in images])
+            pixels = np.concatenate([im.pixel_values for im in images])  # one tile each (LLaVA-1.5)
             inputs["pixel_values"] = torch.from_numpy(pixels).to(device, self.model.dtype)
         streamer = CountingStreamer(self.processor.tokenizer, skip_prompt=True, timeout=0)
         sampling = (

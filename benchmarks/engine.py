@@ -31,7 +31,7 @@ from PIL import Image
 from benchmarks.report import save
 from llava_serve import checkpoint, images
 from llava_serve.config import AppConfig
-from llava_serve.prompts import PromptBuilder
+from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
 from llava_serve.sampling import SamplingParams
 
@@ -45,15 +45,15 @@ QUESTIONS = [
 
 def make_inputs(config: AppConfig, n: int, max_tokens: int, seed: int = 0):
     """`n` distinct (prompt, image) pairs, preprocessed exactly as the serving path does."""
-    processor = checkpoint.load_processor(config.model)
-    builder = PromptBuilder(processor, checkpoint.context_length(config.model))
+    adapter = checkpoint.load_adapter(config.model)
+    builder = PromptBuilder(adapter, checkpoint.context_length(config.model))
     rng = np.random.RandomState(seed)
     out = []
     for i in range(n):
         pic = Image.fromarray(
             rng.randint(0, 256, (rng.randint(60, 300), rng.randint(60, 300), 3), dtype=np.uint8)
         )
-        prepared = images.prepare(_png(pic), processor.image_processor, config.images)
+        prepared = images.prepare(_png(pic), adapter, config.images)
         msg = ChatMessage(
             role="user",
             content=[
@@ -61,7 +61,7 @@ def make_inputs(config: AppConfig, n: int, max_tokens: int, seed: int = 0):
                 {"type": "text", "text": QUESTIONS[i % 4]},
             ],
         )
-        out.append((builder.build([msg], max_tokens), prepared))
+        out.append((builder.build(to_template_messages([msg]), max_tokens, [prepared.num_tokens]), prepared))
     return out
 
 

@@ -115,7 +115,17 @@ class EngineError(LlavaServeError):
 
 
 # Ray's ways of saying the actor on the other end is gone (matched by name: no Ray import here).
-_RAY_DEATHS = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError"}
+_RAY_DEATHS = {
+    "ActorDiedError",
+    "RayActorError",
+    "ActorUnavailableError",
+    "DeploymentUnavailableError",
+    # An image's tiles live in the object store, owned by the preprocessor replica that made them;
+    # if it died before the model fetched them, the request starts over on a live one.
+    "ObjectLostError",
+    "OwnerDiedError",
+    "ObjectReconstructionFailedError",
+}
 
 
 def unwrap(error: BaseException) -> LlavaServeError:

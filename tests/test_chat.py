@@ -7,6 +7,7 @@ builder, engine), in the roles the Serve deployments play in production.
 import asyncio
 
 import pytest
+import ray
 
 from llava_serve import images
 from llava_serve.admission import Admission
@@ -160,3 +161,15 @@ async def test_health_probe_caches_answers_and_reports_silence():
     probe = HealthProbe(silent, cache_s=0, timeout_s=0.05)
     with pytest.raises(Unavailable, match=r"did not answer within 0\.05s"):
         await probe.check()
+
+
+def test_ray_failures_that_lose_a_request_read_as_unavailable():
+    """Ray's errors are recognised by name (the library imports no Ray); these are the real ones."""
+    from ray.exceptions import ActorDiedError, OwnerDiedError, RayTaskError
+
+    from llava_serve.errors import unwrap
+
+    lost = OwnerDiedError(ray.ObjectRef.from_random().hex(), "owner", "call site")
+    wrapped = RayTaskError("generate", "traceback", lost)
+    assert isinstance(unwrap(wrapped), Unavailable)
+    assert isinstance(unwrap(ActorDiedError()), Unavailable)
