@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import os
@@ -22,6 +23,26 @@ from llava_serve.prompts import PromptBuilder, PromptInputs, TemplateMessage
 from llava_serve.telemetry import source_kind
 
 
+class HeldObjects:
+    """Puts values in the object store and keeps this replica's reference to each for `hold_s`.
+
+    The reference a caller receives inside a returned value is not always counted as a borrow by
+    the time this replica lets go of its own (results travel through Serve's own transport), so
+    the owner keeps every object alive until the model replica has had time to fetch it."""
+
+    def __init__(self, hold_s: float):
+        self.hold_s = hold_s
+        self._held: collections.deque[tuple[float, ray.ObjectRef]] = collections.deque()
+
+    def put(self, value) -> ray.ObjectRef:
+        now = time.monotonic()
+        while self._held and self._held[0][0] < now:
+            self._held.popleft()
+        ref = ray.put(value)
+        self._held.append((now + self.hold_s, ref))
+        return ref
+
+
 @serve.deployment
 class ImagePreprocessor:
     """Fetch, decode and preprocess one image; decoding runs off the event loop."""
@@ -31,6 +52,7 @@ class ImagePreprocessor:
         self.adapter = checkpoint.load_adapter(config.model)
         self.fetcher = ImageFetcher(self.limits)
         self.video_fetcher = ImageFetcher(self.limits.for_video())
+        self.held = HeldObjects(self.limits.pixel_hold_s)
         self.metrics = FetchMetrics()
         # As many decoding threads as the replica has CPUs: more would only contend and hold memory.
         threads = max(1, math.ceil(config.image_preprocessor.num_cpus))
@@ -65,7 +87,7 @@ class ImagePreprocessor:
             )
         return dataclasses.replace(
             prepared,
-            pixel_values=ray.put(prepared.pixel_values),
+            pixel_values=self.held.put(prepared.pixel_values),
             fetch_s=fetched - start,
             preprocess_s=time.monotonic() - fetched,
         )

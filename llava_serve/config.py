@@ -82,6 +82,13 @@ class ImageConfig(_Strict):
         64 * MiB, ge=0, description="Cache of fetched bodies the origin marked cacheable, by URL; 0 disables."
     )
     fetch_cache_max_ttl_s: float = Field(300.0, ge=0, description="Longest a fetched body is reused.")
+    pixel_hold_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a preprocessor keeps the tiles it put in the object store, so the model "
+        "replica can fetch them (it does when the request reaches it); a request later than that "
+        "is retried from the start.",
+    )
     allowed_local_root: str | None = Field(
         None, description="If set, file paths under this directory are accepted as image sources."
     )

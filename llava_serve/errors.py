@@ -125,6 +125,7 @@ _RAY_DEATHS = {
     "ObjectLostError",
     "OwnerDiedError",
     "ObjectReconstructionFailedError",
+    "ReferenceCountingAssertionError",  # the tiles were freed before the model fetched them
 }
 
 
