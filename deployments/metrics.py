@@ -71,6 +71,7 @@ class EngineMetrics:
         self.waiting = metrics.Gauge("llava_waiting_requests", "Requests in the admission queue.")
         self.kv_tokens = metrics.Gauge("llava_kv_tokens_reserved", "KV budget in use: prompt + max_tokens.")
         self.kv_budget = metrics.Gauge("llava_kv_tokens_budget", "The engine's KV token budget.")
+        self.kv_bytes = metrics.Gauge("llava_kv_cache_bytes", "KV cache slots, allocated once at start.")
         self.image_cache = metrics.Counter(
             "llava_image_cache_total", "Vision-embedding cache lookups.", tag_keys=("result",)
         )
@@ -87,6 +88,7 @@ class EngineMetrics:
         self.waiting.set(stats["waiting"])
         self.kv_tokens.set(stats["kv_tokens_reserved"])
         self.kv_budget.set(stats["kv_tokens_budget"])
+        self.kv_bytes.set(stats["kv_cache_bytes"])
         self.image_cache_bytes.set(stats["image_cache_bytes"])
         for key, (counter, result) in _CACHE_COUNTERS.items():
             delta = stats[key] - self._last[key]

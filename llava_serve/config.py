@@ -127,6 +127,12 @@ class EngineConfig(_Strict):
     )
     max_queue: int = Field(256, ge=0, description="Admitted-but-waiting requests; beyond it, 503.")
     image_cache_bytes: int = Field(256 * MiB, ge=0, description="LRU of vision-tower outputs; 0 disables.")
+    kv_cache_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache, allocated once: max_batch_size slots of this many bytes together. "
+        "Unset: every slot holds the model's whole context.",
+    )
     grammar_cache_size: int = Field(
         256, gt=0, description="Compiled output grammars (response_format schemas, tool calls) kept, LRU."
     )

@@ -23,6 +23,7 @@ from llava_serve.config import EngineConfig, ModelConfig
 from llava_serve.detok import TokenBytes
 from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded, Unavailable
 from llava_serve.images import PreparedImage
+from llava_serve.kvcache import SlotKV
 from llava_serve.runner import ModelRunner
 from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import Sequence, StepOutput
@@ -72,7 +73,13 @@ class Engine:
         weights = checkpoint.load_model(model, adapter)
         eos = weights.generation_config.eos_token_id
         eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
-        return cls(ModelRunner(weights, config.image_cache_bytes), adapter.tokenizer, eos_ids, config)
+        max_len = None
+        if config.kv_cache_bytes is not None:
+            per_token = SlotKV.bytes_per_token(weights.config, weights.dtype)
+            max_len = max(1, config.kv_cache_bytes // (config.max_batch_size * per_token))
+            max_len = min(max_len, weights.config.get_text_config().max_position_embeddings)
+        runner = ModelRunner(weights, config.image_cache_bytes, config.max_batch_size, max_len)
+        return cls(runner, adapter.tokenizer, eos_ids, config)
 
     # -- public API (event loop) -------------------------------------------------------------
 
@@ -91,6 +98,8 @@ class Engine:
             "waiting": self.num_waiting,
             "kv_tokens_reserved": sum(s.kv_budget for s in self._running.values()),
             "kv_tokens_budget": self.config.max_batch_tokens,
+            "kv_cache_bytes": self.runner.kv.nbytes,
+            "kv_slot_tokens": self.runner.kv.max_len,
             "steps": self.steps,
             "cancelled": self.cancelled,
             "image_cache_hits": cache.hits,
@@ -129,6 +138,12 @@ class Engine:
             input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device, grammar
         )
         seq.stages.update(stages or {})
+        if seq.kv_budget > self.runner.kv.max_len:
+            raise InvalidRequest(
+                f"prompt ({len(input_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"{self.runner.kv.max_len} tokens of a KV slot (engine.kv_cache_bytes)",
+                "max_tokens",
+            )
         if seq.kv_budget > self.config.max_batch_tokens:
             raise InvalidRequest(
                 f"prompt ({len(input_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "

@@ -1,8 +1,8 @@
-"""The model and the running batch's KV cache. Only the engine's executor thread calls in here.
+"""The model and the running batch. Only the engine's executor thread calls in here.
 
-The batch is a left-padded `DynamicCache`: row i holds one request's keys and values, padding
-columns are masked, and each row has its own next position, so a request's positions are the
-same as if it ran alone. Rows join after a batched prefill and leave at step boundaries.
+The batch lives in `SlotKV`: row i is KV slot i, written in place at its own length, with its own
+positions, so a request computes what it would alone. Rows join after a batched prefill (into
+the next free slots) and leave at step boundaries (their slots given back).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
-from llava_serve.errors import InvalidRequest
+from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.images import PreparedImage
+from llava_serve.kvcache import SlotKV, WritePlan
 
 
 class VisionCache:
@@ -49,64 +49,21 @@ class VisionCache:
             self.bytes -= old.numel() * old.element_size()
 
 
-def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]  # F.pad lists dims last-first
-    return F.pad(t, pad)
-
-
 @dataclass
 class Batch:
-    """The running rows: their cache, padding mask [B, S], next positions [B] and last tokens [B]."""
+    """The running rows, in slot order (row i is slot i): their ids, lengths (tokens in the cache)
+    and last sampled tokens (the next step's inputs)."""
 
     seq_ids: list[int]
-    cache: DynamicCache
-    mask: torch.Tensor
-    positions: torch.Tensor
+    lengths: torch.Tensor
     last_tokens: torch.Tensor
-
-    def merge(self, other: Batch) -> None:
-        """Append `other`'s rows. Every new tensor is built before any is assigned, so a failure
-        (out of memory, say) leaves this batch as it was: rows join all at once or not at all."""
-        length = max(self.mask.shape[1], other.mask.shape[1])
-
-        def joined(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-            return torch.cat([_left_pad(a, length, dim), _left_pad(b, length, dim)])
-
-        layers = [
-            (joined(mine.keys, theirs.keys, 2), joined(mine.values, theirs.values, 2))
-            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True)
-        ]
-        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
-            layer.keys, layer.values = keys, values
-        self.mask = joined(self.mask, other.mask, 1)
-        self.positions = torch.cat([self.positions, other.positions])
-        self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
-        self.seq_ids += other.seq_ids
-
-    def keep(self, seq_ids: set[int]) -> None:
-        """Drop every row not in `seq_ids`, then trim columns that are padding in every row left."""
-        rows = [i for i, s in enumerate(self.seq_ids) if s in seq_ids]
-        if len(rows) == len(self.seq_ids):
-            return  # called twice every step; indexing would copy the whole cache for nothing
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        start = int(self.mask[index].any(0).nonzero()[0]) if rows else 0
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        self.mask = self.mask[index, start:]
-        self.positions = self.positions[index]
-        self.last_tokens = self.last_tokens[index]
-        self.seq_ids = [self.seq_ids[i] for i in rows]
 
 
 class ModelRunner:
     """Runs batched forward passes of a LLaVA-family model; images are encoded by the adapter
     of its architecture (`llava_serve.models`)."""
 
-    def __init__(self, model, image_cache_bytes: int):
+    def __init__(self, model, image_cache_bytes: int, slots: int = 16, max_len: int | None = None):
         from llava_serve.models import ADAPTERS
 
         self.model = model
@@ -117,7 +74,10 @@ class ModelRunner:
         self.video_token_id = getattr(model.config, "video_token_id", None)
         self.text_config = model.config.get_text_config()
         self.vision_cache = VisionCache(image_cache_bytes)
+        max_len = max_len or self.text_config.max_position_embeddings
+        self.kv = SlotKV(model.config, slots, max_len, self.dtype, self.device)
         self.batch: Batch | None = None
+        self._staged: tuple[list[int], list[int]] | None = None
         self.last_prefill_stages: dict[str, float] = {}
 
     @property
@@ -185,29 +145,49 @@ class ModelRunner:
     def prefill(
         self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]
     ) -> torch.Tensor:
-        """Run the prompts as one left-padded batch; return last-position logits [K, vocab].
+        """Run the prompts as one batch into the next free slots; return last-position logits
+        [K, vocab].
 
-        The new rows are staged, not yet part of the running batch: call `commit()` once
-        their first tokens are sampled, so a failure here leaves the running batch untouched.
+        The new rows are staged, not yet part of the running batch: call `commit()` once their
+        first tokens are sampled, so a failure here leaves the running batch untouched (the slots
+        it wrote are past the running ones and are written again by the next prefill).
         """
         start = time.perf_counter()
+        first = self.num_rows
+        if first + len(prompts) > self.kv.slots:
+            raise EngineError(f"{first + len(prompts)} rows for {self.kv.slots} KV slots")
         embeds = [self._embed(ids, images) for ids, images in prompts]
         vision_done = self._synchronized()
-        length = max(e.shape[0] for e in embeds)
-        inputs = torch.stack([_left_pad(e, length, 0) for e in embeds])
-        mask = torch.stack(
-            [
-                _left_pad(torch.ones(e.shape[0], dtype=torch.long, device=self.device), length, 0)
-                for e in embeds
-            ]
+        lengths = [e.shape[0] for e in embeds]
+        if max(lengths) > self.kv.max_len:
+            raise InvalidRequest(
+                f"a prompt of {max(lengths)} tokens does not fit a KV slot of {self.kv.max_len}"
+            )
+        # Left-padded, so every row's last real token is the batch's last position.
+        q = max(lengths)
+        pads = torch.tensor([q - n for n in lengths], device=self.device)
+        inputs = torch.stack([F.pad(e, (0, 0, q - e.shape[0], 0)) for e in embeds])
+        columns = torch.arange(q, device=self.device)
+        slot_pos = columns[None, :] - pads[:, None]  # each query's position in its own row
+        valid = slot_pos >= 0
+        batch, query = valid.nonzero(as_tuple=True)
+        plan = WritePlan(
+            first=first,
+            count=len(prompts),
+            kv_len=q,
+            batch=batch,
+            query=query,
+            slot=batch + first,
+            position=slot_pos[batch, query],
         )
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.text_config)
+        # Row i's query at position s sees its own positions 0..s; a padding query sees position 0
+        # only (its output is never used; a row with nothing to attend to would be NaN).
+        sees = (columns[None, None, :] <= slot_pos[:, :, None]) | (~valid[:, :, None] & (columns == 0))
         out = self.model(
             inputs_embeds=inputs,
-            attention_mask=mask,
-            position_ids=position_ids,
-            cache=cache,
+            attention_mask=self._additive(sees),
+            position_ids=slot_pos.clamp(min=0),
+            cache=self.kv.cache(plan),
             logits_to_keep=1,
         )
         # Each request in the batch waited for all of it: the times are the batch's.
@@ -215,14 +195,13 @@ class ModelRunner:
             "vision_encode": vision_done - start,
             "prefill": self._synchronized() - vision_done,
         }
-        self._staged = Batch(
-            seq_ids=list(seq_ids),
-            cache=cache,
-            mask=mask,
-            positions=mask.sum(-1),
-            last_tokens=torch.zeros(len(seq_ids), dtype=torch.long, device=self.device),
-        )
+        self._staged = (list(seq_ids), lengths)
         return out.logits[:, -1, :]
+
+    def _additive(self, sees: torch.Tensor) -> torch.Tensor:
+        """A boolean [rows, queries, keys] visibility as the 4D additive mask attention takes."""
+        blocked = torch.finfo(self.dtype).min
+        return torch.where(sees, 0.0, blocked).to(self.dtype)[:, None]
 
     def _synchronized(self) -> float:
         """Now, once the device has finished what was queued (CUDA runs asynchronously)."""
@@ -232,38 +211,77 @@ class ModelRunner:
 
     def commit(self, first_tokens: list[int]) -> None:
         """Add the staged prefill rows, with their first sampled tokens, to the running batch."""
-        staged, self._staged = self._staged, None
-        staged.last_tokens = torch.tensor(first_tokens, dtype=torch.long, device=self.device)
+        (seq_ids, lengths), self._staged = self._staged, None
+        new = Batch(
+            seq_ids,
+            torch.tensor(lengths, dtype=torch.long, device=self.device),
+            torch.tensor(first_tokens, dtype=torch.long, device=self.device),
+        )
         if self.batch is None:
-            self.batch = staged
-        else:
-            self.batch.merge(staged)
+            self.batch = new
+            return
+        b = self.batch
+        self.batch = Batch(
+            b.seq_ids + new.seq_ids,
+            torch.cat([b.lengths, new.lengths]),
+            torch.cat([b.last_tokens, new.last_tokens]),
+        )
 
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
-        """One token for every running row; return logits [B, vocab]."""
+        """One token for every running row, each written at its own length; logits [B, vocab]."""
         b = self.batch
-        b.mask = torch.cat([b.mask, torch.ones_like(b.mask[:, :1])], dim=1)
+        n = len(b.seq_ids)
+        rows = torch.arange(n, device=self.device)
+        kv_len = int(b.lengths.max()) + 1
+        if kv_len > self.kv.max_len:
+            raise EngineError(f"a row outgrew its KV slot of {self.kv.max_len} tokens")
+        plan = WritePlan(
+            first=0,
+            count=n,
+            kv_len=kv_len,
+            batch=rows,
+            query=torch.zeros_like(rows),
+            slot=rows,
+            position=b.lengths,
+        )
+        sees = torch.arange(kv_len, device=self.device)[None, None, :] <= b.lengths[:, None, None]
         out = self.model(
             input_ids=b.last_tokens[:, None],
-            attention_mask=b.mask,
-            position_ids=b.positions[:, None],
-            cache=b.cache,
+            attention_mask=self._additive(sees),
+            position_ids=b.lengths[:, None],
+            cache=self.kv.cache(plan),
             logits_to_keep=1,
         )
-        b.positions = b.positions + 1
+        b.lengths = b.lengths + 1
         return out.logits[:, -1, :]
 
     def set_last_tokens(self, tokens: list[int]) -> None:
         self.batch.last_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
 
     def keep(self, seq_ids: set[int]) -> None:
-        """Free the KV rows of every sequence not in `seq_ids`."""
-        if self.batch is None:
+        """Give back the slots of every sequence not in `seq_ids`. Each hole below the new row
+        count is filled by moving a surviving row from above it (its valid tokens only), so the
+        rest of the cache is never touched."""
+        b = self.batch
+        if b is None:
             return
-        self.batch.keep(seq_ids)
-        if not self.batch.seq_ids:
+        survivors = [i for i, sid in enumerate(b.seq_ids) if sid in seq_ids]
+        if len(survivors) == len(b.seq_ids):
+            return
+        if not survivors:
             self.batch = None
+            return
+        n = len(survivors)
+        holes = [i for i in range(n) if i not in set(survivors)]
+        movers = [i for i in survivors if i >= n]
+        order = list(range(len(b.seq_ids)))
+        lengths = b.lengths.tolist()
+        for hole, mover in zip(holes, movers, strict=True):
+            self.kv.move(mover, hole, lengths[mover])
+            order[hole] = mover
+        index = torch.tensor(order[:n], device=self.device)
+        self.batch = Batch([b.seq_ids[i] for i in order[:n]], b.lengths[index], b.last_tokens[index])
 
     def reset(self) -> None:
         """Drop the whole batch, e.g. after a failed decode left the cache in an unknown state."""

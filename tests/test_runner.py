@@ -1,6 +1,7 @@
 """The runner: the installed transformers takes what it passes, rows join and leave correctly,
 and image features must fit their slots."""
 
+import dataclasses
 import inspect
 
 import pytest
@@ -52,34 +53,45 @@ def test_rows_joining_a_running_batch_compute_what_they_would_alone(runner):
     runner.set_last_tokens(runner.batch.last_tokens.tolist())
     prefill(runner, [3], [3])
     assert runner.batch.seq_ids == [1, 2, 3]
-    assert runner.batch.mask.shape == (3, 10)  # the longest row: 9 prompt + 1 decoded
-    assert runner.batch.mask.sum(-1).tolist() == [6, 10, 3]
+    assert runner.batch.lengths.tolist() == [6, 10, 3]  # tokens each row holds, no padding anywhere
     logits = runner.decode()
     expected = solo_logits(runner, 3, 1)[1]
     assert torch.allclose(logits[2], expected, atol=1e-4)
 
 
-def test_keep_drops_rows_and_trims_padding_no_row_needs(runner):
+def test_the_kv_cache_is_allocated_once_and_written_in_place(runner):
+    storage = [t.data_ptr() for t in runner.kv.keys + runner.kv.values]
     prefill(runner, [1, 2, 3], [4, 12, 6])
-    before = runner.batch.cache.layers[0].keys
-    runner.keep({1, 2, 3})
-    assert runner.batch.cache.layers[0].keys is before  # nothing leaves: no copy
+    for _ in range(3):
+        runner.set_last_tokens(runner.decode().argmax(-1).tolist())
     runner.keep({1, 3})
-    assert runner.batch.seq_ids == [1, 3]
-    assert runner.batch.mask.shape == (2, 6)  # row 2's columns are gone
-    assert runner.batch.cache.layers[0].keys.shape[0] == 2 and runner.batch.cache.layers[0].keys.shape[2] == 6
+    prefill(runner, [4], [7])
+    assert [t.data_ptr() for t in runner.kv.keys + runner.kv.values] == storage
+
+
+def test_a_leaving_row_gives_its_slot_back_and_the_others_are_unchanged(runner):
+    """Row 1 leaves: the last row moves into its slot (its own tokens only); every survivor's
+    next logits equal what it computes alone."""
+    lengths = {1: 4, 2: 12, 3: 6}
+    prefill(runner, list(lengths), list(lengths.values()))
+    runner.keep({2, 3})
+    assert runner.batch.seq_ids == [3, 2] and runner.batch.lengths.tolist() == [6, 12]
+    logits = runner.decode()
+    for row, sid in enumerate(runner.batch.seq_ids):
+        assert torch.allclose(logits[row], solo_logits(runner, lengths[sid], 1)[1], atol=1e-4)
     runner.keep(set())
     assert runner.batch is None and runner.num_rows == 0
 
 
-def test_a_failed_merge_leaves_the_batch_as_it_was(runner):
+def test_a_failed_prefill_leaves_the_batch_as_it_was(runner, adapter):
     prefill(runner, [1], [4])
-    runner.prefill([2], [(list(range(10, 16)), [])])
-    runner._staged.cache.layers.pop()  # a staged batch that cannot be merged
-    with pytest.raises(ValueError):
-        runner.commit([5])
-    assert runner.batch.seq_ids == [1] and runner.batch.mask.shape == (1, 4)
-    assert all(layer.keys.shape[2] == 4 for layer in runner.batch.cache.layers)
+    broken = images.prepare(encode(random_image(1)), adapter, ImageConfig())
+    broken = dataclasses.replace(broken, pixel_values=broken.pixel_values[:, :, :7])  # not a tile
+    slot = runner.image_token_id
+    with pytest.raises(ValueError, match="doesn't match model"):
+        runner.prefill([2], [([3, *[slot] * broken.num_tokens, 4], [broken])])
+    assert runner.batch.seq_ids == [1] and runner.batch.lengths.tolist() == [4]
+    assert torch.allclose(runner.decode()[0], solo_logits(runner, 4, 1)[1], atol=1e-4)
 
 
 def test_image_features_must_fill_the_image_slots_exactly(runner, adapter):
