@@ -44,6 +44,7 @@ def v1_runner_class(commit: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("llava_runner_v1", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module.ModelRunner
 
