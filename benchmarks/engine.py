@@ -140,6 +140,8 @@ def deploy(kind: str, config: AppConfig):
 
     if kind == "engine":
         from deployments.model import LlavaModel as cls
+    elif kind == "batch":
+        from benchmarks.baseline_batch import BatchedModel as cls
     else:
         from benchmarks.baseline_streamer import StreamerModel as cls
     app = cls.options(**config.llava_model.to_serve_options()).bind(config)
@@ -159,14 +161,14 @@ async def bench(args) -> dict:
     )
     checkpoint.resolve_path(config.model)  # build the checkpoint before timing anything
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    ray.init(num_cpus=2 * args.model_cpus + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=len(args.systems) * args.model_cpus + 1, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8299})
     results: dict = {"preset": args.preset, "max_tokens": args.max_tokens, "systems": {}}
     sizes = [max(args.min_requests, c * args.requests_per_slot) for c in args.concurrency]
     # Every request carries an image neither system has seen, so the engine's vision cache
     # never helps it here; the cache gets its own measurement below.
     inputs = make_inputs(config, sum(sizes) + 2, args.max_tokens, seed=1)
-    handles = {kind: deploy(kind, config) for kind in ("baseline", "engine")}
+    handles = {kind: deploy(kind, config) for kind in args.systems}
     for kind, handle in handles.items():
         await asyncio.gather(*[one_request(handle, p, im, params) for p, im in inputs[-2:]])  # warm-up
         results["systems"][kind] = {"levels": []}
@@ -179,8 +181,9 @@ async def bench(args) -> dict:
             results["systems"][kind]["levels"].append(level)
             print(f"  {kind:8s} c={c:<3d} {level}", flush=True)
         start += n
-    fresh = make_inputs(config, 5, args.max_tokens, seed=7)
-    results["systems"]["engine"]["image_cache"] = await image_cache_ttft(handles["engine"], fresh, params)
+    if "engine" in handles:
+        fresh = make_inputs(config, 5, args.max_tokens, seed=7)
+        results["systems"]["engine"]["image_cache"] = await image_cache_ttft(handles["engine"], fresh, params)
     for kind in handles:
         serve.delete(f"bench-{kind}")
     serve.shutdown()
@@ -194,7 +197,7 @@ def table(results: dict) -> str:
         "| concurrency | system | tok/s | ratio | TTFT p50 / p99 ms | TPOT p50 / p99 ms | loop lag p99 ms |",
         "|---|---|---|---|---|---|---|",
     ]
-    for kind in ("baseline", "engine"):
+    for kind in results["systems"]:
         for lv in results["systems"][kind]["levels"]:
             ratio = lv["tok_s"] / base[lv["concurrency"]]["tok_s"]
             rows.append(
@@ -202,7 +205,7 @@ def table(results: dict) -> str:
                 f"{lv['ttft_p50_ms']} / {lv['ttft_p99_ms']} | {lv['tpot_p50_ms']} / {lv['tpot_p99_ms']} | "
                 f"{lv['loop_lag_p99_ms']} |"
             )
-    cache = results["systems"]["engine"].get("image_cache")
+    cache = results["systems"].get("engine", {}).get("image_cache")
     if cache:
         miss, hit = cache["miss_ttft_ms"], cache["hit_ttft_ms"]
         rows.append(f"\nimage cache (engine, c=1): TTFT miss {miss} ms, hit {hit} ms")
@@ -222,6 +225,14 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=10)
     parser.add_argument(
         "--model-cpus", type=int, default=2, help="num_cpus of the model replica (both systems)"
+    )
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=["baseline", "batch", "engine"],
+        choices=["baseline", "batch", "engine"],
+        help="baseline: the documented thread + TextIteratorStreamer pattern; batch: the documented "
+        "@serve.batch streaming pattern; engine: llava-serve's model deployment",
     )
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args()
