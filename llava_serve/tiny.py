@@ -149,17 +149,24 @@ def _llama_tokenizer(p: Preset, seed: int):
     return raw, tokenizer
 
 
+def _text_dims(p: Preset, raw) -> dict:
+    """The language model's size, whatever its family."""
+    return {
+        "vocab_size": raw.get_vocab_size(),
+        "hidden_size": p.text_hidden,
+        "intermediate_size": p.text_intermediate,
+        "num_hidden_layers": p.text_layers,
+        "num_attention_heads": p.text_heads,
+        "num_key_value_heads": p.text_kv_heads,
+        "max_position_embeddings": p.max_positions,
+    }
+
+
 def _llama_config(p: Preset, raw):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=raw.get_vocab_size(),
-        hidden_size=p.text_hidden,
-        intermediate_size=p.text_intermediate,
-        num_hidden_layers=p.text_layers,
-        num_attention_heads=p.text_heads,
-        num_key_value_heads=p.text_kv_heads,
-        max_position_embeddings=p.max_positions,
+        **_text_dims(p, raw),
         bos_token_id=raw.token_to_id("<s>"),
         eos_token_id=raw.token_to_id("</s>"),
         pad_token_id=raw.token_to_id("<pad>"),
@@ -329,13 +336,7 @@ def _build_onevision(out: Path, p: Preset, seed: int) -> None:
             vision_use_head=False,
         ),
         text_config=Qwen2Config(
-            vocab_size=raw.get_vocab_size(),
-            hidden_size=p.text_hidden,
-            intermediate_size=p.text_intermediate,
-            num_hidden_layers=p.text_layers,
-            num_attention_heads=p.text_heads,
-            num_key_value_heads=p.text_kv_heads,
-            max_position_embeddings=p.max_positions,
+            **_text_dims(p, raw),
             eos_token_id=raw.token_to_id("<|im_end|>"),
             pad_token_id=raw.token_to_id("<|endoftext|>"),
             tie_word_embeddings=False,

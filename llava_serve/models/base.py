@@ -74,7 +74,34 @@ class ImageAdapter:
     @classmethod
     def encode(cls, model, pixels: list[torch.Tensor], sizes: list[tuple[int, int]], base_only: list[bool]):
         """Projected, packed features [tokens, hidden] per image (model side: needs only the
-        model, whose config says all the rest)."""
+        model, whose config says all the rest). Tiled images go through the model's own
+        `get_image_features` together; base-only images through the tower and the one-tile
+        branch of its packing."""
+        features: list[torch.Tensor | None] = [None] * len(pixels)
+        tiled = [i for i, low in enumerate(base_only) if not low]
+        if tiled:
+            stacked = torch.cat([pixels[i] for i in tiled])
+            out = cls.tiled_features(model, stacked, torch.tensor([sizes[i] for i in tiled]))
+            for i, f in zip(tiled, out, strict=True):
+                features[i] = f
+        low = [i for i, flag in enumerate(base_only) if flag]
+        if low:
+            tiles = cls.tile_features(model, torch.cat([pixels[i][:1] for i in low]))
+            packed = cls.pack_base_tiles(
+                model, [t[None] for t in tiles], torch.tensor([sizes[i] for i in low])
+            )
+            for i, f in zip(low, packed, strict=True):
+                features[i] = f
+        return features
+
+    @classmethod
+    def tiled_features(cls, model, pixels: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Packed features per image of a stack of images' tiles (`sizes`: their original sizes)."""
+        return model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+
+    @classmethod
+    def pack_base_tiles(cls, model, tiles: list[torch.Tensor], sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's base-tile features [1, patches, hidden] packed as the model packs one tile."""
         raise NotImplementedError
 
     def preprocess_video(self, frames: list[Image.Image]) -> np.ndarray:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from llava_serve.models.base import ImageAdapter
 
 
@@ -22,7 +20,5 @@ class LlavaAdapter(ImageAdapter):
         return n - 1 if self.config.vision_feature_select_strategy == "default" else n
 
     @classmethod
-    def encode(cls, model, pixels, sizes, base_only):
-        stacked = torch.cat(pixels)
-        features = model.model.get_image_features(pixel_values=stacked).pooler_output
-        return list(features)
+    def tiled_features(cls, model, pixels, sizes):
+        return list(model.model.get_image_features(pixel_values=pixels).pooler_output)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from llava_serve.models.base import ImageAdapter
 
 
@@ -42,25 +40,11 @@ class LlavaNextAdapter(ImageAdapter):
         return n - 1 if self.config.vision_feature_select_strategy == "default" else n
 
     @classmethod
-    def encode(cls, model, pixels, sizes, base_only):
-        features: list[torch.Tensor | None] = [None] * len(pixels)
-        tiled = [i for i, low in enumerate(base_only) if not low]
-        if tiled:
-            out = model.model.get_image_features(
-                pixel_values=torch.cat([pixels[i] for i in tiled]),
-                image_sizes=torch.tensor([sizes[i] for i in tiled]),
-            ).pooler_output
-            for i, f in zip(tiled, out, strict=True):
-                features[i] = f
-        low = [i for i, flag in enumerate(base_only) if flag]
-        if low:
-            tiles = cls.tile_features(model, torch.cat([pixels[i][:1] for i in low]))
-            packed, _ = model.model.pack_image_features(
-                [t[None] for t in tiles],
-                torch.tensor([sizes[i] for i in low]),
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                image_newline=model.model.image_newline,
-            )
-            for i, f in zip(low, packed, strict=True):
-                features[i] = f
-        return features
+    def pack_base_tiles(cls, model, tiles, sizes):
+        packed, _ = model.model.pack_image_features(
+            tiles,
+            sizes,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            image_newline=model.model.image_newline,
+        )
+        return packed

@@ -104,28 +104,20 @@ class LlavaOnevisionAdapter(ImageAdapter):
         return n - 1 if self.config.vision_feature_select_strategy == "default" else n
 
     @classmethod
-    def encode(cls, model, pixels, sizes, base_only):
-        aspect = model.config.vision_aspect_ratio
-        features: list[torch.Tensor | None] = [None] * len(pixels)
-        tiled = [i for i, low in enumerate(base_only) if not low]
-        if tiled:
-            out = model.model.get_image_features(
-                pixel_values=torch.cat([pixels[i] for i in tiled]),
-                image_sizes=torch.tensor([sizes[i] for i in tiled]),
-                vision_aspect_ratio=aspect,
-                batch_num_images=torch.ones(len(tiled), dtype=torch.long),
-            ).pooler_output
-            for i, f in zip(tiled, out, strict=True):
-                features[i] = f
-        low = [i for i, flag in enumerate(base_only) if flag]
-        if low:
-            tiles = cls.tile_features(model, torch.cat([pixels[i][:1] for i in low]))
-            packed, _ = model.model.pack_image_features(
-                [t[None] for t in tiles],
-                torch.tensor([sizes[i] for i in low]),
-                image_newline=model.model.image_newline,
-                vision_aspect_ratio=aspect,
-            )
-            for i, f in zip(low, packed, strict=True):
-                features[i] = f
-        return features
+    def tiled_features(cls, model, pixels, sizes):
+        return model.model.get_image_features(
+            pixel_values=pixels,
+            image_sizes=sizes,
+            vision_aspect_ratio=model.config.vision_aspect_ratio,
+            batch_num_images=torch.ones(len(sizes), dtype=torch.long),  # each a lone image: tiled
+        ).pooler_output
+
+    @classmethod
+    def pack_base_tiles(cls, model, tiles, sizes):
+        packed, _ = model.model.pack_image_features(
+            tiles,
+            sizes,
+            image_newline=model.model.image_newline,
+            vision_aspect_ratio=model.config.vision_aspect_ratio,
+        )
+        return packed
