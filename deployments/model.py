@@ -56,7 +56,7 @@ class LlavaModel:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         if prompt.num_images != len(images):
             raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
-        images = [await _resolved(image) for image in images]
+        images = list(await asyncio.gather(*(_resolved(image) for image in images)))
         stages = {"tokenize": prompt.tokenize_s}
         if images:  # fetched and preprocessed in parallel: the request waited for the slowest
             stages |= {
@@ -64,7 +64,7 @@ class LlavaModel:
                 "image_preprocess": max(i.preprocess_s for i in images),
             }
         grammar = None if params.output is None else await self.engine.compile(params.output)
-        seq = self.engine.submit(prompt.input_ids, list(images), params, stages, grammar)
+        seq = self.engine.submit(prompt.input_ids, images, params, stages, grammar)
         try:
             yield ACCEPTED
             async for out in self.engine.stream(seq):

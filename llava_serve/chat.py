@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from llava_serve.config import AppConfig
 from llava_serve.errors import EngineError, InvalidRequest, ModelNotFound, Unavailable, unwrap
 from llava_serve.fetch import check_data_uri
-from llava_serve.prompts import MediaSource, TemplateMessage, image_sources, to_template_messages
+from llava_serve.prompts import MediaSource, TemplateMessage, media_sources, to_template_messages
 from llava_serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -40,8 +40,8 @@ from llava_serve.protocol import (
 )
 from llava_serve.sampling import SamplingParams
 from llava_serve.sequence import SampledLogprob, StepOutput
-from llava_serve.structured.request import output_format
-from llava_serve.structured.tools import ToolCallReader
+from llava_serve.structured.request import output_format, tool_call_format
+from llava_serve.structured.tools import CallUpdate, ToolCallReader
 from llava_serve.telemetry import RequestRecord, source_kind
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class ChatService:
                 f"model {request.model!r} is not served here; this server serves "
                 f"{self.config.model.public_name!r}"
             )
-        sources = image_sources(request.messages)
+        sources = media_sources(request.messages)
         if record is not None:
             record.image_sources = [source_kind(s.url) for s in sources]
         limit = self.config.images.max_images_per_request
@@ -251,8 +251,8 @@ class ChatService:
 
 
 def _tool_call_reader(request: ChatCompletionRequest) -> ToolCallReader | None:
-    fmt = request.forces_tool_call() and output_format(request)
-    return ToolCallReader(fmt.tool_call) if fmt else None
+    call = tool_call_format(request)
+    return None if call is None else ToolCallReader(call)
 
 
 def _tool_call_message(
@@ -269,7 +269,7 @@ def _tool_call_message(
     return AssistantMessage(content=None, tool_calls=[call]), "tool_calls" if finish == "stop" else finish
 
 
-def _call_delta(delta) -> Delta:
+def _call_delta(delta: CallUpdate) -> Delta:
     head = delta.name is not None
     return Delta(
         tool_calls=[

@@ -138,16 +138,14 @@ class Engine:
             input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device, grammar
         )
         seq.stages.update(stages or {})
-        if seq.kv_budget > self.runner.kv.max_len:
+        limit, which = min(
+            (self.runner.kv.max_len, "the tokens of a KV slot (engine.kv_cache_bytes)"),
+            (self.config.max_batch_tokens, "the engine's token budget (engine.max_batch_tokens)"),
+        )
+        if seq.kv_budget > limit:
             raise InvalidRequest(
-                f"prompt ({len(input_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                f"{self.runner.kv.max_len} tokens of a KV slot (engine.kv_cache_bytes)",
-                "max_tokens",
-            )
-        if seq.kv_budget > self.config.max_batch_tokens:
-            raise InvalidRequest(
-                f"prompt ({len(input_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                f"engine's token budget of {self.config.max_batch_tokens}",
+                f"prompt ({len(input_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"{which}: {limit}",
                 "max_tokens",
             )
         if len(self._waiting) >= self.config.max_queue:

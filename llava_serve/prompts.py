@@ -49,7 +49,7 @@ class MediaSource:
     detail: str | None = None
 
 
-def image_sources(messages: list[ChatMessage]) -> list[MediaSource]:
+def media_sources(messages: list[ChatMessage]) -> list[MediaSource]:
     """Every image and video part, in the order the prompt places them."""
     out = []
     for i, message in enumerate(messages):

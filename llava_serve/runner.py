@@ -98,20 +98,20 @@ class ModelRunner:
         missing = [h for h, v in found.items() if v is None]
         if missing:
             by_hash = {im.content_hash: im for im in images}
-            todo = [by_hash[h] for h in missing if by_hash[h].kind == "image"]
+            stills = [by_hash[h] for h in missing if by_hash[h].kind == "image"]
             features = self.encoder.encode(
                 self.model,
-                [self._tensor(im) for im in todo],
-                [im.size for im in todo],
-                [im.base_only for im in todo],
+                [self._tensor(im) for im in stills],
+                [im.size for im in stills],
+                [im.base_only for im in stills],
             )
-            computed = dict(zip([im.content_hash for im in todo], features, strict=True))
+            computed = {im.content_hash: f for im, f in zip(stills, features, strict=True)}
             for h in missing:
                 if by_hash[h].kind == "video":
                     computed[h] = self.encoder.encode_video(self.model, self._tensor(by_hash[h]))
-            for h in missing:
-                found[h] = computed[h]
-                self.vision_cache.put(h, computed[h])
+            for h, f in computed.items():
+                found[h] = f
+                self.vision_cache.put(h, f)
         return [found[im.content_hash] for im in images]
 
     def _tensor(self, image: PreparedImage) -> torch.Tensor:
@@ -273,7 +273,8 @@ class ModelRunner:
             self.batch = None
             return
         n = len(survivors)
-        holes = [i for i in range(n) if i not in set(survivors)]
+        kept = set(survivors)
+        holes = [i for i in range(n) if i not in kept]
         movers = [i for i in survivors if i >= n]
         order = list(range(len(b.seq_ids)))
         lengths = b.lengths.tolist()

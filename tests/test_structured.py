@@ -15,7 +15,7 @@ from llava_serve.config import EngineConfig
 from llava_serve.errors import InvalidRequest
 from llava_serve.sampling import SamplingParams
 from llava_serve.structured.grammar import JSON_OPTIONS
-from llava_serve.structured.spec import JSON_OBJECT, OutputFormat, check_schema, closed
+from llava_serve.structured.spec import JSON_OBJECT, OutputFormat, ToolCallFormat, check_schema, closed
 from llava_serve.structured.tools import ToolCallReader, call_format
 from tests import schemas
 from tests.test_engine import Case, build_engine, collect
@@ -216,7 +216,9 @@ async def test_logprobs_are_over_what_the_grammar_allows(engine, cases):
 
 
 async def test_a_forced_call_streams_its_name_then_its_arguments(engine, cases):
-    fmt = call_format({"get_weather": schemas.WEATHER, "get_time": None}, None)
+    fmt = call_format(
+        {"get_weather": schemas.WEATHER, "get_time": None}, ToolCallFormat(("get_weather", "get_time"), True)
+    )
     params = SamplingParams(max_tokens=200, temperature=1.0, seed=4, output=fmt)
     outs = [o async for o in engine.generate(cases[0].input_ids, cases[0].images, params)]
     reader = ToolCallReader(fmt.tool_call)
@@ -235,7 +237,9 @@ async def test_a_forced_call_streams_its_name_then_its_arguments(engine, cases):
 
 def test_reading_a_call_piece_by_piece_equals_reading_it_whole():
     text = '{"name":"get_weather","arguments":{"city":"Oslo \\"N\\"","unit":"celsius"}}'
-    fmt = call_format({"get_weather": schemas.WEATHER, "other": None}, None).tool_call
+    fmt = call_format(
+        {"get_weather": schemas.WEATHER, "other": None}, ToolCallFormat(("get_weather", "other"), True)
+    ).tool_call
     for size in (1, 3, 7, len(text)):
         reader = ToolCallReader(fmt)
         deltas = [reader.feed(text[i : i + size]) for i in range(0, len(text), size)]

@@ -5,9 +5,6 @@ checkpoint's config. The engine, the prompt builder and the deployments only tal
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from llava_serve.models.base import ImageAdapter
 from llava_serve.models.llava import LlavaAdapter
 from llava_serve.models.llava_next import LlavaNextAdapter
@@ -35,13 +32,4 @@ def load_adapter(path: str) -> ImageAdapter:
     return ADAPTERS[kind].from_pretrained(path)
 
 
-def processor_config(path: str) -> dict:
-    """processor_config.json, or {} (read directly: some processors cannot be built without
-    optional packages, e.g. OneVision's needs torchvision for its video processor)."""
-    from transformers.utils import cached_file
-
-    file = cached_file(path, "processor_config.json", _raise_exceptions_for_missing_entries=False)
-    return json.loads(Path(file).read_text()) if file else {}
-
-
-__all__ = ["ADAPTERS", "ImageAdapter", "load_adapter", "model_type", "processor_config"]
+__all__ = ["ADAPTERS", "ImageAdapter", "load_adapter", "model_type"]

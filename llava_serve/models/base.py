@@ -9,6 +9,19 @@ import torch
 from PIL import Image
 
 
+def checkpoint_json(path: str, name: str) -> dict:
+    """A JSON file of the checkpoint, or {} when it has none. Processor configs are read directly:
+    some processors cannot be built without optional packages (OneVision's video processor needs
+    torchvision)."""
+    import json
+    from pathlib import Path
+
+    from transformers.utils import cached_file
+
+    file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+    return json.loads(Path(file).read_text()) if file else {}
+
+
 class ImageAdapter:
     """Loads a checkpoint's tokenizer and image processor, and knows its image geometry.
 
@@ -37,13 +50,11 @@ class ImageAdapter:
     def from_pretrained(cls, path: str) -> ImageAdapter:
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        from llava_serve.models import processor_config
-
         return cls(
             AutoTokenizer.from_pretrained(path),
             AutoImageProcessor.from_pretrained(path),
             AutoConfig.from_pretrained(path),
-            processor_config(path),
+            checkpoint_json(path, "processor_config.json"),
         )
 
     def load_model(self, path: str, dtype):

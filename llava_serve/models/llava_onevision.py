@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from llava_serve.models.base import ImageAdapter
+from llava_serve.models.base import ImageAdapter, checkpoint_json
 
 # LlavaOnevisionVideoProcessor's defaults, for checkpoints that ship no video_preprocessor_config.json.
 VIDEO_DEFAULTS = {
@@ -28,7 +28,7 @@ class LlavaOnevisionAdapter(ImageAdapter):
     model_class = "LlavaOnevisionForConditionalGeneration"
     takes_video = True
 
-    def __init__(self, tokenizer, image_processor, config, processor_config, video_config=None):
+    def __init__(self, tokenizer, image_processor, config, processor_config):
         super().__init__(tokenizer, image_processor, config, processor_config)
         from transformers import LlavaOnevisionProcessor
 
@@ -48,28 +48,13 @@ class LlavaOnevisionAdapter(ImageAdapter):
         self._count = types.MethodType(LlavaOnevisionProcessor._get_number_of_features, counter)
         self.video_token = processor_config.get("video_token") or "<video>"
         self.video_token_id = config.video_token_id
-        self.video_config = VIDEO_DEFAULTS | (video_config or {})
+        self.video_config = dict(VIDEO_DEFAULTS)  # from_pretrained adds the checkpoint's own
 
     @classmethod
     def from_pretrained(cls, path: str) -> ImageAdapter:
-        import json
-        from pathlib import Path
-
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-        from transformers.utils import cached_file
-
-        from llava_serve.models import processor_config
-
-        file = cached_file(
-            path, "video_preprocessor_config.json", _raise_exceptions_for_missing_entries=False
-        )
-        return cls(
-            AutoTokenizer.from_pretrained(path),
-            AutoImageProcessor.from_pretrained(path),
-            AutoConfig.from_pretrained(path),
-            processor_config(path),
-            json.loads(Path(file).read_text()) if file else None,
-        )
+        adapter = super().from_pretrained(path)
+        adapter.video_config = VIDEO_DEFAULTS | checkpoint_json(path, "video_preprocessor_config.json")
+        return adapter
 
     def preprocess_video(self, frames):
         """Each frame resized to the tower's input, rescaled and normalized, as the checkpoint's

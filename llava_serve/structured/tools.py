@@ -20,17 +20,15 @@ _HEAD = re.compile(r'\{"name":"((?:[^"\\]|\\.)*)","arguments":')
 ANY_OBJECT = {"type": "object"}
 
 
-def call_format(functions: dict[str, dict | None], named: str | None) -> OutputFormat:
-    """The output format for a forced call: of `named`, or of any function in `functions`
-    (name -> parameters schema; None takes any object), each schema checked on its own so an
-    error names the function."""
+def call_format(functions: dict[str, dict | None], call: ToolCallFormat) -> OutputFormat:
+    """The output format for a forced call of one of `call.names` (`functions`: name ->
+    parameters schema; None takes any object), each schema checked on its own so an error names
+    the function."""
     for name, params in functions.items():
         if params is not None:
             check_schema(params, f"tools[{name}].function.parameters")
-    if named is not None:
-        return OutputFormat.from_schema(
-            functions[named] or ANY_OBJECT, "tools", ToolCallFormat((named,), False)
-        )
+    if not call.wrapped:
+        return OutputFormat.from_schema(functions[call.names[0]] or ANY_OBJECT, "tools", call)
     alternatives = [
         {
             "type": "object",
@@ -40,11 +38,11 @@ def call_format(functions: dict[str, dict | None], named: str | None) -> OutputF
         for name, params in functions.items()
     ]
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
-    return OutputFormat.from_schema(schema, "tools", ToolCallFormat(tuple(functions), True))
+    return OutputFormat.from_schema(schema, "tools", call)
 
 
 @dataclass
-class ToolCallDelta:
+class CallUpdate:
     """What a stream should send for the call so far: its header once (id, name), then pieces of
     the arguments text."""
 
@@ -68,7 +66,7 @@ class ToolCallReader:
         if not self.format.wrapped:
             self.name = self.format.names[0]
 
-    def feed(self, text: str) -> ToolCallDelta | None:
+    def feed(self, text: str) -> CallUpdate | None:
         """The part of the call `text` completes, or None while nothing new can be said."""
         header = not self._announced
         self._held += text
@@ -86,9 +84,9 @@ class ToolCallReader:
         if not (piece or header):
             return None
         self._announced = True
-        return ToolCallDelta(self.name if header else None, self.call_id if header else None, piece)
+        return CallUpdate(self.name if header else None, self.call_id if header else None, piece)
 
-    def finish(self, complete: bool) -> ToolCallDelta | None:
+    def finish(self, complete: bool) -> CallUpdate | None:
         """At the end of the answer: a complete wrapped call drops the wrapper's "}"; a call cut
         short (`max_tokens`) passes on whatever arguments it had."""
         if self.name is None:  # cut (max_tokens) before the name was complete: there is no call
@@ -96,4 +94,4 @@ class ToolCallReader:
         rest = "" if complete and self.format.wrapped else self._held
         self._held = ""
         self.arguments += rest
-        return ToolCallDelta(arguments=rest) if rest else None
+        return CallUpdate(arguments=rest) if rest else None
