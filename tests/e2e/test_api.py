@@ -13,7 +13,7 @@ from ray import serve
 from tests.conftest import data_uri, random_image
 from tests.reference import hf_greedy, image_request
 
-LONG = 1500  # output tokens: far more than a test waits for
+LONG = 1500  # output tokens: far more than a test waits for (greedy "Talk." runs past it)
 
 
 @pytest.fixture
@@ -39,7 +39,12 @@ def wait_for(predicate, timeout_s: float) -> float:
 
 
 def test_client_disconnect_cancels_generation_within_a_second(serve_url):
-    body = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": LONG, "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": "Talk."}],
+        "max_tokens": LONG,
+        "stream": True,
+        "temperature": 0,
+    }
     before = model_stats()["cancelled"]
     with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
@@ -56,7 +61,12 @@ async def test_cancelling_a_handle_stream_cancels_generation(serve_url):
         serve.get_app_handle("llava")
         .options(stream=True)
         .chat_stream.remote(
-            {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": LONG, "stream": True}
+            {
+                "messages": [{"role": "user", "content": "Talk."}],
+                "max_tokens": LONG,
+                "stream": True,
+                "temperature": 0,
+            }
         )
     )
     model = serve.get_deployment_handle("LlavaModel", "llava")
