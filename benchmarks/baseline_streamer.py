@@ -22,11 +22,11 @@ from transformers import TextIteratorStreamer
 
 from llava_serve import checkpoint
 from llava_serve.config import AppConfig
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.engine.sequence import StepOutput
 from llava_serve.images import PreparedImage
 from llava_serve.looplag import LoopLagMonitor
 from llava_serve.prompts import PromptInputs
-from llava_serve.sampling import SamplingParams
-from llava_serve.sequence import StepOutput
 
 
 class CountingStreamer(TextIteratorStreamer):

@@ -31,9 +31,9 @@ from PIL import Image
 from benchmarks.report import save
 from llava_serve import checkpoint, images
 from llava_serve.config import AppConfig
+from llava_serve.engine.sampling import SamplingParams
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
-from llava_serve.sampling import SamplingParams
 
 QUESTIONS = [
     "What is in this image?",

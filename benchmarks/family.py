@@ -27,10 +27,10 @@ from benchmarks.report import save
 from llava_serve import images, tiny
 from llava_serve.config import EngineConfig, ImageConfig, ModelConfig
 from llava_serve.engine import Engine
+from llava_serve.engine.sampling import SamplingParams
 from llava_serve.models import load_adapter
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
-from llava_serve.sampling import SamplingParams
 
 SIZES = {
     "small 40x30": (40, 30),

@@ -28,7 +28,7 @@ import torch
 from benchmarks.report import save
 from llava_serve import checkpoint, tiny
 from llava_serve.config import ModelConfig
-from llava_serve.runner import ModelRunner
+from llava_serve.engine.runner import ModelRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,9 +31,9 @@ from benchmarks.report import save
 from llava_serve import checkpoint, tiny
 from llava_serve.config import EngineConfig, ModelConfig
 from llava_serve.engine import Engine
+from llava_serve.engine.sampling import SamplingParams
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
-from llava_serve.sampling import SamplingParams
 from llava_serve.structured.spec import OutputFormat
 
 

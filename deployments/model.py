@@ -16,12 +16,12 @@ from deployments.metrics import EngineMetrics
 from llava_serve import process
 from llava_serve.config import AppConfig
 from llava_serve.engine import Engine
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.engine.sequence import ACCEPTED, StepOutput
 from llava_serve.errors import InvalidRequest
 from llava_serve.images import PreparedImage
 from llava_serve.looplag import LoopLagMonitor
 from llava_serve.prompts import PromptInputs
-from llava_serve.sampling import SamplingParams
-from llava_serve.sequence import ACCEPTED, StepOutput
 
 
 async def _resolved(image: PreparedImage) -> PreparedImage:

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from llava_serve.config import AppConfig
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.engine.sequence import SampledLogprob, StepOutput
 from llava_serve.errors import EngineError, InvalidRequest, ModelNotFound, Unavailable, unwrap
 from llava_serve.fetch import check_data_uri
 from llava_serve.prompts import MediaSource, TemplateMessage, media_sources, to_template_messages
@@ -38,8 +40,6 @@ from llava_serve.protocol import (
     new_completion_id,
     now,
 )
-from llava_serve.sampling import SamplingParams
-from llava_serve.sequence import SampledLogprob, StepOutput
 from llava_serve.structured.request import output_format, tool_call_format
 from llava_serve.structured.tools import CallUpdate, ToolCallReader
 from llava_serve.telemetry import RequestRecord, source_kind

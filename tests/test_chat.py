@@ -14,13 +14,13 @@ from llava_serve.admission import Admission
 from llava_serve.chat import ChatService
 from llava_serve.config import AdmissionConfig, AppConfig, EngineConfig
 from llava_serve.engine import Engine
+from llava_serve.engine.runner import ModelRunner
+from llava_serve.engine.sequence import ACCEPTED
 from llava_serve.errors import Overloaded, Unavailable
 from llava_serve.fetch import ImageFetcher
 from llava_serve.health import HealthProbe
 from llava_serve.models import load_adapter
 from llava_serve.prompts import PromptBuilder
-from llava_serve.runner import ModelRunner
-from llava_serve.sequence import ACCEPTED
 from tests.conftest import data_uri, random_image
 from tests.reference import hf_greedy, image_request
 

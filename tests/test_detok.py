@@ -1,6 +1,6 @@
 import random
 
-from llava_serve.detok import IncrementalDetokenizer, StopMatcher, TokenBytes
+from llava_serve.engine.detok import IncrementalDetokenizer, StopMatcher, TokenBytes
 from tests.tokenizers import sentencepiece_tokenizer
 
 

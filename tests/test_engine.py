@@ -10,12 +10,12 @@ import torch
 from llava_serve import images
 from llava_serve.config import EngineConfig, ImageConfig
 from llava_serve.engine import Engine
+from llava_serve.engine.runner import ModelRunner
+from llava_serve.engine.sampling import SamplingParams
 from llava_serve.errors import EngineError, Overloaded, Unavailable
 from llava_serve.models import load_adapter
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
-from llava_serve.runner import ModelRunner
-from llava_serve.sampling import SamplingParams
 from tests.conftest import encode, random_image
 
 QUESTIONS = ["What is this?", "Describe the picture in detail, please.", "Hi", "Is there a cat?", "Why?"]

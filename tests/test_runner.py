@@ -10,8 +10,8 @@ from transformers import LlavaForConditionalGeneration
 
 from llava_serve import images
 from llava_serve.config import ImageConfig
+from llava_serve.engine.runner import ModelRunner
 from llava_serve.errors import InvalidRequest
-from llava_serve.runner import ModelRunner
 from tests.conftest import encode, random_image
 
 # Every keyword the runner passes to the model's forward.

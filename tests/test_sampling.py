@@ -5,9 +5,9 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from llava_serve.config import GenerationConfig
+from llava_serve.engine.sampling import SamplingParams, apply_penalties, make_generator, sample_row
 from llava_serve.errors import InvalidRequest
 from llava_serve.protocol import GREEDY_BELOW
-from llava_serve.sampling import SamplingParams, apply_penalties, make_generator, sample_row
 
 VOCAB = 200
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llava_serve.detok import TokenBytes
-from llava_serve.sampling import SamplingParams
-from llava_serve.sequence import Sequence
+from llava_serve.engine.detok import TokenBytes
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.engine.sequence import Sequence
 from tests.tokenizers import sentencepiece_tokenizer
 
 TEXT = "Hello wörld 語 東京 🙂 end"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from llava_serve.config import EngineConfig
+from llava_serve.engine.sampling import SamplingParams
 from llava_serve.errors import InvalidRequest
-from llava_serve.sampling import SamplingParams
 from llava_serve.structured.grammar import JSON_OPTIONS
 from llava_serve.structured.spec import JSON_OBJECT, OutputFormat, ToolCallFormat, check_schema, closed
 from llava_serve.structured.tools import ToolCallReader, call_format

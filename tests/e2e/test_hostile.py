@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from llava_serve.engine.sampling import SamplingParams
 from llava_serve.errors import EngineError
 from llava_serve.images import PreparedImage
 from llava_serve.prompts import PromptInputs
-from llava_serve.sampling import SamplingParams
 from tests.conftest import data_uri, encode, random_image
 from tests.reference import image_request
 

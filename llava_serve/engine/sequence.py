@@ -9,9 +9,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llava_serve.detok import IncrementalDetokenizer, StopMatcher, TokenBytes
+from llava_serve.engine.detok import IncrementalDetokenizer, StopMatcher, TokenBytes
+from llava_serve.engine.sampling import (
+    SamplingParams,
+    apply_logit_bias,
+    apply_penalties,
+    make_generator,
+    sample_row,
+)
 from llava_serve.images import PreparedImage
-from llava_serve.sampling import SamplingParams, apply_logit_bias, apply_penalties, make_generator, sample_row
 from llava_serve.structured.grammar import Grammar
 
 _ids = itertools.count()

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llava_serve.engine.kvcache import SlotKV, WritePlan
 from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.images import PreparedImage
-from llava_serve.kvcache import SlotKV, WritePlan
 
 
 class VisionCache:

@@ -20,13 +20,13 @@ import torch
 
 from llava_serve import checkpoint
 from llava_serve.config import EngineConfig, ModelConfig
-from llava_serve.detok import TokenBytes
+from llava_serve.engine.detok import TokenBytes
+from llava_serve.engine.kvcache import SlotKV
+from llava_serve.engine.runner import ModelRunner
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.engine.sequence import Sequence, StepOutput
 from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded, Unavailable
 from llava_serve.images import PreparedImage
-from llava_serve.kvcache import SlotKV
-from llava_serve.runner import ModelRunner
-from llava_serve.sampling import SamplingParams
-from llava_serve.sequence import Sequence, StepOutput
 from llava_serve.structured.grammar import Grammar, GrammarCompiler, MaskBuffer
 from llava_serve.structured.spec import OutputFormat
 
