@@ -67,7 +67,8 @@ def run(runner, prompts, steps: int, churn: int) -> dict:
         start = time.perf_counter()
         ids = list(range(seq, seq + len(batch)))
         seq += len(batch)
-        logits = runner.prefill(ids, [(p, []) for p in batch])
+        prefill = getattr(runner, "prefill_whole", None) or runner.prefill  # v2 or v1
+        logits = prefill(ids, [(p, []) for p in batch])
         runner.commit(logits.argmax(-1).tolist())
         joins.append(time.perf_counter() - start)
 

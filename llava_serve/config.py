@@ -133,6 +133,29 @@ class EngineConfig(_Strict):
         description="KV cache, allocated once: max_batch_size slots of this many bytes together. "
         "Unset: every slot holds the model's whole context.",
     )
+    max_step_tokens: int = Field(
+        512,
+        ge=32,
+        description="Tokens one step computes: a token per decoding row, the rest prompt chunks of "
+        "joining requests (oldest first). Smaller keeps running streams' cadence while long prompts "
+        "join; larger prefills faster.",
+    )
+    prefix_cache_bytes: int = Field(
+        256 * MiB,
+        ge=0,
+        description="KV of finished requests kept (LRU) so a prompt that starts the same (a follow-up "
+        "turn, a shared system prompt) computes only the rest. 0 disables.",
+    )
+
+    @model_validator(mode="after")
+    def _room_for_prompts(self) -> EngineConfig:
+        if self.max_step_tokens <= self.max_batch_size:
+            raise ValueError(
+                "engine.max_step_tokens must exceed engine.max_batch_size: a full batch's decode takes "
+                "that many, and joining prompts need the rest"
+            )
+        return self
+
     grammar_cache_size: int = Field(
         256, gt=0, description="Compiled output grammars (response_format schemas, tool calls) kept, LRU."
     )

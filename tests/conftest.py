@@ -65,3 +65,8 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
     return f"data:image/{fmt.lower()};base64,{base64.b64encode(encode(image, fmt)).decode()}"
+
+
+# The engine's cases and engines, shared by the engine test modules (defined after the helpers
+# above, which they use).
+from tests.engine_cases import cases, engine  # noqa: E402, F401

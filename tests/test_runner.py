@@ -31,7 +31,7 @@ def runner(hf_model):
 
 def prefill(runner, seq_ids: list[int], lengths: list[int]) -> torch.Tensor:
     prompts = [(list(range(10, 10 + n)), []) for n in lengths]
-    logits = runner.prefill(seq_ids, prompts)
+    logits = runner.prefill_whole(seq_ids, prompts)
     runner.commit(logits.argmax(-1).tolist())
     return logits
 
@@ -89,7 +89,7 @@ def test_a_failed_prefill_leaves_the_batch_as_it_was(runner, adapter):
     broken = dataclasses.replace(broken, pixel_values=broken.pixel_values[:, :, :7])  # not a tile
     slot = runner.image_token_id
     with pytest.raises(ValueError, match="doesn't match model"):
-        runner.prefill([2], [([3, *[slot] * broken.num_tokens, 4], [broken])])
+        runner.prefill_whole([2], [([3, *[slot] * broken.num_tokens, 4], [broken])])
     assert runner.batch.seq_ids == [1] and runner.batch.lengths.tolist() == [4]
     assert torch.allclose(runner.decode()[0], solo_logits(runner, 4, 1)[1], atol=1e-4)
 
@@ -98,6 +98,49 @@ def test_image_features_must_fill_the_image_slots_exactly(runner, adapter):
     image = images.prepare(encode(random_image(1)), adapter, ImageConfig())
     slot = runner.image_token_id
     with pytest.raises(InvalidRequest, match="image positions"):
-        runner.prefill([1], [([3, slot, slot, 4], [image])])
+        runner.prefill_whole([1], [([3, slot, slot, 4], [image])])
     with pytest.raises(InvalidRequest, match="0 feature rows"):
-        runner.prefill([1], [([3, slot, 4], [])])
+        runner.prefill_whole([1], [([3, slot, 4], [])])
+
+
+def test_a_prompt_written_in_chunks_computes_what_it_would_in_one_piece(runner):
+    """Two rows decode while a third prompt is written 5 positions at a time into a staged
+    slot; it then joins, and its logits equal the one-piece prefill's, step after step."""
+    from llava_serve.engine.runner import Chunk
+
+    prefill(runner, [1, 2], [6, 9])
+    ids = list(range(20, 37))  # 17 positions: chunks of 5, 5, 5, 2
+    embeds = runner.embed(ids, [])
+    slot = runner.take_slot()
+    assert slot == runner.kv.slots - 1  # staged prompts take slots from the top
+    for start in range(0, len(ids), 5):
+        logits = runner.prefill([Chunk(slot, start, embeds[start : start + 5])])
+        runner.set_last_tokens(runner.decode().argmax(-1).tolist())  # the others keep decoding
+    alone = ModelRunner(runner.model, 0)
+    whole = alone.prefill_whole([0], [(ids, [])])
+    assert torch.allclose(logits[0], whole[0], atol=1e-4)
+    runner.join(slot, 3, int(logits[0].argmax()))
+    assert runner.batch.seq_ids == [1, 2, 3] and runner.batch.lengths.tolist()[2] == len(ids)
+    alone.commit([int(whole[0].argmax())])
+    assert torch.allclose(runner.decode()[2], alone.decode()[0], atol=1e-4)
+
+
+def test_a_joining_prompt_trades_places_with_a_staged_one_in_its_way(runner):
+    """All but one slot hold rows or staged prompts, and the joining prompt is not the one next
+    to the decoding rows: the two swap, and both still compute what they would alone."""
+    from llava_serve.engine.runner import Chunk
+
+    prefill(runner, list(range(1, runner.kv.slots - 1)), [3] * (runner.kv.slots - 2))
+    a, b = runner.take_slot(), runner.take_slot()  # a: the top slot, b: the one below it
+    ids_a, ids_b = list(range(40, 47)), list(range(60, 64))
+    runner.prefill([Chunk(b, 0, runner.embed(ids_b, [])), Chunk(a, 0, runner.embed(ids_a, []))])
+    runner.join(a, 100, 5)  # a moves down into b's slot; b's prompt moves up
+    assert runner.staged == {a: len(ids_b)}
+    logits = runner.prefill([Chunk(a, len(ids_b), runner.embed([64, 65], []))])
+    alone = ModelRunner(runner.model, 0)
+    assert torch.allclose(logits[0], alone.prefill_whole([0], [([*ids_b, 64, 65], [])])[0], atol=1e-4)
+    runner.set_last_tokens([*runner.batch.last_tokens.tolist()[:-1], 5])
+    expected = ModelRunner(runner.model, 0)
+    expected.prefill_whole([0], [(ids_a, [])])
+    expected.commit([5])
+    assert torch.allclose(runner.decode()[-1], expected.decode()[0], atol=1e-4)

@@ -22,7 +22,8 @@ from llava_serve import checkpoint
 from llava_serve.config import EngineConfig, ModelConfig
 from llava_serve.engine.detok import TokenBytes
 from llava_serve.engine.kvcache import SlotKV
-from llava_serve.engine.runner import ModelRunner
+from llava_serve.engine.prefix import PrefixCache, prefix_key
+from llava_serve.engine.runner import Chunk, ModelRunner
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.engine.sequence import Sequence, StepOutput
 from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded, Unavailable
@@ -53,6 +54,7 @@ class Engine:
         vocab = runner.vocab_size
         self.grammars = GrammarCompiler(tokenizer, vocab, eos_ids, config.grammar_cache_size)
         self._masks = MaskBuffer(vocab)
+        self.prefixes = PrefixCache(config.prefix_cache_bytes)
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}
         self._wake = asyncio.Event()
@@ -105,6 +107,11 @@ class Engine:
             "image_cache_hits": cache.hits,
             "image_cache_misses": cache.misses,
             "image_cache_bytes": cache.bytes,
+            "prefix_cache_hits": self.prefixes.hits,
+            "prefix_cache_misses": self.prefixes.misses,
+            "prefix_cache_hit_tokens": self.prefixes.hit_tokens,
+            "prefix_cache_bytes": self.prefixes.bytes,
+            "joining": sum(not s.joined for s in self._running.values()),
             "grammar_cache_hits": self.grammars.hits,
             "grammar_cache_misses": self.grammars.misses,
         }
@@ -250,13 +257,15 @@ class Engine:
             self._wake.clear()
             if not self._running:
                 self.last_step_end = time.monotonic()  # idle until now: nothing could have stalled
-            decoding = [s for s in self._running.values() if not s.cancelled]
-            admit = self._admit()
-            if not decoding and not admit:
-                if self.runner.num_rows:  # the last rows were cancelled: free their KV now
-                    await loop.run_in_executor(self._executor, self.runner.keep, set())
+            self._admit()
+            decoding = [s for s in self._running.values() if s.joined and not s.cancelled]
+            joining = [s for s in self._running.values() if not s.joined]
+            if not decoding and not any(not s.cancelled for s in joining):
+                if self.runner.num_rows or self.runner.staged:  # the last were cancelled: free their KV
+                    await loop.run_in_executor(self._executor, self._step, [], joining)
+                    self._emit([])
                 continue
-            outputs = await loop.run_in_executor(self._executor, self._step, decoding, admit)
+            outputs = await loop.run_in_executor(self._executor, self._step, decoding, joining)
             self.steps += 1
             self.last_step_end = time.monotonic()
             self._emit(outputs)
@@ -284,16 +293,93 @@ class Engine:
                 self.on_admit(now - seq.created_at)
         return admit
 
-    def _step(self, decoding: list[Sequence], admit: list[Sequence]) -> list[tuple[Sequence, Result]]:
-        """Executor thread: retire cancelled rows, decode the running ones, prefill the new ones."""
+    def _step(self, decoding: list[Sequence], joining: list[Sequence]) -> list[tuple[Sequence, Result]]:
+        """Executor thread: retire cancelled rows, decode the running ones, then spend the rest of
+        the step's token budget on the joining requests' prompts, oldest first."""
         outputs: list[tuple[Sequence, Result]] = []
         self.runner.keep({s.seq_id for s in decoding})
+        for seq in joining:
+            if seq.cancelled and seq.slot is not None:
+                self.runner.release(seq.slot)
+                seq.slot = None
         if decoding:
             outputs += self._decode(decoding)
-        if admit:
-            outputs += self._prefill(admit)
-        self.runner.keep({s.seq_id for s in decoding + admit if not s.finished})
+        budget = self.config.max_step_tokens - len(decoding)
+        chunks, failed = self._chunks([s for s in joining if not s.cancelled], budget)
+        outputs += failed
+        if chunks:
+            outputs += self._prefill(chunks)
+        self._remember([seq for seq, out in outputs if isinstance(out, StepOutput) and out.finish_reason])
+        self.runner.keep({s.seq_id for s in decoding + joining if s.joined and not s.finished})
         return outputs
+
+    def _chunks(
+        self, joining: list[Sequence], budget: int
+    ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, Result]]]:
+        """How many prompt positions each joining request computes this step: oldest first, as
+        far as `budget` goes. A request starts by taking a slot, copying in the longest cached
+        prefix of its prompt and computing its prompt's embeddings (its images encoded, several
+        requests' images together)."""
+        plan: list[tuple[Sequence, int]] = []
+        for seq in joining:
+            if budget <= 0:
+                break
+            plan.append((seq, min(seq.prompt_left, budget)))
+            budget -= plan[-1][1]
+        failed = self._start([seq for seq, _ in plan if seq.embeds is None])
+        # A prefix hit leaves less to compute than planned; a failed start computes nothing.
+        plan = [(seq, min(n, seq.prompt_left)) for seq, n in plan if not seq.finished]
+        return plan, failed
+
+    def _start(self, seqs: list[Sequence]) -> list[tuple[Sequence, Result]]:
+        failed: list[tuple[Sequence, Result]] = []
+        if not seqs:
+            return failed
+        start = time.perf_counter()
+        features: list[list[torch.Tensor] | None] = [None] * len(seqs)
+        try:  # every starting request's images through the tower together
+            flat = iter(self.runner.encode_images([im for s in seqs for im in s.images]))
+            features = [[next(flat) for _ in s.images] for s in seqs]
+        except Exception:
+            logger.exception("vision encoding failed for %d requests; each is tried alone", len(seqs))
+        for seq, found in zip(seqs, features, strict=True):
+            try:
+                seq.embeds = self.runner.embed(seq.input_ids, seq.images, found)
+            except Exception as e:
+                if not isinstance(e, LlavaServeError):
+                    logger.exception("embedding the prompt of request %d failed", seq.seq_id)
+                failed += self._failed([seq], e)
+                continue
+            seq.slot = self.runner.take_slot()
+            key = self._prefix_key(seq)
+            hit = self.prefixes.lookup(key) if self.prefixes.enabled else None
+            if hit is not None:
+                entry, length = hit
+                self.runner.load_prefix(
+                    seq.slot, [k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values]
+                )
+                seq.prefilled = length
+                seq.stages["prefix_hit_tokens"] = length
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.stages["vision_encode"] = now - start
+        return failed
+
+    def _prefix_key(self, seq: Sequence) -> tuple:
+        return prefix_key(seq.input_ids, seq.images, self.runner.image_token_id, self.runner.video_token_id)
+
+    def _remember(self, finished: list[Sequence]) -> None:
+        """Keep finished requests' KV for prompts that start the same (a follow-up turn)."""
+        if not self.prefixes.enabled:
+            return
+        for seq in finished:
+            try:
+                keys, values = self.runner.export(seq.seq_id)
+            except ValueError:  # not a decoding row (failed before joining)
+                continue
+            length = keys[0].shape[1]
+            key = self._prefix_key(seq) + tuple(seq.generated)
+            self.prefixes.put(key[:length], keys, values)
 
     def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, Result]]:
         """One token for every running row. A failed forward pass fails them all (the cache
@@ -303,6 +389,8 @@ class Engine:
         except Exception as e:
             logger.exception("decode failed for %d requests", len(seqs))
             self.runner.reset()
+            for seq in self._running.values():  # staged prompts were dropped with the cache
+                seq.slot, seq.embeds, seq.prefilled = None, None, 0
             return self._failed(seqs, e)
         row = {sid: i for i, sid in enumerate(self.runner.batch.seq_ids)}
         outs = self._sample(seqs, logits[[row[s.seq_id] for s in seqs]])
@@ -311,22 +399,42 @@ class Engine:
         self.runner.set_last_tokens([tokens.get(sid, 0) for sid in self.runner.batch.seq_ids])
         return outs
 
-    def _prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, Result]]:
-        """Prompts in one forward pass, then their first tokens. If the pass fails, each request
-        is tried alone so only the culprit fails; nothing about a request changes before its
-        logits exist, so a retry starts from the same state."""
+    def _prefill(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, Result]]:
+        """The planned prompt chunks in one forward pass; requests whose prompts are now whole get
+        their first tokens and join the batch. If the pass fails, each request is tried alone so
+        only the culprit fails; nothing about a request changes before its pass succeeds, so a
+        retry starts from the same state."""
+        chunks = [Chunk(s.slot, s.prefilled, s.embeds[s.prefilled : s.prefilled + n]) for s, n in plan]
+        start = time.perf_counter()
         try:
-            logits = self.runner.prefill([s.seq_id for s in seqs], [(s.input_ids, s.images) for s in seqs])
+            logits = self.runner.prefill(chunks)
         except Exception as e:
-            if len(seqs) > 1:
-                return [out for seq in seqs for out in self._prefill([seq])]
+            if len(plan) > 1:
+                return [out for one in plan for out in self._prefill([one])]
             logger.exception("prefill failed")
-            return self._failed(seqs, e)
-        for seq in seqs:
-            seq.stages.update(self.runner.last_prefill_stages)
-        outs = self._sample(seqs, logits)
-        # Rows join in one step, failed ones included; `keep` drops those at the end of the step.
-        self.runner.commit([out.token_id if isinstance(out, StepOutput) else 0 for _, out in outs])
+            seq = plan[0][0]
+            self.runner.release(seq.slot)
+            return self._failed([seq], e)
+        took = time.perf_counter() - start
+        whole: list[tuple[Sequence, torch.Tensor]] = []
+        for (seq, n), row in zip(plan, logits, strict=True):
+            seq.prefilled += n
+            seq.stages["prefill"] = seq.stages.get("prefill", 0.0) + took
+            if seq.prompt_left == 0:
+                whole.append((seq, row))
+        if not whole:
+            return []
+        outs = self._sample([s for s, _ in whole], torch.stack([r for _, r in whole]))
+        for seq, out in outs:
+            seq.embeds = None  # the slot holds the prompt now
+            if isinstance(out, StepOutput):
+                displaced = self.runner.join(seq.slot, seq.seq_id, out.token_id)
+                if displaced is not None:  # the staged prompt it traded places with
+                    moved = next(s for s in self._running.values() if not s.joined and s.slot == displaced)
+                    moved.slot = seq.slot
+                seq.joined = True
+            else:
+                self.runner.release(seq.slot)
         return outs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
@@ -372,5 +480,7 @@ class Engine:
         for seq, out in outputs:
             seq.outputs.put_nowait(out)
         for seq in list(self._running.values()):
-            if seq.finished or seq.cancelled:
+            # A cancelled request still holding a prompt slot keeps its place until the next step
+            # gives the slot back.
+            if seq.finished or (seq.cancelled and (seq.joined or seq.slot is None)):
                 del self._running[seq.seq_id]

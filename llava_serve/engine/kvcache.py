@@ -22,10 +22,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 class WritePlan:
     """Where one forward pass's new keys and values go: token t of the pass (batch row
     `batch[t]`, query position `query[t]`) lands in slot `slot[t]` at position `position[t]`;
-    attention then reads slots `first .. first+count` up to `kv_len`."""
+    attention then reads slots `rows` (batch row i is `rows[i]`) up to `kv_len`: a view when
+    they are consecutive (every decode step), a gather of those rows otherwise."""
 
-    first: int
-    count: int
+    rows: slice | torch.Tensor
     kv_len: int
     batch: torch.Tensor
     query: torch.Tensor
@@ -68,14 +68,19 @@ class SlotKV:
         # [rows, heads, queries, dim] -> one [heads, dim] vector per new token, in the plan's order
         self.keys[layer][p.slot, :, p.position] = keys.transpose(1, 2)[p.batch, p.query]
         self.values[layer][p.slot, :, p.position] = values.transpose(1, 2)[p.batch, p.query]
-        rows = slice(p.first, p.first + p.count)
-        return self.keys[layer][rows, :, : p.kv_len], self.values[layer][rows, :, : p.kv_len]
+        return self.keys[layer][p.rows, :, : p.kv_len], self.values[layer][p.rows, :, : p.kv_len]
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy one slot's first `length` positions into another (a leaving row's hole)."""
         for keys, values in zip(self.keys, self.values, strict=True):
             keys[target, :, :length] = keys[source, :, :length]
             values[target, :, :length] = values[source, :, :length]
+
+    def swap(self, a: int, b: int, length: int) -> None:
+        """Exchange two slots' first `length` positions."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[[a, b], :, :length] = keys[[b, a], :, :length]
+            values[[a, b], :, :length] = values[[b, a], :, :length]
 
 
 class SlotLayer(CacheLayerMixin):

@@ -1,62 +1,43 @@
-"""The model and the running batch. Only the engine's executor thread calls in here.
+"""The model and its KV slots. Only the engine's executor thread calls in here.
 
-The batch lives in `SlotKV`: row i is KV slot i, written in place at its own length, with its own
-positions, so a request computes what it would alone. Rows join after a batched prefill (into
-the next free slots) and leave at step boundaries (their slots given back).
+Rows that decode are slots `0..n-1` (the running `Batch`): a decode step is one forward pass over
+them, each writing at its own length. A request's prompt is written into a slot taken from the top
+of the free ones, in chunks (`prefill`), possibly after a cached prefix was copied in
+(`load_prefix`); once it is whole, `join` makes it decoding row n. A row that leaves gives its
+slot back, and the last decoding row moves into the hole, so the decoding rows stay a view.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from llava_serve.engine.kvcache import SlotKV, WritePlan
+from llava_serve.engine.vision import VisionCache
 from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.images import PreparedImage
 
 
-class VisionCache:
-    """LRU of projected vision-tower outputs, keyed by the preprocessor's content hash, bounded in bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        value = self.entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.entries.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes or key in self.entries:
-            return
-        self.entries[key] = value
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-
-
 @dataclass
 class Batch:
-    """The running rows, in slot order (row i is slot i): their ids, lengths (tokens in the cache)
-    and last sampled tokens (the next step's inputs)."""
+    """The decoding rows, in slot order (row i is slot i): their ids, lengths (tokens in the
+    cache) and last sampled tokens (the next step's inputs)."""
 
     seq_ids: list[int]
     lengths: torch.Tensor
     last_tokens: torch.Tensor
+
+
+@dataclass
+class Chunk:
+    """The next positions of one prompt: `embeds` [n, hidden] written into `slot` from `start`."""
+
+    slot: int
+    start: int
+    embeds: torch.Tensor
 
 
 class ModelRunner:
@@ -77,7 +58,9 @@ class ModelRunner:
         max_len = max_len or self.text_config.max_position_embeddings
         self.kv = SlotKV(model.config, slots, max_len, self.dtype, self.device)
         self.batch: Batch | None = None
-        self._staged: tuple[list[int], list[int]] | None = None
+        # Slots holding a prompt being written (not decoding yet): slot -> tokens written.
+        self.staged: dict[int, int] = {}
+        self._whole: list[tuple[int, int]] = []  # (seq_id, slot) of `prefill_whole`, for `commit`
         self.last_prefill_stages: dict[str, float] = {}
 
     @property
@@ -88,6 +71,10 @@ class ModelRunner:
     @property
     def num_rows(self) -> int:
         return 0 if self.batch is None else len(self.batch.seq_ids)
+
+    @property
+    def free_slots(self) -> int:
+        return self.kv.slots - self.num_rows - len(self.staged)
 
     # -- vision ---------------------------------------------------------------------------
 
@@ -117,12 +104,19 @@ class ModelRunner:
     def _tensor(self, image: PreparedImage) -> torch.Tensor:
         return torch.from_numpy(image.pixel_values).to(self.device, self.dtype)
 
-    # -- prefill and decode ----------------------------------------------------------------
-
-    def _embed(self, input_ids: list[int], images: list[PreparedImage]) -> torch.Tensor:
+    @torch.inference_mode()
+    def embed(
+        self,
+        input_ids: list[int],
+        images: list[PreparedImage],
+        features: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """A prompt's input embeddings [tokens, hidden], image features (encoded here unless
+        given) in their slots. Computed once per request; its prefill chunks are slices of it."""
         ids = torch.tensor(input_ids, device=self.device)
         embeds = self.model.get_input_embeddings()(ids)
-        features = self.encode_images(images) if images else []
+        if features is None:
+            features = self.encode_images(images) if images else []
         # Images fill the image slots and videos the video slots, each kind in its own order (a
         # template may place all of a turn's images before its videos).
         for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
@@ -141,62 +135,150 @@ class ModelRunner:
                 embeds = embeds.masked_scatter(slots[:, None], filling.to(embeds.dtype))
         return embeds
 
-    @torch.inference_mode()
-    def prefill(
-        self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]
-    ) -> torch.Tensor:
-        """Run the prompts as one batch into the next free slots; return last-position logits
-        [K, vocab].
+    # -- slots ----------------------------------------------------------------------------
 
-        The new rows are staged, not yet part of the running batch: call `commit()` once their
-        first tokens are sampled, so a failure here leaves the running batch untouched (the slots
-        it wrote are past the running ones and are written again by the next prefill).
+    def take_slot(self) -> int:
+        """A free slot for a new prompt: the highest one, away from the decoding rows below."""
+        taken = set(self.staged)
+        for slot in range(self.kv.slots - 1, self.num_rows - 1, -1):
+            if slot not in taken:
+                self.staged[slot] = 0
+                return slot
+        raise EngineError(f"all {self.kv.slots} KV slots are in use")
+
+    def release(self, slot: int) -> None:
+        """Give back a slot whose prompt will not be finished (failed or cancelled)."""
+        self.staged.pop(slot, None)
+
+    def load_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Copy a cached prefix's KV ([heads, length, dim] per layer) into a staged slot."""
+        length = keys[0].shape[1]
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.kv.keys[layer][slot, :, :length] = k
+            self.kv.values[layer][slot, :, :length] = v
+        self.staged[slot] = length
+
+    def export(self, seq_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A decoding row's KV, copied out ([heads, length, dim] per layer), for the prefix cache."""
+        row = self.batch.seq_ids.index(seq_id)
+        length = int(self.batch.lengths[row])
+        keys = [k[row, :, :length].clone() for k in self.kv.keys]
+        values = [v[row, :, :length].clone() for v in self.kv.values]
+        return keys, values
+
+    # -- prefill and decode ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Write the chunks into their staged slots in one forward pass; return each chunk's
+        last-position logits [K, vocab] (its next token's, once its prompt is whole).
+
+        A chunk's queries attend to everything already in its slot and to their own earlier
+        positions, so a prompt computes the same in chunks as in one piece. A failure leaves the
+        decoding rows untouched (they live in other slots); the caller releases the chunks' slots.
         """
         start = time.perf_counter()
-        first = self.num_rows
-        if first + len(prompts) > self.kv.slots:
-            raise EngineError(f"{first + len(prompts)} rows for {self.kv.slots} KV slots")
-        embeds = [self._embed(ids, images) for ids, images in prompts]
-        vision_done = self._synchronized()
-        lengths = [e.shape[0] for e in embeds]
-        if max(lengths) > self.kv.max_len:
-            raise InvalidRequest(
-                f"a prompt of {max(lengths)} tokens does not fit a KV slot of {self.kv.max_len}"
-            )
-        # Left-padded, so every row's last real token is the batch's last position.
-        q = max(lengths)
-        pads = torch.tensor([q - n for n in lengths], device=self.device)
-        inputs = torch.stack([F.pad(e, (0, 0, q - e.shape[0], 0)) for e in embeds])
+        for c in chunks:
+            if self.staged.get(c.slot) != c.start:
+                raise EngineError(f"slot {c.slot} holds {self.staged.get(c.slot)} tokens, not {c.start}")
+        sizes = torch.tensor([c.embeds.shape[0] for c in chunks], device=self.device)
+        starts = torch.tensor([c.start for c in chunks], device=self.device)
+        q = int(sizes.max())
+        kv_len = int((starts + sizes).max())
+        if kv_len > self.kv.max_len:
+            raise InvalidRequest(f"a prompt of {kv_len} tokens does not fit a KV slot of {self.kv.max_len}")
+        # Left-padded, so every chunk's last real position is the batch's last query.
+        inputs = torch.stack([F.pad(c.embeds, (0, 0, q - c.embeds.shape[0], 0)) for c in chunks])
         columns = torch.arange(q, device=self.device)
-        slot_pos = columns[None, :] - pads[:, None]  # each query's position in its own row
-        valid = slot_pos >= 0
+        offset = columns[None, :] - (q - sizes)[:, None]  # index within the chunk; < 0 is padding
+        valid = offset >= 0
+        position = starts[:, None] + offset  # each query's position in its own slot
         batch, query = valid.nonzero(as_tuple=True)
+        slots = [c.slot for c in chunks]
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        slot_of = torch.tensor(slots, device=self.device)
         plan = WritePlan(
-            first=first,
-            count=len(prompts),
-            kv_len=q,
+            rows=slice(slots[0], slots[-1] + 1) if contiguous else slot_of,
+            kv_len=kv_len,
             batch=batch,
             query=query,
-            slot=batch + first,
-            position=slot_pos[batch, query],
+            slot=slot_of[batch],
+            position=position[batch, query],
         )
-        # Row i's query at position s sees its own positions 0..s; a padding query sees position 0
-        # only (its output is never used; a row with nothing to attend to would be NaN).
-        sees = (columns[None, None, :] <= slot_pos[:, :, None]) | (~valid[:, :, None] & (columns == 0))
+        keys = torch.arange(kv_len, device=self.device)
+        # A query sees its slot's positions up to its own; a padding query sees position 0 only
+        # (its output is never used; a row with nothing to attend to would be NaN).
+        sees = (keys[None, None, :] <= position[:, :, None]) & valid[:, :, None]
+        sees |= ~valid[:, :, None] & (keys == 0)
         out = self.model(
             inputs_embeds=inputs,
             attention_mask=self._additive(sees),
-            position_ids=slot_pos.clamp(min=0),
+            position_ids=position.clamp(min=0),
             cache=self.kv.cache(plan),
             logits_to_keep=1,
         )
-        # Each request in the batch waited for all of it: the times are the batch's.
-        self.last_prefill_stages = {
-            "vision_encode": vision_done - start,
-            "prefill": self._synchronized() - vision_done,
-        }
-        self._staged = (list(seq_ids), lengths)
+        for c in chunks:
+            self.staged[c.slot] = c.start + c.embeds.shape[0]
+        self.last_prefill_stages["prefill"] = self._synchronized() - start
         return out.logits[:, -1, :]
+
+    def join(self, slot: int, seq_id: int, first_token: int) -> int | None:
+        """Make a staged slot, its prompt whole, the next decoding row. It moves down to slot n
+        unless it is there already; a staged prompt that sat in slot n trades places with it, and
+        then n is returned (that prompt's slot is now `slot`)."""
+        length = self.staged.pop(slot)
+        n = self.num_rows
+        displaced = None
+        if slot != n:
+            if n in self.staged:
+                self.kv.swap(n, slot, max(length, self.staged[n]))
+                self.staged[slot] = self.staged.pop(n)
+                displaced = n
+            else:
+                self.kv.move(slot, n, length)
+        new = Batch(
+            [seq_id],
+            torch.tensor([length], dtype=torch.long, device=self.device),
+            torch.tensor([first_token], dtype=torch.long, device=self.device),
+        )
+        b = self.batch
+        self.batch = (
+            new
+            if b is None
+            else Batch(
+                b.seq_ids + new.seq_ids,
+                torch.cat([b.lengths, new.lengths]),
+                torch.cat([b.last_tokens, new.last_tokens]),
+            )
+        )
+        return displaced
+
+    def prefill_whole(self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]):
+        """Whole prompts in one pass into fresh slots; `commit` with their first tokens makes them
+        decoding rows. A failure gives the slots back and leaves the decoding rows as they were."""
+        start = time.perf_counter()
+        slots: list[int] = []
+        try:
+            embeds = [self.embed(ids, images) for ids, images in prompts]
+            vision_done = self._synchronized()
+            slots = [self.take_slot() for _ in prompts]
+            logits = self.prefill([Chunk(s, 0, e) for s, e in zip(slots, embeds, strict=True)])
+        except Exception:
+            for s in slots:
+                self.release(s)
+            raise
+        self.last_prefill_stages["vision_encode"] = vision_done - start
+        self._whole = list(zip(seq_ids, slots, strict=True))
+        return logits
+
+    def commit(self, first_tokens: list[int]) -> None:
+        """Join the rows of the last `prefill_whole`, with their first sampled tokens."""
+        seq_ids, slots = [sid for sid, _ in self._whole], [slot for _, slot in self._whole]
+        self._whole = []
+        for i, token in enumerate(first_tokens):
+            displaced = self.join(slots[i], seq_ids[i], token)
+            if displaced is not None:  # a later row of this prefill moved up into slots[i]
+                slots = [slots[i] if slot == displaced else slot for slot in slots]
 
     def _additive(self, sees: torch.Tensor) -> torch.Tensor:
         """A boolean [rows, queries, keys] visibility as the 4D additive mask attention takes."""
@@ -209,27 +291,9 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def commit(self, first_tokens: list[int]) -> None:
-        """Add the staged prefill rows, with their first sampled tokens, to the running batch."""
-        (seq_ids, lengths), self._staged = self._staged, None
-        new = Batch(
-            seq_ids,
-            torch.tensor(lengths, dtype=torch.long, device=self.device),
-            torch.tensor(first_tokens, dtype=torch.long, device=self.device),
-        )
-        if self.batch is None:
-            self.batch = new
-            return
-        b = self.batch
-        self.batch = Batch(
-            b.seq_ids + new.seq_ids,
-            torch.cat([b.lengths, new.lengths]),
-            torch.cat([b.last_tokens, new.last_tokens]),
-        )
-
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
-        """One token for every running row, each written at its own length; logits [B, vocab]."""
+        """One token for every decoding row, each written at its own length; logits [B, vocab]."""
         b = self.batch
         n = len(b.seq_ids)
         rows = torch.arange(n, device=self.device)
@@ -237,8 +301,7 @@ class ModelRunner:
         if kv_len > self.kv.max_len:
             raise EngineError(f"a row outgrew its KV slot of {self.kv.max_len} tokens")
         plan = WritePlan(
-            first=0,
-            count=n,
+            rows=slice(0, n),
             kv_len=kv_len,
             batch=rows,
             query=torch.zeros_like(rows),
@@ -256,13 +319,13 @@ class ModelRunner:
         b.lengths = b.lengths + 1
         return out.logits[:, -1, :]
 
-    def set_last_tokens(self, tokens: list[int]) -> None:
-        self.batch.last_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
+    def set_last_tokens(self, tokens: list[int] | torch.Tensor) -> None:
+        self.batch.last_tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
 
     def keep(self, seq_ids: set[int]) -> None:
-        """Give back the slots of every sequence not in `seq_ids`. Each hole below the new row
-        count is filled by moving a surviving row from above it (its valid tokens only), so the
-        rest of the cache is never touched."""
+        """Give back the slots of every decoding row not in `seq_ids`. Each hole below the new
+        row count is filled by moving a surviving row from above it (its valid tokens only), so
+        the rest of the cache is never touched. Staged slots lie above every decoding row."""
         b = self.batch
         if b is None:
             return
@@ -285,6 +348,8 @@ class ModelRunner:
         self.batch = Batch([b.seq_ids[i] for i in order[:n]], b.lengths[index], b.last_tokens[index])
 
     def reset(self) -> None:
-        """Drop the whole batch, e.g. after a failed decode left the cache in an unknown state."""
+        """Drop every row and staged prompt, e.g. after a failed decode left the cache in an
+        unknown state."""
         self.batch = None
-        self._staged = None
+        self.staged.clear()
+        self._whole = []

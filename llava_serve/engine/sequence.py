@@ -99,6 +99,12 @@ class Sequence:
     stages: dict[str, float] = field(default_factory=dict)
     # Present when the answer must match a format; the engine masks this row's logits with it.
     grammar: Grammar | None = None
+    # While its prompt is written: the KV slot it holds, the prompt's embeddings (computed
+    # once, chunks are slices of them) and how many positions the slot holds so far.
+    slot: int | None = None
+    embeds: torch.Tensor | None = field(default=None, repr=False)
+    prefilled: int = 0
+    joined: bool = False  # its prompt is whole and it decodes with the batch
     stop: StopMatcher = field(init=False)
     _prompt: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -132,6 +138,11 @@ class Sequence:
     def kv_budget(self) -> int:
         """Tokens this request may hold in the KV cache at its longest."""
         return len(self.input_ids) + self.params.max_tokens
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt positions not yet in its KV slot."""
+        return len(self.input_ids) - self.prefilled
 
     @property
     def num_generated(self) -> int:

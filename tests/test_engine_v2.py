@@ -1,0 +1,151 @@
+"""Engine v2's mechanisms against `transformers.generate`: prompts written in chunks while other
+rows decode, and prefixes reused from finished requests (a follow-up turn, a shared image)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from llava_serve import images
+from llava_serve.config import EngineConfig, ImageConfig
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.models import load_adapter
+from llava_serve.prompts import PromptBuilder, to_template_messages
+from llava_serve.protocol import ChatMessage
+from tests.conftest import encode, random_image
+from tests.engine_cases import build_engine, collect
+
+
+class Conversation:
+    """A chat (its messages as the API takes them), its engine inputs and `generate`'s greedy answer."""
+
+    def __init__(self, processor, hf_model, messages: list[dict], pictures: list, max_tokens: int):
+        adapter = load_adapter(processor.tokenizer.name_or_path)
+        msgs = to_template_messages([ChatMessage(**m) for m in messages])
+        builder = PromptBuilder(processor, 2048)
+        self.images = [images.prepare(encode(p), adapter, ImageConfig()) for p in pictures]
+        self.input_ids = builder.build(msgs, max_tokens, [im.num_tokens for im in self.images]).input_ids
+        self.max_tokens = max_tokens
+        inputs = processor(text=builder.render(msgs), images=pictures or None, return_tensors="pt")
+        with torch.no_grad():
+            out = hf_model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        self.expected = out[0, inputs["input_ids"].shape[1] :].tolist()
+        self.text = processor.tokenizer.decode(self.expected, skip_special_tokens=True)
+
+
+def ask(question: str, image: bool = True) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": "x"}}] if image else []
+    return {"role": "user", "content": [*parts, {"type": "text", "text": question}]}
+
+
+@pytest.fixture(scope="module")
+def turns(processor, hf_model):
+    """A first turn about a picture, and the follow-up that carries its answer."""
+    picture = random_image(7, (52, 44))
+    first = Conversation(processor, hf_model, [ask("What is in this picture? Describe it.")], [picture], 12)
+    history = [
+        ask("What is in this picture? Describe it."),
+        {"role": "assistant", "content": first.text},
+        ask("And what colour is it, mostly?", image=False),
+    ]
+    follow = Conversation(processor, hf_model, history, [picture], 12)
+    other = Conversation(
+        processor, hf_model, [ask("What is in this picture? Describe it.")], [random_image(8, (52, 44))], 12
+    )
+    return first, follow, other
+
+
+@pytest.fixture
+async def chunky(tiny_dir, processor):
+    """Steps of at most 40 tokens: with 8 rows decoding, a prompt joins 32 positions at a time."""
+    eng = build_engine(tiny_dir, processor, EngineConfig(max_batch_size=8, max_step_tokens=40))
+    yield eng
+    await eng.shutdown()
+
+
+async def test_prompts_written_in_chunks_while_others_decode_equal_generate(chunky, cases):
+    longest = max(len(c.input_ids) for c in cases)
+    assert longest > 40, "the cases must need several chunks"
+    results = await asyncio.gather(*[collect(chunky, c, delay=0.004 * i) for i, c in enumerate(cases * 2)])
+    for case, tokens in zip(cases * 2, results, strict=True):
+        assert tokens == case.expected
+    assert chunky.num_running == 0 and chunky.runner.num_rows == 0 and not chunky.runner.staged
+
+
+async def test_running_streams_keep_decoding_while_a_long_prompt_joins(chunky, cases):
+    """A step never computes more than max_step_tokens: a request that is decoding gets a token
+    every step while a longer prompt is written in chunks around it."""
+    long_case = max(cases, key=lambda c: len(c.input_ids))
+    running = chunky.generate(cases[2].input_ids, [], SamplingParams(max_tokens=30, temperature=0.0))
+    await anext(running)
+    steps = chunky.steps
+    joining = asyncio.ensure_future(collect(chunky, long_case))
+    got = 0
+    async for out in running:
+        got += len(out.token_ids)
+        if joining.done():
+            break
+    assert await joining == long_case.expected
+    chunks = -(-len(long_case.input_ids) // (40 - 1))
+    assert chunky.steps - steps >= chunks  # the prompt took several steps ...
+    assert got >= chunks - 1  # ... and the running stream produced a token in each
+
+
+async def test_a_follow_up_turn_reuses_the_first_turns_kv(engine, turns):
+    first, follow, _ = turns
+    assert await collect(engine, first) == first.expected
+    before = engine.stats()
+    assert await collect(engine, follow) == follow.expected
+    after = engine.stats()
+    assert after["prefix_cache_hits"] == before["prefix_cache_hits"] + 1
+    reused = after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
+    assert reused >= len(first.input_ids)  # the whole first prompt, the image included
+
+
+async def test_a_different_image_shares_nothing_past_the_first_image_position(engine, turns, processor):
+    first, _, other = turns
+    assert first.input_ids == other.input_ids  # same tokens: only the picture differs
+    await collect(engine, first)
+    before = engine.stats()["prefix_cache_hit_tokens"]
+    assert await collect(engine, other) == other.expected
+    reused = engine.stats()["prefix_cache_hit_tokens"] - before
+    assert reused <= first.input_ids.index(engine.runner.image_token_id)
+
+
+async def test_a_prefix_hit_in_a_busy_batch_with_chunks_equals_generate(chunky, turns, cases):
+    first, follow, other = turns
+    await collect(chunky, first)
+    results = await asyncio.gather(
+        collect(chunky, follow), collect(chunky, cases[3], delay=0.002), collect(chunky, other, delay=0.004)
+    )
+    assert results == [follow.expected, cases[3].expected, other.expected]
+    assert chunky.stats()["prefix_cache_hits"] >= 1
+
+
+async def test_without_a_prefix_cache_nothing_is_kept(tiny_dir, processor, turns):
+    eng = build_engine(tiny_dir, processor, EngineConfig(max_batch_size=4, prefix_cache_bytes=0))
+    first, follow, _ = turns
+    await collect(eng, first)
+    assert await collect(eng, follow) == follow.expected
+    stats = eng.stats()
+    assert stats["prefix_cache_hits"] == 0 and stats["prefix_cache_bytes"] == 0
+    await eng.shutdown()
+
+
+async def test_cancelling_a_joining_request_gives_its_slot_back(chunky, cases):
+    long_case = max(cases, key=lambda c: len(c.input_ids))
+    stream = chunky.generate(long_case.input_ids, long_case.images, SamplingParams(8, temperature=0.0))
+    first = asyncio.ensure_future(anext(stream))
+    for _ in range(200):
+        if chunky.runner.staged:
+            break
+        await asyncio.sleep(0.001)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await stream.aclose()
+    for _ in range(200):
+        if not chunky.runner.staged and chunky.num_running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert not chunky.runner.staged and chunky.num_running == 0
+    assert chunky.runner.free_slots == chunky.runner.kv.slots
