@@ -59,6 +59,9 @@ _CACHE_COUNTERS = {
     "image_cache_misses": ("image_cache", "miss"),
     "grammar_cache_hits": ("grammar_cache", "hit"),
     "grammar_cache_misses": ("grammar_cache", "miss"),
+    "prefix_cache_hits": ("prefix_cache", "hit"),
+    "prefix_cache_misses": ("prefix_cache", "miss"),
+    "prefix_cache_hit_tokens": ("prefix_tokens", "reused"),
 }
 
 
@@ -81,6 +84,16 @@ class EngineMetrics:
             "Output-grammar lookups (response_format schemas, forced tool calls).",
             tag_keys=("result",),
         )
+        self.prefix_cache = metrics.Counter(
+            "llava_prefix_cache_total", "Prompt-prefix KV lookups as requests start.", tag_keys=("result",)
+        )
+        self.prefix_tokens = metrics.Counter(
+            "llava_prefix_cache_tokens_total",
+            "Prompt positions whose KV was copied from the prefix cache instead of computed.",
+            tag_keys=("result",),
+        )
+        self.prefix_cache_bytes = metrics.Gauge("llava_prefix_cache_bytes", "Bytes held by the prefix cache.")
+        self.joining = metrics.Gauge("llava_joining_requests", "Requests whose prompts are being written.")
         self._last = {key: 0 for key in _CACHE_COUNTERS}
 
     def sample(self, stats: dict) -> None:
@@ -90,6 +103,8 @@ class EngineMetrics:
         self.kv_budget.set(stats["kv_tokens_budget"])
         self.kv_bytes.set(stats["kv_cache_bytes"])
         self.image_cache_bytes.set(stats["image_cache_bytes"])
+        self.prefix_cache_bytes.set(stats["prefix_cache_bytes"])
+        self.joining.set(stats["joining"])
         for key, (counter, result) in _CACHE_COUNTERS.items():
             delta = stats[key] - self._last[key]
             if delta > 0:

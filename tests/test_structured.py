@@ -18,7 +18,7 @@ from llava_serve.structured.grammar import JSON_OPTIONS
 from llava_serve.structured.spec import JSON_OBJECT, OutputFormat, ToolCallFormat, check_schema, closed
 from llava_serve.structured.tools import ToolCallReader, call_format
 from tests import schemas
-from tests.test_engine import Case, build_engine, collect
+from tests.engine_cases import Case, build_engine, collect
 
 
 @pytest.fixture(scope="module")

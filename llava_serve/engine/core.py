@@ -24,7 +24,7 @@ from llava_serve.engine.detok import TokenBytes
 from llava_serve.engine.kvcache import SlotKV
 from llava_serve.engine.prefix import PrefixCache, prefix_key
 from llava_serve.engine.runner import Chunk, ModelRunner
-from llava_serve.engine.sampling import SamplingParams
+from llava_serve.engine.sampling import SamplingParams, sample_batch, sample_row
 from llava_serve.engine.sequence import Sequence, StepOutput
 from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded, Unavailable
 from llava_serve.images import PreparedImage
@@ -359,7 +359,6 @@ class Engine:
                     seq.slot, [k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values]
                 )
                 seq.prefilled = length
-                seq.stages["prefix_hit_tokens"] = length
         now = time.perf_counter()
         for seq in seqs:
             seq.stages["vision_encode"] = now - start
@@ -438,27 +437,49 @@ class Engine:
         return outs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
-        """Each row's next token; a row whose logits are not finite, or whose sampling fails,
-        fails that request alone."""
+        """Each row's next token, sampled for all rows together; the tokens and which rows had
+        finite logits come back to the host in one copy. A row whose logits are not finite, or
+        whose penalties or sampling fail, fails that request alone."""
         if self.logits_hook is not None:
             logits = self.logits_hook(seqs, logits)
-        finite = torch.isfinite(logits).all(-1).tolist()
+        finite = torch.isfinite(logits).all(-1)  # checked on the model's own logits, read below
         # Constrained rows' masks are filled and applied together; free rows are not touched.
-        constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None and finite[i]]
-        unmasked: set[int] = set()
+        constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]
+        failures: dict[int, Exception] = {}
         try:
             self._masks.apply(logits, constrained)
         except Exception:
             logger.exception("applying output grammars failed")
-            unmasked = {i for i, _ in constrained}
-        outs: list[tuple[Sequence, Result]] = []
-        for i, (seq, row, ok) in enumerate(zip(seqs, logits, finite, strict=True)):
+            error = EngineError("the output grammar could not be applied to this request")
+            failures = {i: error for i, _ in constrained}
+        rows: list[torch.Tensor] = []
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
             try:
-                if not ok:
+                rows.append(seq.scores(row).float() if i not in failures else row.float())
+            except Exception as e:
+                failures[i] = e
+                rows.append(row.float())
+        live = [i for i in range(len(seqs)) if i not in failures]
+        tokens: dict[int, int] = {}
+        try:
+            picked = sample_batch(torch.stack(rows), [s.params for s in seqs], [s.generator for s in seqs])
+            picked, ok = torch.stack([picked, finite.long()]).tolist()  # the step's one copy to the host
+            tokens = {i: picked[i] for i in live}
+        except Exception:  # find the row that broke it; the others sample as they would have
+            ok = finite.tolist()
+            for i in live:
+                try:
+                    tokens[i] = sample_row(rows[i], seqs[i].params, seqs[i].generator)
+                except Exception as e:
+                    failures[i] = e
+        outs: list[tuple[Sequence, Result]] = []
+        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
+            try:
+                if not ok[i]:
                     raise EngineError("the model produced non-finite logits for this request")
-                if i in unmasked:
-                    raise EngineError("the output grammar could not be applied to this request")
-                outs.append((seq, seq.advance(row)))
+                if i in failures:
+                    raise failures[i]
+                outs.append((seq, seq.accept(tokens[i], row)))
             except Exception as e:
                 logger.exception("sampling failed for request %d", seq.seq_id)
                 outs += self._failed([seq], e)

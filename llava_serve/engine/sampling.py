@@ -116,20 +116,47 @@ def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) 
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row of logits ([vocab]), as HF's warpers would."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    """Pick the next token from one row of logits ([vocab]); refuses NaN (no distribution)."""
+    if torch.isnan(logits).any():
+        raise RuntimeError("cannot sample from NaN logits")
+    return int(sample_batch(logits[None], [params], [generator])[0])
+
+
+def sample_batch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """The next token of every row of `logits` [rows, vocab], as HF's warpers would pick them
+    (temperature, then top-k, then top-p), in a few batched operations; stays on the device, so
+    a step reads all its tokens back in one copy.
+
+    Sampled rows draw with the Gumbel-max trick, argmax(probs / E) with E ~ Exp(1) drawn from the
+    row's own generator: the same distribution as `multinomial`, but one batched argmax for all
+    rows, and a seeded row draws the same whatever shares its batch."""
+    tokens = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    device = logits.device
+    chosen = [params[i] for i in sampled]
+    index = torch.tensor(sampled, device=device)
+    temperature = torch.tensor([p.temperature for p in chosen], device=device)
+    x = logits[index].float() / temperature[:, None]
+    vocab = x.shape[-1]
+    if any(p.top_k > 0 for p in chosen):
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in chosen], device=device)
+        kth = torch.topk(x, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
+        x = x.masked_fill(x < kth, float("-inf"))
+    if any(p.top_p < 1.0 for p in chosen):
+        top_p = torch.tensor([p.top_p for p in chosen], device=device)
+        ordered, order = torch.sort(x, descending=True)
+        probs = ordered.softmax(-1)
         # Drop tokens once the mass before them already reaches top_p; the first always stays
         # (a top_p that rounds to 0 in float32 would otherwise drop it too).
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p
-        drop[0] = False
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop = probs.cumsum(-1) - probs >= top_p[:, None]
+        drop[:, 0] = False
+        x = x.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    noise = torch.stack(
+        [torch.empty(vocab, device=device).exponential_(generator=generators[i]) for i in sampled]
+    )
+    tokens[index] = (x.softmax(-1) / noise).argmax(-1)
+    return tokens

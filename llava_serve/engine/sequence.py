@@ -149,17 +149,25 @@ class Sequence:
         return len(self.generated)
 
     def advance(self, logits: torch.Tensor) -> StepOutput:
-        """Sample the next token from this row's logits and turn it into text. A constrained
-        row's logits come already masked by its grammar, which then moves on by the token.
+        """Sample the next token from this row's logits and take it (one row; the engine samples
+        a step's rows together: `scores`, `sample_batch`, `accept`)."""
+        return self.accept(sample_row(self.scores(logits), self.params, self.generator), logits)
 
-        Everything that can fail (penalties, sampling) runs before any state changes, so a
-        failure leaves the request exactly as it was."""
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """This row's logits with its penalties and logit bias applied (the logits themselves
+        when it has none). A constrained row's logits come already masked by its grammar."""
         scores = logits
         if self.params.penalized:
             scores = apply_penalties(logits, self.params, self._prompt_tensor(logits.device), self.generated)
         if self.params.logit_bias:
             scores = apply_logit_bias(scores, self.params.logit_bias)
-        token = sample_row(scores, self.params, self.generator)
+        return scores
+
+    def accept(self, token: int, logits: torch.Tensor) -> StepOutput:
+        """Take the sampled token: advance the grammar, the text and the stop matching.
+
+        Everything that can fail before this (penalties, sampling) ran before any state changed,
+        so a failure there leaves the request exactly as it was."""
         if self.grammar is not None:
             self.grammar.accept(token)
         self.generated.append(token)

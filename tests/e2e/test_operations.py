@@ -247,6 +247,8 @@ def test_prometheus_metrics_are_exported(serve_url, metrics_url, image_server):
         "ray_llava_kv_tokens_budget",
         "ray_llava_image_cache_total",
         "ray_llava_grammar_cache_total",
+        'ray_llava_prefix_cache_total{result="miss"',
+        "ray_llava_prefix_cache_bytes",
         'ray_llava_image_fetch_seconds_bucket{result="ok",source="http"',
         "ray_llava_image_fetch_bytes_bucket",
         'ray_llava_errors_total{type="invalid_request_error"',
