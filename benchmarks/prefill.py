@@ -12,7 +12,7 @@ workload. TTFT is the arrival of the first streamed token at the caller.
 - `text600`: 32 text-only requests of ~600 prompt tokens (distinct prompts), concurrency 16, 64
   tokens: TTFT p50/p99, TPOT p50, tok/s.
 - `followup`: a first turn about a fresh image, then the follow-up turn (the first turn's
-  messages, its answer, a new question) once it has finished, one at a time: TTFT of each.
+  message, the answer it got, a new question) once it has finished, one at a time: TTFT of each.
 """
 
 from __future__ import annotations
@@ -73,40 +73,37 @@ def text_prompts(builder, n: int, words: int, seed: int = 0):
     return out
 
 
-def turns(config, builder, adapter, n: int, seed: int = 3):
-    """(first turn, follow-up turn) pairs, each a fresh image; the follow-up carries an answer
-    text of the length the first turn generates."""
+FIRST = ChatMessage(
+    role="user",
+    content=[{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "Describe it."}],
+)
+AGAIN = ChatMessage(role="user", content="What colour is the largest thing in it?")
+
+
+def first_turns(config, builder, adapter, n: int, seed: int = 3):
+    """First turns about fresh images: (prompt, [image])."""
     rng = np.random.RandomState(seed)
-    pairs = []
+    out = []
     for _ in range(n):
         pic = Image.fromarray(rng.randint(0, 256, (200, 240, 3), dtype=np.uint8))
         image = images.prepare(_png(pic), adapter, config.images)
-        first = ChatMessage(
-            role="user",
-            content=[
-                {"type": "image_url", "image_url": {"url": "x"}},
-                {"type": "text", "text": "Describe it."},
-            ],
-        )
-        answer = ChatMessage(role="assistant", content=" ".join(rng.choice(WORDS, 40)))
-        again = ChatMessage(role="user", content="What colour is the largest thing in it?")
-        one = builder.build(to_template_messages([first]), 48, [image.num_tokens])
-        two = builder.build(to_template_messages([first, answer, again]), 48, [image.num_tokens])
-        pairs.append(((one, [image]), (two, [image])))
-    return pairs
+        out.append((builder.build(to_template_messages([FIRST]), 48, [image.num_tokens]), [image]))
+    return out
 
 
 async def one_request(handle, prompt, imgs, params) -> dict:
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
+    text = ""
     async for out in handle.options(stream=True).generate.remote(prompt, params, *imgs):
         now = time.perf_counter()
         if out.completion_tokens > tokens:
             first = first or now
             last = now
         tokens = out.completion_tokens
-    return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens}
+        text += out.text
+    return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens, "text": text}
 
 
 async def text600(handle, prompts, concurrency: int) -> dict:
@@ -131,12 +128,17 @@ async def text600(handle, prompts, concurrency: int) -> dict:
     }
 
 
-async def followup(handle, pairs) -> dict:
+async def followup(handle, builder, turns) -> dict:
+    """Each first turn, then its follow-up: the first turn's messages, the answer it got, a new
+    question (what a chat client sends)."""
     params = SamplingParams(max_tokens=48, temperature=0.0)
     first, second = [], []
-    for one, two in pairs:
-        first.append((await one_request(handle, *one, params))["ttft"] * 1000)
-        second.append((await one_request(handle, *two, params))["ttft"] * 1000)
+    for prompt, imgs in turns:
+        answer = await one_request(handle, prompt, imgs, params)
+        first.append(answer["ttft"] * 1000)
+        history = [FIRST, ChatMessage(role="assistant", content=answer["text"]), AGAIN]
+        again = builder.build(to_template_messages(history), 48, [im.num_tokens for im in imgs])
+        second.append((await one_request(handle, again, imgs, params))["ttft"] * 1000)
     return {
         "first_turn_ttft_ms": round(statistics.median(first), 1),
         "follow_up_ttft_ms": round(statistics.median(second), 1),
@@ -151,7 +153,7 @@ async def bench(args) -> dict:
     from deployments.model import LlavaModel
 
     base = {
-        "model": {"name": "tiny", "tiny_preset": args.preset},
+        "model": {"name": args.model, "tiny_preset": args.preset},
         "engine": {"max_batch_size": 16, "max_queue": 1024},
         "llava_model": {"num_cpus": args.model_cpus, "max_ongoing_requests": 1024},
     }
@@ -159,12 +161,8 @@ async def bench(args) -> dict:
     adapter = checkpoint.load_adapter(config.model)
     builder = PromptBuilder(adapter, checkpoint.context_length(config.model))
     prompts = text_prompts(builder, 32 * args.rounds + 2, args.words)
-    pairs = turns(config, builder, adapter, args.turns * args.rounds)
-    print(
-        f"text prompts: {len(prompts[0][0].input_ids)} tokens; first turn {len(pairs[0][0][0].input_ids)}, "
-        f"follow-up {len(pairs[0][1][0].input_ids)} tokens",
-        flush=True,
-    )
+    pairs = first_turns(config, builder, adapter, args.turns * args.rounds * len(SIDES))
+    print(f"text prompts: {len(prompts[0][0].input_ids)} tokens; first turn {len(pairs[0][0].input_ids)}")
     ray.init(num_cpus=len(SIDES) * args.model_cpus + 1, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8299})
     handles = {}
@@ -176,13 +174,17 @@ async def bench(args) -> dict:
     for handle in handles.values():  # warm-up
         await one_request(handle, prompts[-1][0], [], params)
     results: dict = {"preset": args.preset, "sides": {s: {"text600": [], "followup": []} for s in SIDES}}
+    fresh = iter(pairs)  # each side sees images it has not seen
     for r in range(args.rounds):
         # The sides take turns, so drift in the machine's speed lands on both.
         for side, handle in handles.items():
-            level = await text600(handle, prompts[32 * r : 32 * (r + 1)], 16)
-            results["sides"][side]["text600"].append(level)
-            print(f"  text600  {side}: {level}", flush=True)
-            fu = await followup(handle, pairs[args.turns * r : args.turns * (r + 1)])
+            if "text600" in args.workloads:
+                level = await text600(handle, prompts[32 * r : 32 * (r + 1)], 16)
+                results["sides"][side]["text600"].append(level)
+                print(f"  text600  {side}: {level}", flush=True)
+            if "followup" not in args.workloads:
+                continue
+            fu = await followup(handle, builder, [next(fresh) for _ in range(args.turns)])
             results["sides"][side]["followup"].append(fu)
             print(f"  followup {side}: {fu}", flush=True)
     for i in range(len(SIDES)):
@@ -199,10 +201,14 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for side, data in results["sides"].items():
-        for r, (t, f) in enumerate(zip(data["text600"], data["followup"], strict=True), 1):
+        for r in range(max(len(data["text600"]), len(data["followup"]))):
+            t = data["text600"][r] if data["text600"] else {}
+            f = data["followup"][r] if data["followup"] else {}
             rows.append(
-                f"| {side} | {r} | {t['tok_s']} | {t['ttft_p50_ms']} / {t['ttft_p99_ms']} | "
-                f"{t['tpot_p50_ms']} | {f['first_turn_ttft_ms']} | {f['follow_up_ttft_ms']} | {f['ratio']}x |"
+                f"| {side} | {r + 1} | {t.get('tok_s', '')} | {t.get('ttft_p50_ms', '')} / "
+                f"{t.get('ttft_p99_ms', '')} | {t.get('tpot_p50_ms', '')} | "
+                f"{f.get('first_turn_ttft_ms', '')} | {f.get('follow_up_ttft_ms', '')} | "
+                f"{f.get('ratio', '')}x |"
             )
     return "\n".join(rows)
 
@@ -212,7 +218,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="small", choices=["tiny", "small"])
-    parser.add_argument("--words", type=int, default=560, help="words per text prompt (~1 token each)")
+    parser.add_argument(
+        "--model", default="tiny", choices=["tiny", "tiny-next"], help="tiny-next: LLaVA-NeXT (tiled images)"
+    )
+    workloads = ["text600", "followup"]
+    parser.add_argument("--workloads", nargs="+", default=workloads, choices=workloads)
+    parser.add_argument("--words", type=int, default=280, help="words per text prompt (~2 tokens each)")
     parser.add_argument("--turns", type=int, default=4, help="conversations per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model-cpus", type=int, default=1)
