@@ -120,6 +120,7 @@ async def bench(args) -> dict:
             {
                 "model": {"name": "tiny", "tiny_preset": args.preset},
                 "engine": {"max_batch_size": args.batch, **engine},
+                "llava_model": {"num_cpus": args.model_cpus},
             }
         )
         serve.run(build(config), name=f"arrivals-{i}", route_prefix=f"/side{i}")
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32, help="engine.max_batch_size, both sides")
+    parser.add_argument("--model-cpus", type=float, default=1.0, help="llava_model.num_cpus (torch threads)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--port", type=int, default=8321)
     parser.add_argument("--out", default="benchmarks/results/arrivals.json")
