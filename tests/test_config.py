@@ -97,3 +97,10 @@ def test_an_admission_limit_serve_would_never_reach_is_refused():
         AppConfig.model_validate({"admission": {"max_inflight_requests": 300}})
     off = AppConfig.model_validate({"admission": {"max_inflight_requests": 0}})
     assert off.admission.max_inflight_requests == 0
+
+
+def test_a_step_must_have_room_for_prompts_beside_a_full_batch():
+    with pytest.raises(ValidationError, match=r"max_step_tokens must exceed engine\.max_batch_size"):
+        AppConfig.model_validate({"engine": {"max_batch_size": 64, "max_step_tokens": 64}})
+    ok = AppConfig.model_validate({"engine": {"max_batch_size": 64, "max_step_tokens": 65}})
+    assert ok.engine.max_step_tokens == 65
