@@ -351,8 +351,7 @@ class Engine:
                 failed += self._failed([seq], e)
                 continue
             seq.slot = self.runner.take_slot()
-            key = self._prefix_key(seq)
-            hit = self.prefixes.lookup(key) if self.prefixes.enabled else None
+            hit = self.prefixes.lookup(self._prefix_key(seq)) if self.prefixes.enabled else None
             if hit is not None:
                 entry, length = hit
                 self.runner.load_prefix(
@@ -365,7 +364,11 @@ class Engine:
         return failed
 
     def _prefix_key(self, seq: Sequence) -> tuple:
-        return prefix_key(seq.input_ids, seq.images, self.runner.image_token_id, self.runner.video_token_id)
+        """The prompt's prefix-cache key, built once per request (looked up at start, stored at the end)."""
+        if seq.prefix_key is None:
+            image, video = self.runner.image_token_id, self.runner.video_token_id
+            seq.prefix_key = prefix_key(seq.input_ids, seq.images, image, video)
+        return seq.prefix_key
 
     def _remember(self, finished: list[Sequence]) -> None:
         """Keep finished requests' KV for prompts that start the same (a follow-up turn)."""

@@ -105,6 +105,7 @@ class Sequence:
     embeds: torch.Tensor | None = field(default=None, repr=False)
     prefilled: int = 0
     joined: bool = False  # its prompt is whole and it decodes with the batch
+    prefix_key: tuple | None = field(default=None, repr=False)  # see `engine.prefix`
     stop: StopMatcher = field(init=False)
     _prompt: torch.Tensor | None = field(default=None, init=False, repr=False)
 
