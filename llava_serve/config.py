@@ -140,6 +140,12 @@ class EngineConfig(_Strict):
         "joining requests (oldest first). Smaller keeps running streams' cadence while long prompts "
         "join; larger prefills faster.",
     )
+    max_step_vision_tiles: int = Field(
+        32,
+        gt=0,
+        description="Image tiles (and video frames) one step sends through the vision tower: requests "
+        "whose images would pass it start at a later step (at least one request starts every step).",
+    )
     prefix_cache_bytes: int = Field(
         256 * MiB,
         ge=0,

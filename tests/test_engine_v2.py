@@ -149,3 +149,25 @@ async def test_cancelling_a_joining_request_gives_its_slot_back(chunky, cases):
         await asyncio.sleep(0.01)
     assert not chunky.runner.staged and chunky.num_running == 0
     assert chunky.runner.free_slots == chunky.runner.kv.slots
+
+
+async def test_the_vision_tower_gets_at_most_its_share_of_a_step(tiny_dir, processor, cases):
+    """One tile per step: four requests with images arriving together start one per step (the
+    tower never sees two at once), and each still equals generate."""
+    eng = build_engine(tiny_dir, processor, EngineConfig(max_batch_size=8, max_step_vision_tiles=1))
+    seen: list[int] = []
+    encode = eng.runner.encode_images
+
+    def counting(images):
+        seen.append(sum(im.pixel_values.shape[0] for im in images))
+        return encode(images)
+
+    eng.runner.encode_images = counting
+    with_images = [c for c in cases if c.images][:4]
+    results = await asyncio.gather(*[collect(eng, c) for c in with_images])
+    assert results == [c.expected for c in with_images]
+    # Each pass through the tower holds one request's images, a request whose images alone
+    # pass the share included (it starts alone: nothing waits for ever).
+    tiles = [sum(im.pixel_values.shape[0] for im in c.images) for c in with_images]
+    assert sorted(seen) == sorted(tiles) and max(tiles) > 1
+    await eng.shutdown()

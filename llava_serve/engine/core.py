@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 Result = StepOutput | LlavaServeError
 
 
+def _tiles(image: PreparedImage) -> int:
+    """Tiles (or video frames) an image sends through the vision tower."""
+    return image.pixel_values.shape[0]
+
+
 def out_is_partial(out: StepOutput | Exception) -> bool:
     """More of this request's outputs may follow."""
     return isinstance(out, StepOutput) and out.finish_reason is None
@@ -318,12 +323,18 @@ class Engine:
     ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, Result]]]:
         """How many prompt positions each joining request computes this step: oldest first, as
         far as `budget` goes. A request starts by taking a slot, copying in the longest cached
-        prefix of its prompt and computing its prompt's embeddings (its images encoded, several
-        requests' images together)."""
+        prefix of its prompt and computing its prompt's embeddings (the images of every request
+        starting this step encoded together, up to `engine.max_step_vision_tiles`)."""
         plan: list[tuple[Sequence, int]] = []
+        tiles = self.config.max_step_vision_tiles
         for seq in joining:
             if budget <= 0:
                 break
+            if seq.embeds is None:  # starting: its images go through the tower this step
+                need = sum(_tiles(im) for im in seq.images)
+                if need > tiles and any(s.embeds is None for s, _ in plan):
+                    break  # the tower's share of this step is spent; it starts next step
+                tiles -= need
             plan.append((seq, min(seq.prompt_left, budget)))
             budget -= plan[-1][1]
         failed = self._start([seq for seq, _ in plan if seq.embeds is None])
