@@ -80,17 +80,21 @@ def pct(values: list[float], q: float) -> float:
     return data[min(len(data) - 1, int(q * len(data)))]
 
 
-async def one_request(handle, prompt, image, params) -> dict:
+async def one_request(handle, prompt, images: list, params) -> dict:
+    """One streamed request through a handle: TTFT (first token at the caller), time per output
+    token after it, tokens and the answer's text."""
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
-    async for out in handle.options(stream=True).generate.remote(prompt, params, image):
+    text = ""
+    async for out in handle.options(stream=True).generate.remote(prompt, params, *images):
         now = time.perf_counter()
         if out.completion_tokens > tokens:
             first = first or now
             last = now
         tokens = out.completion_tokens
-    return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens}
+        text += out.text
+    return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens, "text": text}
 
 
 async def run_level(handle, inputs, concurrency: int, n_requests: int, params) -> dict:
@@ -100,7 +104,7 @@ async def run_level(handle, inputs, concurrency: int, n_requests: int, params) -
     async def bounded(i):
         async with sem:
             prompt, image = inputs[i]
-            return await one_request(handle, prompt, image, params)
+            return await one_request(handle, prompt, [image], params)
 
     t0 = time.perf_counter()
     results = await asyncio.gather(*[bounded(i) for i in range(n_requests)])
@@ -127,8 +131,8 @@ async def image_cache_ttft(handle, inputs, params, repeats: int = 5) -> dict:
     """TTFT of a first sight of an image (miss) vs the same image again (hit), one at a time."""
     misses, hits = [], []
     for prompt, image in inputs[:repeats]:
-        misses.append((await one_request(handle, prompt, image, params))["ttft"] * 1000)
-        hits.append((await one_request(handle, prompt, image, params))["ttft"] * 1000)
+        misses.append((await one_request(handle, prompt, [image], params))["ttft"] * 1000)
+        hits.append((await one_request(handle, prompt, [image], params))["ttft"] * 1000)
     return {
         "miss_ttft_ms": round(statistics.median(misses), 1),
         "hit_ttft_ms": round(statistics.median(hits), 1),
@@ -170,7 +174,7 @@ async def bench(args) -> dict:
     inputs = make_inputs(config, sum(sizes) + 2, args.max_tokens, seed=1)
     handles = {kind: deploy(kind, config) for kind in args.systems}
     for kind, handle in handles.items():
-        await asyncio.gather(*[one_request(handle, p, im, params) for p, im in inputs[-2:]])  # warm-up
+        await asyncio.gather(*[one_request(handle, p, [im], params) for p, im in inputs[-2:]])  # warm-up
         results["systems"][kind] = {"levels": []}
     start = 0
     for c, n in zip(args.concurrency, sizes, strict=True):

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from PIL import Image
 
-from benchmarks.engine import _png, pct
+from benchmarks.engine import _png, one_request, pct
 from benchmarks.report import save
 from llava_serve import checkpoint, images
 from llava_serve.config import AppConfig
@@ -89,21 +89,6 @@ def first_turns(config, builder, adapter, n: int, seed: int = 3):
         image = images.prepare(_png(pic), adapter, config.images)
         out.append((builder.build(to_template_messages([FIRST]), 48, [image.num_tokens]), [image]))
     return out
-
-
-async def one_request(handle, prompt, imgs, params) -> dict:
-    t0 = time.perf_counter()
-    first = last = None
-    tokens = 0
-    text = ""
-    async for out in handle.options(stream=True).generate.remote(prompt, params, *imgs):
-        now = time.perf_counter()
-        if out.completion_tokens > tokens:
-            first = first or now
-            last = now
-        tokens = out.completion_tokens
-        text += out.text
-    return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens, "text": text}
 
 
 async def text600(handle, prompts, concurrency: int) -> dict:
