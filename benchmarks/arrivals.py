@@ -28,12 +28,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx
 
 from benchmarks.engine import pct
+from benchmarks.prefill import V1_SETTINGS
 from benchmarks.report import save
 from llava_serve.config import AppConfig
 from llava_serve.loadgen import random_png
 
 SIDES = {
-    "v1 settings": {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0},
+    "v1 settings": V1_SETTINGS,
     "v2": {},
 }
 QUESTIONS = ["What is in this image?", "Describe the picture in detail.", "What colours dominate?"]

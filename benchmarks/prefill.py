@@ -57,8 +57,10 @@ WORDS = [
     "old",
     "new",
 ]
+# The engine as v1 behaved: every admitted prompt whole in one step, nothing kept for reuse.
+V1_SETTINGS = {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0}
 SIDES = {
-    "v1 (whole prompts, no prefix cache)": {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0},
+    "v1 (whole prompts, no prefix cache)": V1_SETTINGS,
     "v2 (chunks of 512, prefix cache)": {},
 }
 

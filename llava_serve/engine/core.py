@@ -277,7 +277,7 @@ class Engine:
             if self._running or self._waiting:
                 self._wake.set()
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> None:
         """Move waiting requests into the batch while its size and token budget allow (FIFO)."""
         admit: list[Sequence] = []
         budget = self.config.max_batch_tokens - sum(s.kv_budget for s in self._running.values())
@@ -296,7 +296,6 @@ class Engine:
             seq.stages["queue"] = now - seq.created_at
             if self.on_admit is not None:
                 self.on_admit(now - seq.created_at)
-        return admit
 
     def _step(self, decoding: list[Sequence], joining: list[Sequence]) -> list[tuple[Sequence, Result]]:
         """Executor thread: retire cancelled rows, decode the running ones, then spend the rest of
@@ -369,7 +368,7 @@ class Engine:
                     seq.slot, [k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values]
                 )
                 seq.prefilled = length
-        now = time.perf_counter()
+        now = self.runner.synchronized()
         for seq in seqs:
             seq.stages["vision_encode"] = now - start
         return failed
@@ -428,7 +427,7 @@ class Engine:
             seq = plan[0][0]
             self.runner.release(seq.slot)
             return self._failed([seq], e)
-        took = time.perf_counter() - start
+        took = self.runner.synchronized() - start
         whole: list[tuple[Sequence, torch.Tensor]] = []
         for (seq, n), row in zip(plan, logits, strict=True):
             seq.prefilled += n

@@ -61,7 +61,6 @@ class ModelRunner:
         # Slots holding a prompt being written (not decoding yet): slot -> tokens written.
         self.staged: dict[int, int] = {}
         self._whole: list[tuple[int, int]] = []  # (seq_id, slot) of `prefill_whole`, for `commit`
-        self.last_prefill_stages: dict[str, float] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -177,7 +176,6 @@ class ModelRunner:
         positions, so a prompt computes the same in chunks as in one piece. A failure leaves the
         decoding rows untouched (they live in other slots); the caller releases the chunks' slots.
         """
-        start = time.perf_counter()
         for c in chunks:
             if self.staged.get(c.slot) != c.start:
                 raise EngineError(f"slot {c.slot} holds {self.staged.get(c.slot)} tokens, not {c.start}")
@@ -219,7 +217,6 @@ class ModelRunner:
         )
         for c in chunks:
             self.staged[c.slot] = c.start + c.embeds.shape[0]
-        self.last_prefill_stages["prefill"] = self._synchronized() - start
         return out.logits[:, -1, :]
 
     def join(self, slot: int, seq_id: int, first_token: int) -> int | None:
@@ -256,18 +253,15 @@ class ModelRunner:
     def prefill_whole(self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]):
         """Whole prompts in one pass into fresh slots; `commit` with their first tokens makes them
         decoding rows. A failure gives the slots back and leaves the decoding rows as they were."""
-        start = time.perf_counter()
         slots: list[int] = []
         try:
             embeds = [self.embed(ids, images) for ids, images in prompts]
-            vision_done = self._synchronized()
             slots = [self.take_slot() for _ in prompts]
             logits = self.prefill([Chunk(s, 0, e) for s, e in zip(slots, embeds, strict=True)])
         except Exception:
             for s in slots:
                 self.release(s)
             raise
-        self.last_prefill_stages["vision_encode"] = vision_done - start
         self._whole = list(zip(seq_ids, slots, strict=True))
         return logits
 
@@ -285,7 +279,7 @@ class ModelRunner:
         blocked = torch.finfo(self.dtype).min
         return torch.where(sees, 0.0, blocked).to(self.dtype)[:, None]
 
-    def _synchronized(self) -> float:
+    def synchronized(self) -> float:
         """Now, once the device has finished what was queued (CUDA runs asynchronously)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
