@@ -6,22 +6,36 @@ import inspect
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import LlamaModel, MistralModel, Qwen2Model
 
 from llava_serve import images
 from llava_serve.config import ImageConfig
+from llava_serve.engine.head import OutputHead
 from llava_serve.engine.runner import ModelRunner
 from llava_serve.errors import InvalidRequest
 from tests.conftest import encode, random_image
 
-# Every keyword the runner passes to the model's forward.
-FORWARD_ARGS = {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache", "logits_to_keep"}
+# Every keyword the runner passes to the text decoder's forward.
+FORWARD_ARGS = {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache"}
 
 
-def test_installed_transformers_forward_takes_what_the_runner_passes():
-    params = set(inspect.signature(LlavaForConditionalGeneration.forward).parameters)
+@pytest.mark.parametrize("decoder", [LlamaModel, MistralModel, Qwen2Model])
+def test_installed_transformers_forward_takes_what_the_runner_passes(decoder):
+    params = set(inspect.signature(decoder.forward).parameters)
     missing = FORWARD_ARGS - params
-    assert not missing, f"transformers' LlavaForConditionalGeneration.forward lacks {missing}: check the pin"
+    assert not missing, f"transformers' {decoder.__name__}.forward lacks {missing}: check the pin"
+
+
+def test_the_output_head_gives_the_model_s_own_logits(hf_model):
+    """The turned-round product on CPU equals `nn.Linear`'s, for one row and for several."""
+    head = OutputHead(hf_model.get_output_embeddings())
+    assert head.turned
+    for rows in (1, 2, 5):
+        hidden = torch.randn(rows, hf_model.config.get_text_config().hidden_size)
+        expected = hf_model.get_output_embeddings()(hidden)
+        got = head(hidden)
+        assert got.shape == expected.shape and got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kvcache import SlotKV, WritePlan
 from llava_serve.engine.vision import VisionCache
 from llava_serve.errors import EngineError, InvalidRequest
@@ -48,6 +49,10 @@ class ModelRunner:
         from llava_serve.models import ADAPTERS
 
         self.model = model
+        # The text decoder runs without the model's own output layer: only each row's last
+        # position needs logits, and `OutputHead` computes them faster on CPU.
+        self.decoder = model.get_decoder()
+        self.head = OutputHead(model.get_output_embeddings())
         self.encoder = ADAPTERS[model.config.model_type]
         self.device = model.device
         self.dtype = model.dtype
@@ -65,7 +70,7 @@ class ModelRunner:
     @property
     def vocab_size(self) -> int:
         """Width of the logits (the output embedding's rows; may exceed the tokenizer's size)."""
-        return self.model.get_output_embeddings().weight.shape[0]
+        return self.head.vocab_size
 
     @property
     def num_rows(self) -> int:
@@ -208,16 +213,15 @@ class ModelRunner:
         # (its output is never used; a row with nothing to attend to would be NaN).
         sees = (keys[None, None, :] <= position[:, :, None]) & valid[:, :, None]
         sees |= ~valid[:, :, None] & (keys == 0)
-        out = self.model(
+        hidden = self.decoder(
             inputs_embeds=inputs,
             attention_mask=self._additive(sees),
             position_ids=position.clamp(min=0),
             cache=self.kv.cache(plan),
-            logits_to_keep=1,
-        )
+        ).last_hidden_state
         for c in chunks:
             self.staged[c.slot] = c.start + c.embeds.shape[0]
-        return out.logits[:, -1, :]
+        return self.head(hidden[:, -1])
 
     def join(self, slot: int, seq_id: int, first_token: int) -> int | None:
         """Make a staged slot, its prompt whole, the next decoding row. It moves down to slot n
@@ -303,15 +307,14 @@ class ModelRunner:
             position=b.lengths,
         )
         sees = torch.arange(kv_len, device=self.device)[None, None, :] <= b.lengths[:, None, None]
-        out = self.model(
+        hidden = self.decoder(
             input_ids=b.last_tokens[:, None],
             attention_mask=self._additive(sees),
             position_ids=b.lengths[:, None],
             cache=self.kv.cache(plan),
-            logits_to_keep=1,
-        )
+        ).last_hidden_state
         b.lengths = b.lengths + 1
-        return out.logits[:, -1, :]
+        return self.head(hidden[:, -1])
 
     def set_last_tokens(self, tokens: list[int] | torch.Tensor) -> None:
         self.batch.last_tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
