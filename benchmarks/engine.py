@@ -159,7 +159,8 @@ async def bench(args) -> dict:
     config = AppConfig.model_validate(
         {
             "model": {"name": "tiny", "tiny_preset": args.preset},
-            "engine": {"max_batch_size": max(args.concurrency), "max_queue": 1024},
+            "engine": {"max_batch_size": max(args.concurrency), "max_queue": 1024}
+            | ({} if args.stream_interval_s is None else {"stream_interval_s": args.stream_interval_s}),
             "llava_model": {"num_cpus": args.model_cpus, "max_ongoing_requests": 1024},
         }
     )
@@ -237,6 +238,9 @@ def main() -> None:
         choices=["baseline", "batch", "engine"],
         help="baseline: the documented thread + TextIteratorStreamer pattern; batch: the documented "
         "@serve.batch streaming pattern; engine: llava-serve's model deployment",
+    )
+    parser.add_argument(
+        "--stream-interval-s", type=float, default=None, help="the engine's engine.stream_interval_s"
     )
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args()

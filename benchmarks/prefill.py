@@ -58,7 +58,9 @@ WORDS = [
     "new",
 ]
 # The engine as v1 behaved: every admitted prompt whole in one step, nothing kept for reuse.
-V1_SETTINGS = {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0}
+# The engine as v1 scheduled: whole prompts in one step, nothing kept across requests, every
+# stream on its own 50 ms clock.
+V1_SETTINGS = {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0, "max_stream_messages_per_s": 0}
 SIDES = {
     "v1 (whole prompts, no prefix cache)": V1_SETTINGS,
     "v2 (chunks of 512, prefix cache)": {},

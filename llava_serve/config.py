@@ -176,6 +176,14 @@ class EngineConfig(_Strict):
         "one per token would spend the CPU that overload refusals need. 0: one message per step. "
         "(Ray Serve LLM batches its streams the same way, every 50 ms by default.)",
     )
+    max_stream_messages_per_s: float = Field(
+        100.0,
+        ge=0,
+        description="Messages per second the replica's streams share after their first tokens: with n "
+        "requests running, each stream sends at most every max(stream_interval_s, n / this). A message "
+        "costs every hop through Serve the same CPU whatever it carries, and on a CPU-bound replica that "
+        "CPU comes out of the forward passes. 0: no shared budget.",
+    )
 
 
 class AdmissionConfig(_Strict):

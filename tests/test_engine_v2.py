@@ -2,6 +2,7 @@
 rows decode, and prefixes reused from finished requests (a follow-up turn, a shared image)."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -171,3 +172,39 @@ async def test_the_vision_tower_gets_at_most_its_share_of_a_step(tiny_dir, proce
     tiles = [sum(im.pixel_values.shape[0] for im in c.images) for c in with_images]
     assert sorted(seen) == sorted(tiles) and max(tiles) > 1
     await eng.shutdown()
+
+
+async def test_streams_share_a_message_budget_and_carry_several_tokens(tiny_dir, processor, cases):
+    """With a shared budget of messages per second, concurrent streams send fewer, fuller
+    messages, each answer unchanged; without one, they send more."""
+
+    async def run(config: EngineConfig) -> tuple[list[list[int]], list[list[int]], float]:
+        eng = build_engine(tiny_dir, processor, config)
+
+        async def one(case):
+            params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0)
+            sizes, ids = [], []
+            async for out in eng.generate(case.input_ids, case.images, params):
+                sizes.append(len(out.token_ids))
+                ids += out.token_ids
+            return sizes, ids
+
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(one(c) for c in cases))
+        took = time.monotonic() - t0
+        await eng.shutdown()
+        return [s for s, _ in results], [i for _, i in results], took
+
+    budget = 20.0
+    sizes, answers, took = await run(
+        EngineConfig(max_batch_size=8, stream_interval_s=0.0, max_stream_messages_per_s=budget)
+    )
+    assert answers == [c.expected for c in cases]
+    # First and last message of each stream aside, the streams together stay within the budget.
+    assert sum(len(s) for s in sizes) <= budget * took + 2 * len(cases)
+    assert max(n for s in sizes for n in s) > 1
+    free, answers, _ = await run(
+        EngineConfig(max_batch_size=8, stream_interval_s=0.0, max_stream_messages_per_s=0)
+    )
+    assert answers == [c.expected for c in cases]
+    assert sum(len(s) for s in free) > sum(len(s) for s in sizes)

@@ -171,15 +171,14 @@ class Engine:
         """A submitted request's outputs; closing the iterator cancels the request.
 
         The first output goes out at once. After it, a message carries whatever the request
-        produced in the last `stream_interval_s` (or piled up while the consumer was busy): every
-        message costs each hop through Serve the same, whatever it carries."""
-        interval = self.config.stream_interval_s
+        produced since the last one (`stream_interval`), or piled up while the consumer was busy:
+        every message costs each hop through Serve the same, whatever it carries."""
         try:
             sent_at = None
             while True:
                 out = await seq.outputs.get()
                 if sent_at is not None and out_is_partial(out):
-                    await asyncio.sleep(interval - (time.monotonic() - sent_at))
+                    await asyncio.sleep(self.stream_interval() - (time.monotonic() - sent_at))
                 while out_is_partial(out) and not seq.outputs.empty():
                     later = seq.outputs.get_nowait()
                     out = later if isinstance(later, Exception) else out + later
@@ -191,6 +190,12 @@ class Engine:
                     return
         finally:
             self.cancel(seq)
+
+    def stream_interval(self) -> float:
+        """Seconds between a stream's messages now: `stream_interval_s`, or longer when the running
+        requests' streams would together send more than `max_stream_messages_per_s`."""
+        floor, budget = self.config.stream_interval_s, self.config.max_stream_messages_per_s
+        return floor if budget == 0 else max(floor, len(self._running) / budget)
 
     def cancel(self, seq: Sequence) -> None:
         """Drop a request that has not finished: from the queue at once, from the batch at the next step."""
