@@ -12,7 +12,8 @@ prompts and preprocessed images of `benchmarks/engine.py`, each with its own ima
 driven through `Engine.generate` at `--concurrency` with no stream interval on either side (the
 engines, not Serve's messaging, are compared). KV bytes: v1's peak over its steps (it grows with
 batch x longest row and is copied on joins), v2's slots (allocated once at start, as sized by
-`engine.kv_cache_bytes`, or the whole context per slot when unset).
+`engine.kv_cache_bytes`, or the whole context per slot when unset). `--kv-cache-bytes` and
+`--max-step-tokens` set v2's knobs (its defaults otherwise).
 """
 
 from __future__ import annotations
@@ -53,9 +54,7 @@ def pct(values: list[float], q: float) -> float:
 # -- worker: one engine, in its own process ------------------------------------------------
 
 
-def worker(
-    tree: str, inputs_path: str, concurrency: int, max_tokens: int, kv_cache_bytes: int | None
-) -> dict:
+def worker(tree: str, inputs_path: str, concurrency: int, max_tokens: int, v2: dict) -> dict:
     sys.path.insert(0, tree)
     import torch
 
@@ -73,8 +72,8 @@ def worker(
     settings = {"max_batch_size": concurrency, "max_queue": 1024, "stream_interval_s": 0.0}
     if "max_stream_messages_per_s" in EngineConfig.model_fields:
         settings["max_stream_messages_per_s"] = 0
-    if kv_cache_bytes and "kv_cache_bytes" in EngineConfig.model_fields:
-        settings["kv_cache_bytes"] = kv_cache_bytes
+    if "max_step_tokens" in EngineConfig.model_fields:  # v2
+        settings |= v2
     engine = Engine.load(ModelConfig(name="tiny", tiny_preset="small"), EngineConfig(**settings))
     rss_loaded = _rss()
     requests = []
@@ -169,6 +168,8 @@ def side(name: str, tree: Path, inputs: Path, args) -> dict:
     cmd += ["--concurrency", str(args.concurrency), "--max-tokens", str(args.max_tokens)]
     if args.kv_cache_bytes:
         cmd += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
+    if args.max_step_tokens:
+        cmd += ["--max-step-tokens", str(args.max_step_tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -201,7 +202,8 @@ def table(results: dict, args) -> str:
     mib = 2**20
     rows = [
         f"{args.requests} image requests, concurrency {args.concurrency}, {args.max_tokens} tokens, "
-        f"small preset; medians of {args.rounds} rounds",
+        f"small preset; medians of {args.rounds} rounds; v2's kv_cache_bytes "
+        f"{args.kv_cache_bytes or 'unset'}, max_step_tokens {args.max_step_tokens or 'default'}",
         "| engine | tok/s | TTFT p50 / p99 ms | TPOT p50 ms | KV MiB | RSS MiB loaded / peak |",
         "|---|---|---|---|---|---|",
     ]
@@ -227,12 +229,17 @@ def main() -> None:
     parser.add_argument(
         "--kv-cache-bytes", type=int, default=None, help="v2's engine.kv_cache_bytes (default: unset)"
     )
+    parser.add_argument(
+        "--max-step-tokens", type=int, default=None, help="v2's engine.max_step_tokens (default: its default)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/engines.json")
     args = parser.parse_args()
     if args.worker:
-        result = worker(args.worker, args.inputs, args.concurrency, args.max_tokens, args.kv_cache_bytes)
+        v2 = {"kv_cache_bytes": args.kv_cache_bytes, "max_step_tokens": args.max_step_tokens}
+        v2 = {k: v for k, v in v2.items() if v}
+        result = worker(args.worker, args.inputs, args.concurrency, args.max_tokens, v2)
         print(json.dumps(result))
         return
     sys.path.insert(0, str(ROOT))
