@@ -70,6 +70,7 @@ async def test_prompts_written_in_chunks_while_others_decode_equal_generate(chun
     results = await asyncio.gather(*[collect(chunky, c, delay=0.004 * i) for i, c in enumerate(cases * 2)])
     for case, tokens in zip(cases * 2, results, strict=True):
         assert tokens == case.expected
+    assert chunky.fused_steps > 0, "some steps decoded and prefilled in one pass"
     assert chunky.num_running == 0 and chunky.runner.num_rows == 0 and not chunky.runner.staged
 
 

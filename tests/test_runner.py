@@ -158,3 +158,31 @@ def test_a_joining_prompt_trades_places_with_a_staged_one_in_its_way(runner):
     expected.prefill_whole([0], [(ids_a, [])])
     expected.commit([5])
     assert torch.allclose(runner.decode()[-1], expected.decode()[0], atol=1e-4)
+
+
+def test_a_step_that_decodes_and_prefills_in_one_pass_equals_the_two_apart(hf_model):
+    """Three rows decoding and two prompts joining (one mid-way, one from the start): the fused
+    step's logits and the KV it writes are what a decode and a prefill give apart."""
+    from llava_serve.engine.runner import Chunk
+
+    def staged() -> tuple[ModelRunner, list[Chunk]]:
+        runner = ModelRunner(hf_model, 0, slots=8, max_len=256)
+        prefill(runner, [0, 1, 2], [7, 20, 13])
+        for _ in range(3):
+            runner.set_last_tokens(runner.decode().argmax(-1).tolist())
+        a, b = runner.take_slot(), runner.take_slot()
+        first = runner.embed(list(range(100, 130)), [])
+        runner.prefill([Chunk(a, 0, first[:12])])
+        return runner, [Chunk(a, 12, first[12:25]), Chunk(b, 0, runner.embed(list(range(200, 209)), []))]
+
+    apart, chunks = staged()
+    decoded, prefilled = apart.decode(), apart.prefill(chunks)
+    fused, chunks = staged()
+    assert fused.fused
+    rows, last = fused.step(chunks)
+    torch.testing.assert_close(rows, decoded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, prefilled, rtol=1e-5, atol=1e-5)
+    assert fused.staged == apart.staged
+    assert fused.batch.lengths.tolist() == apart.batch.lengths.tolist()
+    for mine, theirs in zip(fused.kv.keys + fused.kv.values, apart.kv.keys + apart.kv.values, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)

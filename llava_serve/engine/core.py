@@ -65,6 +65,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.steps = 0
+        self.fused_steps = 0  # steps that decoded and prefilled in one forward pass
         self.cancelled = 0
         self.last_step_end = time.monotonic()
         # Called with each admitted request's queue wait (s); the deployment points it at a metric.
@@ -108,6 +109,7 @@ class Engine:
             "kv_cache_bytes": self.runner.kv.nbytes,
             "kv_slot_tokens": self.runner.kv.max_len,
             "steps": self.steps,
+            "fused_steps": self.fused_steps,
             "cancelled": self.cancelled,
             "image_cache_hits": cache.hits,
             "image_cache_misses": cache.misses,
@@ -311,13 +313,16 @@ class Engine:
             if seq.cancelled and seq.slot is not None:
                 self.runner.release(seq.slot)
                 seq.slot = None
-        if decoding:
-            outputs += self._decode(decoding)
         budget = self.config.max_step_tokens - len(decoding)
         chunks, failed = self._chunks([s for s in joining if not s.cancelled], budget)
         outputs += failed
-        if chunks:
-            outputs += self._prefill(chunks)
+        if decoding and chunks and self.runner.fused:
+            outputs += self._fused(decoding, chunks)
+        else:
+            if decoding:
+                outputs += self._decode(decoding)
+            if chunks:
+                outputs += self._prefill(chunks)
         self._remember([seq for seq, out in outputs if isinstance(out, StepOutput) and out.finish_reason])
         self.runner.keep({s.seq_id for s in decoding + joining if s.joined and not s.finished})
         return outputs
@@ -409,6 +414,28 @@ class Engine:
             for seq in self._running.values():  # staged prompts were dropped with the cache
                 seq.slot, seq.embeds, seq.prefilled = None, None, 0
             return self._failed(seqs, e)
+        return self._decoded(seqs, logits)
+
+    def _fused(
+        self, decoding: list[Sequence], plan: list[tuple[Sequence, int]]
+    ) -> list[tuple[Sequence, Result]]:
+        """The running rows' decode and the planned prompt chunks in one forward pass (the weights
+        read once). If it fails, the two run apart, each with its own failure handling."""
+        chunks = [Chunk(s.slot, s.prefilled, s.embeds[s.prefilled : s.prefilled + n]) for s, n in plan]
+        start = time.perf_counter()
+        try:
+            rows, last = self.runner.step(chunks)
+        except Exception:
+            logger.exception(
+                "a step of %d rows and %d prompt chunks failed as one pass", len(decoding), len(plan)
+            )
+            return self._decode(decoding) + self._prefill(plan)
+        took = self.runner.synchronized() - start
+        self.fused_steps += 1
+        return self._decoded(decoding, rows) + self._prefilled(plan, last, took)
+
+    def _decoded(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
+        """Sample the running rows' next tokens from a decode's logits (rows in slot order)."""
         row = {sid: i for i, sid in enumerate(self.runner.batch.seq_ids)}
         outs = self._sample(seqs, logits[[row[s.seq_id] for s in seqs]])
         tokens = {seq.seq_id: out.token_id for seq, out in outs if isinstance(out, StepOutput)}
@@ -432,7 +459,12 @@ class Engine:
             seq = plan[0][0]
             self.runner.release(seq.slot)
             return self._failed([seq], e)
-        took = self.runner.synchronized() - start
+        return self._prefilled(plan, logits, self.runner.synchronized() - start)
+
+    def _prefilled(
+        self, plan: list[tuple[Sequence, int]], logits: torch.Tensor, took: float
+    ) -> list[tuple[Sequence, Result]]:
+        """Requests whose prompts a pass (`took` s) made whole sample their first tokens and join."""
         whole: list[tuple[Sequence, torch.Tensor]] = []
         for (seq, n), row in zip(plan, logits, strict=True):
             seq.prefilled += n

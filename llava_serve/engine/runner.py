@@ -3,8 +3,9 @@
 Rows that decode are slots `0..n-1` (the running `Batch`): a decode step is one forward pass over
 them, each writing at its own length. A request's prompt is written into a slot taken from the top
 of the free ones, in chunks (`prefill`), possibly after a cached prefix was copied in
-(`load_prefix`); once it is whole, `join` makes it decoding row n. A row that leaves gives its
-slot back, and the last decoding row moves into the hole, so the decoding rows stay a view.
+(`load_prefix`); once it is whole, `join` makes it decoding row n. `step` does a decode and chunks
+in one pass. A row that leaves gives its slot back, and the last decoding row moves into the
+hole, so the decoding rows stay a view.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llava_serve.engine.attention import ATTENTION, Segment, StepLayout
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kvcache import SlotKV, WritePlan
 from llava_serve.engine.vision import VisionCache
@@ -53,6 +55,11 @@ class ModelRunner:
         # position needs logits, and `OutputHead` computes them faster on CPU.
         self.decoder = model.get_decoder()
         self.head = OutputHead(model.get_output_embeddings())
+        # A step that both decodes and prefills runs as one pass when attention is SDPA (the
+        # default): `ATTENTION` is SDPA for every other caller of the model.
+        self.fused = model.config.get_text_config()._attn_implementation in ("sdpa", ATTENTION)
+        if self.fused:
+            model.config.get_text_config()._attn_implementation = ATTENTION
         self.encoder = ADAPTERS[model.config.model_type]
         self.device = model.device
         self.dtype = model.dtype
@@ -222,6 +229,70 @@ class ModelRunner:
         for c in chunks:
             self.staged[c.slot] = c.start + c.embeds.shape[0]
         return self.head(hidden[:, -1])
+
+    @torch.inference_mode()
+    def step(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass that decodes a token for every decoding row and writes the chunks into
+        their staged slots: the rows' logits [B, vocab] and each chunk's last-position logits
+        [K, vocab], as `decode` and `prefill` would give them apart, with the weights read once.
+        A failure leaves the runner as it was (the caller may then run the two apart)."""
+        b = self.batch
+        n = len(b.seq_ids)
+        for c in chunks:
+            if self.staged.get(c.slot) != c.start:
+                raise EngineError(f"slot {c.slot} holds {self.staged.get(c.slot)} tokens, not {c.start}")
+            if c.start + c.embeds.shape[0] > self.kv.max_len:
+                length = c.start + c.embeds.shape[0]
+                raise InvalidRequest(
+                    f"a prompt of {length} tokens does not fit a KV slot of {self.kv.max_len}"
+                )
+        decode_len = int(b.lengths.max()) + 1
+        if decode_len > self.kv.max_len:
+            raise EngineError(f"a row outgrew its KV slot of {self.kv.max_len} tokens")
+        sizes = [c.embeds.shape[0] for c in chunks]
+        segments, offset = [], n
+        for c, size in zip(chunks, sizes, strict=True):
+            segments.append(Segment(c.slot, c.start, size, offset))
+            offset += size
+        d = self.device
+        embeds = torch.cat([self.model.get_input_embeddings()(b.last_tokens), *[c.embeds for c in chunks]])
+        position = torch.cat(
+            [
+                b.lengths,
+                *[
+                    torch.arange(c.start, c.start + size, device=d)
+                    for c, size in zip(chunks, sizes, strict=True)
+                ],
+            ]
+        )
+        chunk_slots = torch.tensor([c.slot for c in chunks], device=d)
+        slot = torch.cat(
+            [torch.arange(n, device=d), chunk_slots.repeat_interleave(torch.tensor(sizes, device=d))]
+        )
+        tokens = embeds.shape[0]
+        plan = WritePlan(
+            rows=slice(None),
+            kv_len=self.kv.max_len,
+            batch=torch.zeros(tokens, dtype=torch.long, device=self.device),
+            query=torch.arange(tokens, device=self.device),
+            slot=slot,
+            position=position,
+        )
+        sees = torch.arange(decode_len, device=self.device)[None, None, :] <= b.lengths[:, None, None]
+        layout = StepLayout(n, decode_len, self._additive(sees), segments)
+        hidden = self.decoder(
+            inputs_embeds=embeds[None],
+            attention_mask=layout.decode_mask,  # passed through untouched (4D); the layout does the masking
+            position_ids=position[None],
+            cache=self.kv.cache(plan),
+            step_layout=layout,
+        ).last_hidden_state[0]
+        last = torch.tensor([s.offset + s.length - 1 for s in segments], dtype=torch.long, device=self.device)
+        logits = self.head(torch.cat([hidden[:n], hidden[last]]))
+        b.lengths = b.lengths + 1
+        for c in chunks:
+            self.staged[c.slot] = c.start + c.embeds.shape[0]
+        return logits[:n], logits[n:]
 
     def join(self, slot: int, seq_id: int, first_token: int) -> int | None:
         """Make a staged slot, its prompt whole, the next decoding row. It moves down to slot n
