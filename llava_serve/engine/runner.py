@@ -188,15 +188,11 @@ class ModelRunner:
         positions, so a prompt computes the same in chunks as in one piece. A failure leaves the
         decoding rows untouched (they live in other slots); the caller releases the chunks' slots.
         """
-        for c in chunks:
-            if self.staged.get(c.slot) != c.start:
-                raise EngineError(f"slot {c.slot} holds {self.staged.get(c.slot)} tokens, not {c.start}")
+        self._check(chunks)
         sizes = torch.tensor([c.embeds.shape[0] for c in chunks], device=self.device)
         starts = torch.tensor([c.start for c in chunks], device=self.device)
         q = int(sizes.max())
         kv_len = int((starts + sizes).max())
-        if kv_len > self.kv.max_len:
-            raise InvalidRequest(f"a prompt of {kv_len} tokens does not fit a KV slot of {self.kv.max_len}")
         # Left-padded, so every chunk's last real position is the batch's last query.
         inputs = torch.stack([F.pad(c.embeds, (0, 0, q - c.embeds.shape[0], 0)) for c in chunks])
         columns = torch.arange(q, device=self.device)
@@ -226,8 +222,7 @@ class ModelRunner:
             position_ids=position.clamp(min=0),
             cache=self.kv.cache(plan),
         ).last_hidden_state
-        for c in chunks:
-            self.staged[c.slot] = c.start + c.embeds.shape[0]
+        self._written(chunks)
         return self.head(hidden[:, -1])
 
     @torch.inference_mode()
@@ -238,17 +233,8 @@ class ModelRunner:
         A failure leaves the runner as it was (the caller may then run the two apart)."""
         b = self.batch
         n = len(b.seq_ids)
-        for c in chunks:
-            if self.staged.get(c.slot) != c.start:
-                raise EngineError(f"slot {c.slot} holds {self.staged.get(c.slot)} tokens, not {c.start}")
-            if c.start + c.embeds.shape[0] > self.kv.max_len:
-                length = c.start + c.embeds.shape[0]
-                raise InvalidRequest(
-                    f"a prompt of {length} tokens does not fit a KV slot of {self.kv.max_len}"
-                )
-        decode_len = int(b.lengths.max()) + 1
-        if decode_len > self.kv.max_len:
-            raise EngineError(f"a row outgrew its KV slot of {self.kv.max_len} tokens")
+        self._check(chunks)
+        decode_len = self._decode_len()
         sizes = [c.embeds.shape[0] for c in chunks]
         segments, offset = [], n
         for c, size in zip(chunks, sizes, strict=True):
@@ -278,8 +264,7 @@ class ModelRunner:
             slot=slot,
             position=position,
         )
-        sees = torch.arange(decode_len, device=self.device)[None, None, :] <= b.lengths[:, None, None]
-        layout = StepLayout(n, decode_len, self._additive(sees), segments)
+        layout = StepLayout(n, decode_len, self._decode_mask(decode_len), segments)
         hidden = self.decoder(
             inputs_embeds=embeds[None],
             attention_mask=layout.decode_mask,  # passed through untouched (4D); the layout does the masking
@@ -290,9 +275,33 @@ class ModelRunner:
         last = torch.tensor([s.offset + s.length - 1 for s in segments], dtype=torch.long, device=self.device)
         logits = self.head(torch.cat([hidden[:n], hidden[last]]))
         b.lengths = b.lengths + 1
+        self._written(chunks)
+        return logits[:n], logits[n:]
+
+    def _check(self, chunks: list[Chunk]) -> None:
+        """Each chunk continues its staged prompt where it stopped, and the prompt fits its slot."""
+        for c in chunks:
+            if self.staged.get(c.slot) != c.start:
+                raise EngineError(f"slot {c.slot} holds {self.staged.get(c.slot)} tokens, not {c.start}")
+            end = c.start + c.embeds.shape[0]
+            if end > self.kv.max_len:
+                raise InvalidRequest(f"a prompt of {end} tokens does not fit a KV slot of {self.kv.max_len}")
+
+    def _written(self, chunks: list[Chunk]) -> None:
         for c in chunks:
             self.staged[c.slot] = c.start + c.embeds.shape[0]
-        return logits[:n], logits[n:]
+
+    def _decode_len(self) -> int:
+        """Positions a decode step attends over: the longest row's tokens and the new one."""
+        kv_len = int(self.batch.lengths.max()) + 1
+        if kv_len > self.kv.max_len:
+            raise EngineError(f"a row outgrew its KV slot of {self.kv.max_len} tokens")
+        return kv_len
+
+    def _decode_mask(self, kv_len: int) -> torch.Tensor:
+        """Each decoding row sees its own tokens and the one it is writing."""
+        sees = torch.arange(kv_len, device=self.device)[None, None, :] <= self.batch.lengths[:, None, None]
+        return self._additive(sees)
 
     def join(self, slot: int, seq_id: int, first_token: int) -> int | None:
         """Make a staged slot, its prompt whole, the next decoding row. It moves down to slot n
@@ -366,9 +375,7 @@ class ModelRunner:
         b = self.batch
         n = len(b.seq_ids)
         rows = torch.arange(n, device=self.device)
-        kv_len = int(b.lengths.max()) + 1
-        if kv_len > self.kv.max_len:
-            raise EngineError(f"a row outgrew its KV slot of {self.kv.max_len} tokens")
+        kv_len = self._decode_len()
         plan = WritePlan(
             rows=slice(0, n),
             kv_len=kv_len,
@@ -377,10 +384,9 @@ class ModelRunner:
             slot=rows,
             position=b.lengths,
         )
-        sees = torch.arange(kv_len, device=self.device)[None, None, :] <= b.lengths[:, None, None]
         hidden = self.decoder(
             input_ids=b.last_tokens[:, None],
-            attention_mask=self._additive(sees),
+            attention_mask=self._decode_mask(kv_len),
             position_ids=b.lengths[:, None],
             cache=self.kv.cache(plan),
         ).last_hidden_state
