@@ -10,6 +10,7 @@ import torch
 from llava_serve import images
 from llava_serve.config import EngineConfig, ImageConfig
 from llava_serve.engine.sampling import SamplingParams
+from llava_serve.errors import EngineError
 from llava_serve.models import load_adapter
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
@@ -209,3 +210,58 @@ async def test_streams_share_a_message_budget_and_carry_several_tokens(tiny_dir,
     )
     assert answers == [c.expected for c in cases]
     assert sum(len(s) for s in free) > sum(len(s) for s in sizes)
+
+
+async def test_a_failed_single_pass_step_runs_again_as_decode_and_prefill_apart(chunky, cases):
+    """The first step that decodes and prefills in one pass fails inside the model; the step runs
+    again as the two passes apart, and every answer is still `generate`'s."""
+    failed = []
+
+    def fail_once(module, args, kwargs):
+        if "step_layout" in kwargs and not failed:
+            failed.append(True)
+            raise RuntimeError("injected failure in the single-pass step")
+
+    layer = chunky.runner.decoder.layers[0]
+    handle = layer.register_forward_pre_hook(fail_once, with_kwargs=True)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*[collect(chunky, c, delay=0.004 * i) for i, c in enumerate(cases)]), timeout=60
+        )
+    finally:
+        handle.remove()
+    assert failed, "a single-pass step ran"
+    assert results == [c.expected for c in cases]
+
+
+async def test_if_the_decode_fails_too_the_joining_prompts_start_again(chunky, cases):
+    """The single-pass step fails and so does the decode run apart: the decoding rows fail with a
+    typed error, the prompts that were joining start again from nothing and still answer as
+    `generate` does, and the engine serves the next request."""
+    calls = []
+
+    def fail_twice(module, args, kwargs):
+        if "step_layout" in kwargs and not calls:
+            calls.append("single pass")
+            raise RuntimeError("injected failure in the single-pass step")
+        if len(calls) == 1:
+            calls.append("decode")
+            raise RuntimeError("injected failure in the decode run apart")
+
+    handle = chunky.runner.decoder.layers[0].register_forward_pre_hook(fail_twice, with_kwargs=True)
+    try:
+        # Bounded: a regression here would leave requests waiting for good, not fail them.
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *[collect(chunky, c, delay=0.004 * i) for i, c in enumerate(cases)], return_exceptions=True
+            ),
+            timeout=60,
+        )
+    finally:
+        handle.remove()
+    assert calls == ["single pass", "decode"]
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert failed and all(isinstance(r, EngineError) for r in failed)
+    answered = [(c, r) for c, r in zip(cases, results, strict=True) if not isinstance(r, Exception)]
+    assert answered and all(r == c.expected for c, r in answered)
+    assert await collect(chunky, cases[0]) == cases[0].expected

@@ -429,7 +429,10 @@ class Engine:
             logger.exception(
                 "a step of %d rows and %d prompt chunks failed as one pass", len(decoding), len(plan)
             )
-            return self._decode(decoding) + self._prefill(plan)
+            outputs = self._decode(decoding)
+            # A failed decode drops the staged prompts with the cache; they start again next step.
+            plan = [(seq, n) for seq, n in plan if seq.slot is not None]
+            return outputs + (self._prefill(plan) if plan else [])
         took = self.runner.synchronized() - start
         self.fused_steps += 1
         return self._decoded(decoding, rows) + self._prefilled(plan, last, took)

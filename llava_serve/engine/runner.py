@@ -259,8 +259,8 @@ class ModelRunner:
         plan = WritePlan(
             rows=slice(None),
             kv_len=self.kv.max_len,
-            batch=torch.zeros(tokens, dtype=torch.long, device=self.device),
-            query=torch.arange(tokens, device=self.device),
+            batch=torch.zeros(tokens, dtype=torch.long, device=d),
+            query=torch.arange(tokens, device=d),
             slot=slot,
             position=position,
         )
@@ -272,7 +272,7 @@ class ModelRunner:
             cache=self.kv.cache(plan),
             step_layout=layout,
         ).last_hidden_state[0]
-        last = torch.tensor([s.offset + s.length - 1 for s in segments], dtype=torch.long, device=self.device)
+        last = torch.tensor([s.offset + s.length - 1 for s in segments], dtype=torch.long, device=d)
         logits = self.head(torch.cat([hidden[:n], hidden[last]]))
         b.lengths = b.lengths + 1
         self._written(chunks)
