@@ -72,8 +72,12 @@ class EngineMetrics:
         self.queue_wait = _histogram("llava_queue_wait_seconds", "Admission queue wait before prefill.")
         self.running = metrics.Gauge("llava_running_requests", "Requests in the running batch.")
         self.waiting = metrics.Gauge("llava_waiting_requests", "Requests in the admission queue.")
-        self.kv_tokens = metrics.Gauge("llava_kv_tokens_reserved", "KV budget in use: prompt + max_tokens.")
-        self.kv_budget = metrics.Gauge("llava_kv_tokens_budget", "The engine's KV token budget.")
+        self.kv_tokens = metrics.Gauge(
+            "llava_kv_tokens_reserved", "Admission budget in use: prompt + max_tokens of running requests."
+        )
+        self.kv_budget = metrics.Gauge(
+            "llava_kv_tokens_budget", "The engine's admission token budget (engine.max_batch_tokens)."
+        )
         self.kv_bytes = metrics.Gauge("llava_kv_cache_bytes", "KV cache slots, allocated once at start.")
         self.image_cache = metrics.Counter(
             "llava_image_cache_total", "Vision-embedding cache lookups.", tag_keys=("result",)

@@ -123,7 +123,10 @@ class EngineConfig(_Strict):
 
     max_batch_size: int = Field(16, gt=0, description="Requests decoded together in one step.")
     max_batch_tokens: int = Field(
-        32768, gt=0, description="KV budget: sum over running requests of prompt + max_tokens."
+        32768,
+        gt=0,
+        description="Admission limit: the sum over running requests of prompt + max_tokens. The KV "
+        "memory itself is the slots of kv_cache_bytes; this bounds how much work is admitted at once.",
     )
     max_queue: int = Field(256, ge=0, description="Admitted-but-waiting requests; beyond it, 503.")
     image_cache_bytes: int = Field(256 * MiB, ge=0, description="LRU of vision-tower outputs; 0 disables.")
