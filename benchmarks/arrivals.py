@@ -27,9 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
 
-from benchmarks.engine import pct
 from benchmarks.prefill import V1_SETTINGS
-from benchmarks.report import save
+from benchmarks.report import pct, save
 from llava_serve.config import AppConfig
 from llava_serve.loadgen import random_png
 

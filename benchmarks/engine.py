@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from PIL import Image
 
-from benchmarks.report import save
+from benchmarks.report import pct, save
 from llava_serve import checkpoint, images
 from llava_serve.config import AppConfig
 from llava_serve.engine.sampling import SamplingParams
@@ -71,13 +71,6 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    data = sorted(values)
-    return data[min(len(data) - 1, int(q * len(data)))]
 
 
 async def one_request(handle, prompt, images: list, params) -> dict:

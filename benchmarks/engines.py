@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import commit, pct, save  # noqa: E402  (imports nothing of llava_serve)
 
 
 def export_tree(commit: str) -> Path:
@@ -44,11 +47,6 @@ def export_tree(commit: str) -> Path:
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
     return out
-
-
-def pct(values: list[float], q: float) -> float:
-    data = sorted(values)
-    return data[min(len(data) - 1, int(q * len(data)))]
 
 
 # -- worker: one engine, in its own process ------------------------------------------------
@@ -90,7 +88,7 @@ def worker(tree: str, inputs_path: str, concurrency: int, max_tokens: int, v2: d
         try:
             return step(*args)
         finally:
-            kv_peak = max(kv_peak, _kv_bytes(engine.runner))
+            kv_peak = max(kv_peak, kv_bytes(engine.runner))
 
     engine._step = measured_step
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -138,7 +136,8 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
-def _kv_bytes(runner) -> int:
+def kv_bytes(runner) -> int:
+    """Bytes the runner's KV cache holds now: v2's slots, or v1's batch `DynamicCache`."""
     if hasattr(runner, "kv"):  # v2: the slots
         return runner.kv.nbytes
     if runner.batch is None:  # v1: whatever the batch's DynamicCache holds now
@@ -151,7 +150,6 @@ def _kv_bytes(runner) -> int:
 
 
 def write_inputs(n: int, max_tokens: int, path: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from benchmarks.engine import make_inputs
     from llava_serve.config import AppConfig
 
@@ -179,9 +177,6 @@ def side(name: str, tree: Path, inputs: Path, args) -> dict:
 
 
 def bench(args) -> dict:
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.report import commit
-
     trees = {"v1": export_tree(args.v1_commit), "v2": ROOT}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.pkl"
@@ -242,9 +237,6 @@ def main() -> None:
         result = worker(args.worker, args.inputs, args.concurrency, args.max_tokens, v2)
         print(json.dumps(result))
         return
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.report import save
-
     results = bench(args)
     print(table(results, args))
     save(results, args)

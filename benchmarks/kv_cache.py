@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from benchmarks.engines import kv_bytes
 from benchmarks.report import save
 from llava_serve import checkpoint, tiny
 from llava_serve.config import ModelConfig
@@ -47,13 +48,6 @@ def v1_runner_class(commit: str):
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module.ModelRunner
-
-
-def kv_bytes(runner) -> int:
-    if hasattr(runner, "kv"):
-        return runner.kv.nbytes
-    cache = runner.batch.cache
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def run(runner, prompts, steps: int, churn: int) -> dict:

@@ -31,8 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from PIL import Image
 
-from benchmarks.engine import _png, one_request, pct
-from benchmarks.report import save
+from benchmarks.engine import _png, one_request
+from benchmarks.report import pct, save
 from llava_serve import checkpoint, images
 from llava_serve.config import AppConfig
 from llava_serve.engine.sampling import SamplingParams

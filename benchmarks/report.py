@@ -1,4 +1,5 @@
-"""What every benchmark does at the end: keep the run's arguments with its results, write JSON."""
+"""What every benchmark shares: percentiles, and at the end keeping the run's arguments with its
+results in JSON. Imports nothing of `llava_serve`, so a benchmark running another tree can use it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import argparse
 import json
 import subprocess
 from pathlib import Path
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile of `values` (nearest rank); NaN when there are none."""
+    if not values:
+        return float("nan")
+    data = sorted(values)
+    return data[min(len(data) - 1, int(q * len(data)))]
 
 
 def commit() -> str:

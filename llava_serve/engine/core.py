@@ -421,7 +421,7 @@ class Engine:
     ) -> list[tuple[Sequence, Result]]:
         """The running rows' decode and the planned prompt chunks in one forward pass (the weights
         read once). If it fails, the two run apart, each with its own failure handling."""
-        chunks = [Chunk(s.slot, s.prefilled, s.embeds[s.prefilled : s.prefilled + n]) for s, n in plan]
+        chunks = self._cut(plan)
         start = time.perf_counter()
         try:
             rows, last = self.runner.step(chunks)
@@ -437,6 +437,11 @@ class Engine:
         self.fused_steps += 1
         return self._decoded(decoding, rows) + self._prefilled(plan, last, took)
 
+    @staticmethod
+    def _cut(plan: list[tuple[Sequence, int]]) -> list[Chunk]:
+        """Each planned request's next `n` prompt positions, to be written into its slot."""
+        return [Chunk(s.slot, s.prefilled, s.embeds[s.prefilled : s.prefilled + n]) for s, n in plan]
+
     def _decoded(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
         """Sample the running rows' next tokens from a decode's logits (rows in slot order)."""
         row = {sid: i for i, sid in enumerate(self.runner.batch.seq_ids)}
@@ -451,7 +456,7 @@ class Engine:
         their first tokens and join the batch. If the pass fails, each request is tried alone so
         only the culprit fails; nothing about a request changes before its pass succeeds, so a
         retry starts from the same state."""
-        chunks = [Chunk(s.slot, s.prefilled, s.embeds[s.prefilled : s.prefilled + n]) for s, n in plan]
+        chunks = self._cut(plan)
         start = time.perf_counter()
         try:
             logits = self.runner.prefill(chunks)
