@@ -134,7 +134,16 @@ class EngineConfig(_Strict):
         None,
         gt=0,
         description="KV cache, allocated once: max_batch_size slots of this many bytes together. "
-        "Unset: every slot holds the model's whole context.",
+        "Unset: on a GPU, what gpu_memory_utilization leaves once the weights are loaded; on CPU, "
+        "every slot holds the model's whole context.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="With kv_cache_bytes unset on a GPU: the share of the device's memory the replica "
+        "may fill (weights, KV slots and anything else already there); the rest is headroom for "
+        "activations.",
     )
     max_step_tokens: int = Field(
         512,

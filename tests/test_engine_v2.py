@@ -6,11 +6,14 @@ import time
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from llava_serve import images
-from llava_serve.config import EngineConfig, ImageConfig
+from llava_serve.config import EngineConfig, ImageConfig, ModelConfig
+from llava_serve.engine.core import Engine
+from llava_serve.engine.kvcache import SlotKV
 from llava_serve.engine.sampling import SamplingParams
-from llava_serve.errors import EngineError
+from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.models import load_adapter
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
@@ -265,3 +268,25 @@ async def test_if_the_decode_fails_too_the_joining_prompts_start_again(chunky, c
     answered = [(c, r) for c, r in zip(cases, results, strict=True) if not isinstance(r, Exception)]
     assert answered and all(r == c.expected for c, r in answered)
     assert await collect(chunky, cases[0]) == cases[0].expected
+
+
+async def test_kv_cache_bytes_sizes_the_slots_and_a_request_must_fit_one(tiny_dir, turns):
+    """The budget is allocated once, shared by max_batch_size slots; a request whose prompt plus
+    max_tokens would outgrow a slot is refused up front, naming the knob."""
+    first = turns[0]
+    per_token = SlotKV.bytes_per_token(AutoConfig.from_pretrained(tiny_dir), torch.float32)
+    length = len(first.input_ids) + first.max_tokens
+    config = EngineConfig(max_batch_size=4, kv_cache_bytes=4 * per_token * length + per_token - 1)
+    engine = Engine.load(ModelConfig(name=tiny_dir), config)
+    try:
+        assert engine.runner.kv.max_len == length
+        assert engine.stats()["kv_cache_bytes"] == 4 * per_token * length
+        greedy = SamplingParams(max_tokens=first.max_tokens, temperature=0.0)
+        outputs = engine.generate(first.input_ids, first.images, greedy)
+        answer = [t async for o in outputs for t in o.token_ids]
+        assert answer == first.expected  # a request that fills its slot exactly
+        longer = SamplingParams(max_tokens=first.max_tokens + 1, temperature=0.0)
+        with pytest.raises(InvalidRequest, match="kv_cache_bytes"):
+            engine.submit(first.input_ids, first.images, longer)
+    finally:
+        await engine.shutdown()

@@ -11,6 +11,7 @@ from transformers import LlamaModel, MistralModel, Qwen2Model
 from llava_serve import images
 from llava_serve.config import ImageConfig
 from llava_serve.engine.head import OutputHead
+from llava_serve.engine.kvcache import gpu_kv_budget, slot_length
 from llava_serve.engine.runner import ModelRunner
 from llava_serve.errors import InvalidRequest
 from tests.conftest import encode, random_image
@@ -36,6 +37,35 @@ def test_the_output_head_gives_the_model_s_own_logits(hf_model):
         got = head(hidden)
         assert got.shape == expected.shape and got.is_contiguous()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+GiB = 1 << 30
+
+
+def test_the_kv_budget_is_shared_by_the_slots_up_to_the_context():
+    assert slot_length(None, 16, 1024, 4096) == 4096
+    assert slot_length(16 * 1024 * 300, 16, 1024, 4096) == 300
+    assert slot_length(16 * 1024 * 300 + 1023, 16, 1024, 4096) == 300  # whole positions only
+    assert slot_length(GiB, 16, 1024, 4096) == 4096
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        slot_length(1024 * 15, 16, 1024, 4096)
+
+
+def test_on_a_gpu_the_kv_slots_take_what_the_utilization_leaves():
+    """llava-v1.6-mistral-7b's shape on an 80 GiB card with 32 slots: a whole 32k context per slot
+    would need 128 GiB; the slots get what 0.9 of the card leaves beside the ~15 GiB of weights."""
+    per_token, context, slots = 2 * 32 * 8 * 128 * 2, 32768, 32
+    assert slots * context * per_token == 128 * GiB
+    budget = gpu_kv_budget(free=65 * GiB, total=80 * GiB, utilization=0.9)
+    assert budget == 57 * GiB
+    length = slot_length(budget, slots, per_token, context)
+    assert length == 57 * GiB // (slots * per_token) == 14592
+    assert slots * length * per_token <= budget
+    # the prefix and vision caches fill device memory later: their bytes are kept from the slots
+    assert gpu_kv_budget(free=65 * GiB, total=80 * GiB, utilization=0.9, caches=6 * GiB) == 51 * GiB
+    assert gpu_kv_budget(free=6 * GiB, total=80 * GiB, utilization=0.9) == 0  # nothing past the headroom
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        slot_length(0, slots, per_token, context)
 
 
 @pytest.fixture

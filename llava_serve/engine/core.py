@@ -21,7 +21,7 @@ import torch
 from llava_serve import checkpoint
 from llava_serve.config import EngineConfig, ModelConfig
 from llava_serve.engine.detok import TokenBytes
-from llava_serve.engine.kvcache import SlotKV
+from llava_serve.engine.kvcache import SlotKV, gpu_kv_budget, slot_length
 from llava_serve.engine.prefix import PrefixCache, prefix_key
 from llava_serve.engine.runner import Chunk, ModelRunner
 from llava_serve.engine.sampling import SamplingParams, sample_batch, sample_row
@@ -81,11 +81,17 @@ class Engine:
         weights = checkpoint.load_model(model, adapter)
         eos = weights.generation_config.eos_token_id
         eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
-        max_len = None
-        if config.kv_cache_bytes is not None:
-            per_token = SlotKV.bytes_per_token(weights.config, weights.dtype)
-            max_len = max(1, config.kv_cache_bytes // (config.max_batch_size * per_token))
-            max_len = min(max_len, weights.config.get_text_config().max_position_embeddings)
+        budget = config.kv_cache_bytes
+        if budget is None and weights.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(weights.device)
+            caches = config.prefix_cache_bytes + config.image_cache_bytes  # device memory, filled later
+            budget = gpu_kv_budget(free, total, config.gpu_memory_utilization, caches)
+        max_len = slot_length(
+            budget,
+            config.max_batch_size,
+            SlotKV.bytes_per_token(weights.config, weights.dtype),
+            weights.config.get_text_config().max_position_embeddings,
+        )
         runner = ModelRunner(weights, config.image_cache_bytes, config.max_batch_size, max_len)
         return cls(runner, adapter.tokenizer, eos_ids, config)
 

@@ -33,6 +33,30 @@ class WritePlan:
     position: torch.Tensor
 
 
+def slot_length(budget_bytes: int | None, slots: int, per_token: int, context: int) -> int:
+    """Positions each slot holds: `budget_bytes` shared evenly by the slots, at most the model's
+    context (no budget: the whole context). A budget without room for one position per slot is a
+    configuration error, raised at startup rather than as an out-of-memory later."""
+    if budget_bytes is None:
+        return context
+    length = budget_bytes // (slots * per_token)
+    if length < 1:
+        raise ValueError(
+            f"a KV budget of {budget_bytes} bytes cannot give {slots} slots one position each "
+            f"({per_token} bytes a position): raise engine.kv_cache_bytes (or, on a GPU, "
+            "engine.gpu_memory_utilization) or lower engine.max_batch_size"
+        )
+    return min(length, context)
+
+
+def gpu_kv_budget(free: int, total: int, utilization: float, caches: int = 0) -> int:
+    """Bytes the KV slots may take on a GPU once the weights are loaded (`free` and `total` as
+    `torch.cuda.mem_get_info` reports them): what keeps the device's use, other processes'
+    included, within `utilization` of its memory once the caches that fill later (prefix and
+    vision caches, `caches` bytes at most) are full; the rest is headroom for activations."""
+    return max(0, free - (total - int(total * utilization)) - caches)
+
+
 class SlotKV:
     def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         text = config.get_text_config()
