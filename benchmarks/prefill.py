@@ -122,16 +122,22 @@ async def followup(handle, builder, turns) -> dict:
     question (what a chat client sends)."""
     params = SamplingParams(max_tokens=48, temperature=0.0)
     first, second = [], []
+    reused = prompt_tokens = 0
     for prompt, imgs in turns:
         answer = await one_request(handle, prompt, imgs, params)
         first.append(answer["ttft"] * 1000)
         history = [FIRST, ChatMessage(role="assistant", content=answer["text"]), AGAIN]
         again = builder.build(to_template_messages(history), 48, [im.num_tokens for im in imgs])
+        hits = (await handle.stats.remote())["prefix_cache_hit_tokens"]
         second.append((await one_request(handle, again, imgs, params))["ttft"] * 1000)
+        reused += (await handle.stats.remote())["prefix_cache_hit_tokens"] - hits
+        prompt_tokens += len(again.input_ids)
     return {
         "first_turn_ttft_ms": round(statistics.median(first), 1),
         "follow_up_ttft_ms": round(statistics.median(second), 1),
         "ratio": round(statistics.median(second) / statistics.median(first), 2),
+        # Positions of the follow-ups' prompts whose KV came from the prefix cache.
+        "reused": f"{reused} / {prompt_tokens}",
     }
 
 
@@ -186,8 +192,8 @@ async def bench(args) -> dict:
 def table(results: dict) -> str:
     rows = [
         "| side | round | text600 tok/s | TTFT p50 / p99 ms | TPOT p50 ms | first turn TTFT ms | "
-        "follow-up TTFT ms | follow-up / first |",
-        "|---|---|---|---|---|---|---|---|",
+        "follow-up TTFT ms | follow-up / first | follow-up positions reused |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for side, data in results["sides"].items():
         for r in range(max(len(data["text600"]), len(data["followup"]))):
@@ -197,7 +203,7 @@ def table(results: dict) -> str:
                 f"| {side} | {r + 1} | {t.get('tok_s', '')} | {t.get('ttft_p50_ms', '')} / "
                 f"{t.get('ttft_p99_ms', '')} | {t.get('tpot_p50_ms', '')} | "
                 f"{f.get('first_turn_ttft_ms', '')} | {f.get('follow_up_ttft_ms', '')} | "
-                f"{f.get('ratio', '')}x |"
+                f"{f.get('ratio', '')}x | {f.get('reused', '')} |"
             )
     return "\n".join(rows)
 
@@ -206,7 +212,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="small", choices=["tiny", "small"])
+    parser.add_argument(
+        "--preset",
+        default="small",
+        choices=["tiny", "small", "small-336"],
+        help="small-336: the small model with LLaVA-1.5's 576-token images",
+    )
     parser.add_argument(
         "--model", default="tiny", choices=["tiny", "tiny-next"], help="tiny-next: LLaVA-NeXT (tiled images)"
     )

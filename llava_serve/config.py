@@ -32,8 +32,10 @@ class ModelConfig(_Strict):
         "auto", description="'auto' means float16 on CUDA and float32 on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    tiny_preset: Literal["tiny", "small"] = Field(
-        "tiny", description="Which embedded checkpoint 'tiny' builds (small is for benchmarks)."
+    tiny_preset: Literal["tiny", "small", "small-336"] = Field(
+        "tiny",
+        description="Which embedded checkpoint 'tiny' builds (small, and small-336 with LLaVA-1.5's "
+        "576-token images, are for benchmarks).",
     )
     cache_dir: str | None = Field(
         None, description="Where embedded checkpoints are built; default ~/.cache/llava-serve."

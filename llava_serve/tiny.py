@@ -64,6 +64,9 @@ PRESETS = {
     "tiny": Preset(1024, 64, 2, 4, 2, 128, 32, 2, 2, 64, 16, 2048),
     # Large enough that compute matters (~60M parameters, 32k vocab, 112 px): for benchmarks.
     "small": Preset(32000, 512, 8, 8, 4, 1376, 256, 4, 4, 112, 14, 4096),
+    # The small model at LLaVA-1.5's image size (336 px in patches of 14: 576 tokens an image), for
+    # what depends on how much of a prompt the image is (prefix reuse across turns).
+    "small-336": Preset(32000, 512, 8, 8, 4, 1376, 256, 4, 4, 336, 14, 4096),
 }
 
 
