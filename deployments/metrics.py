@@ -73,10 +73,10 @@ class EngineMetrics:
         self.running = metrics.Gauge("llava_running_requests", "Requests in the running batch.")
         self.waiting = metrics.Gauge("llava_waiting_requests", "Requests in the admission queue.")
         self.kv_tokens = metrics.Gauge(
-            "llava_kv_tokens_reserved", "Admission budget in use: prompt + max_tokens of running requests."
+            "llava_kv_tokens_used", "KV positions the running requests hold now (prompt + generated)."
         )
-        self.kv_budget = metrics.Gauge(
-            "llava_kv_tokens_budget", "The engine's admission token budget (engine.max_batch_tokens)."
+        self.kv_capacity = metrics.Gauge(
+            "llava_kv_tokens_capacity", "KV positions the slots hold in all (slots x slot length)."
         )
         self.kv_bytes = metrics.Gauge("llava_kv_cache_bytes", "KV cache slots, allocated once at start.")
         self.image_cache = metrics.Counter(
@@ -103,8 +103,8 @@ class EngineMetrics:
     def sample(self, stats: dict) -> None:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
-        self.kv_tokens.set(stats["kv_tokens_reserved"])
-        self.kv_budget.set(stats["kv_tokens_budget"])
+        self.kv_tokens.set(stats["kv_tokens_used"])
+        self.kv_capacity.set(stats["kv_tokens_capacity"])
         self.kv_bytes.set(stats["kv_cache_bytes"])
         self.image_cache_bytes.set(stats["image_cache_bytes"])
         self.prefix_cache_bytes.set(stats["prefix_cache_bytes"])

@@ -124,11 +124,13 @@ class EngineConfig(_Strict):
     """The model replica's continuous-batching engine."""
 
     max_batch_size: int = Field(16, gt=0, description="Requests decoded together in one step.")
-    max_batch_tokens: int = Field(
-        32768,
+    max_batch_tokens: int | None = Field(
+        None,
         gt=0,
-        description="Admission limit: the sum over running requests of prompt + max_tokens. The KV "
-        "memory itself is the slots of kv_cache_bytes; this bounds how much work is admitted at once.",
+        description="Optional cap on prompt + max_tokens summed over running requests: a newcomer that "
+        "would pass it waits. Unset: admission is by free KV slots alone (each slot holds its request "
+        "to prompt + max_tokens, checked when it is submitted, so a running request always has room "
+        "to grow).",
     )
     max_queue: int = Field(256, ge=0, description="Admitted-but-waiting requests; beyond it, 503.")
     image_cache_bytes: int = Field(256 * MiB, ge=0, description="LRU of vision-tower outputs; 0 disables.")

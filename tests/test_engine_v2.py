@@ -290,3 +290,29 @@ async def test_kv_cache_bytes_sizes_the_slots_and_a_request_must_fit_one(tiny_di
             engine.submit(first.input_ids, first.images, longer)
     finally:
         await engine.shutdown()
+
+
+@pytest.mark.parametrize("cap", [None, "one request"])
+async def test_admission_is_by_free_slots_with_an_optional_token_cap(tiny_dir, processor, cases, cap):
+    """Unset, `max_batch_tokens` reserves nothing: every free slot takes a waiting request. Set,
+    a newcomer whose prompt + max_tokens would pass it waits for the running ones to finish."""
+    longest = max(cases, key=lambda c: len(c.input_ids) + c.max_tokens)
+    budget = None if cap is None else len(longest.input_ids) + longest.max_tokens
+    eng = build_engine(tiny_dir, processor, EngineConfig(max_batch_size=3, max_batch_tokens=budget))
+    try:
+        tasks = [asyncio.ensure_future(collect(eng, c)) for c in cases[:3]]
+        running = held = 0
+        async with asyncio.timeout(60):
+            while not all(t.done() for t in tasks):
+                running = max(running, eng.num_running)
+                held = max(held, eng.stats()["kv_tokens_used"])
+                await asyncio.sleep(0.001)
+        assert running == (3 if cap is None else 1)
+        for task, case in zip(tasks, cases[:3], strict=True):
+            assert task.result() == case.expected
+        assert 0 < held <= sum(len(c.input_ids) + c.max_tokens for c in cases[:3])
+        stats = eng.stats()
+        assert stats["kv_tokens_used"] == 0
+        assert stats["kv_tokens_capacity"] == eng.runner.kv.slots * eng.runner.kv.max_len
+    finally:
+        await eng.shutdown()

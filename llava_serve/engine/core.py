@@ -110,8 +110,8 @@ class Engine:
         return {
             "running": self.num_running,
             "waiting": self.num_waiting,
-            "kv_tokens_reserved": sum(s.kv_budget for s in self._running.values()),
-            "kv_tokens_budget": self.config.max_batch_tokens,
+            "kv_tokens_used": sum(s.prefilled + s.num_generated for s in self._running.values()),
+            "kv_tokens_capacity": self.runner.kv.slots * self.runner.kv.max_len,
             "kv_cache_bytes": self.runner.kv.nbytes,
             "kv_slot_tokens": self.runner.kv.max_len,
             "steps": self.steps,
@@ -158,10 +158,10 @@ class Engine:
             input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device, grammar
         )
         seq.stages.update(stages or {})
-        limit, which = min(
-            (self.runner.kv.max_len, "the tokens of a KV slot (engine.kv_cache_bytes)"),
-            (self.config.max_batch_tokens, "the engine's token budget (engine.max_batch_tokens)"),
-        )
+        limits = [(self.runner.kv.max_len, "the tokens of a KV slot (engine.kv_cache_bytes)")]
+        if self.config.max_batch_tokens is not None:
+            limits.append((self.config.max_batch_tokens, "the engine's token cap (engine.max_batch_tokens)"))
+        limit, which = min(limits)
         if seq.kv_budget > limit:
             raise InvalidRequest(
                 f"prompt ({len(input_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
@@ -291,9 +291,11 @@ class Engine:
                 self._wake.set()
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch while its size and token budget allow (FIFO)."""
+        """Move waiting requests into the batch while slots are free (FIFO), and within
+        `engine.max_batch_tokens` when it is set."""
         admit: list[Sequence] = []
-        budget = self.config.max_batch_tokens - sum(s.kv_budget for s in self._running.values())
+        cap = self.config.max_batch_tokens
+        budget = float("inf") if cap is None else cap - sum(s.kv_budget for s in self._running.values())
         while self._waiting and len(self._running) + len(admit) < self.config.max_batch_size:
             seq = self._waiting[0]
             if seq.cancelled:

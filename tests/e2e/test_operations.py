@@ -244,7 +244,7 @@ def test_prometheus_metrics_are_exported(serve_url, metrics_url, image_server):
         "ray_llava_e2e_latency_seconds_bucket",
         "ray_llava_queue_wait_seconds_bucket",
         "ray_llava_running_requests",
-        "ray_llava_kv_tokens_budget",
+        "ray_llava_kv_tokens_capacity",
         "ray_llava_image_cache_total",
         "ray_llava_grammar_cache_total",
         'ray_llava_prefix_cache_total{result="miss"',
