@@ -54,6 +54,20 @@ class RawStreamer:
             return result
 
 
+async def consume_streamer(self, streamer: RawStreamer):
+    """The tutorial's batched `Chatbot.consume_streamer`, shared by both batched baselines."""
+    while True:
+        try:
+            for token_batch in streamer:
+                decoded_tokens = []
+                for token in token_batch:
+                    decoded_tokens.append(self.tokenizer.decode(token, skip_special_tokens=True))
+                yield decoded_tokens
+            break
+        except Empty:
+            await asyncio.sleep(0.01)
+
+
 @serve.deployment
 class BatchedModel:
     def __init__(self, config: AppConfig, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.1):
@@ -104,17 +118,7 @@ class BatchedModel:
         max_new = max(max_tokens for _, _, max_tokens in requests)
         self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_new, do_sample=False)
 
-    async def consume_streamer(self, streamer: RawStreamer):
-        while True:
-            try:
-                for token_batch in streamer:
-                    decoded_tokens = []
-                    for token in token_batch:
-                        decoded_tokens.append(self.tokenizer.decode(token, skip_special_tokens=True))
-                    yield decoded_tokens
-                break
-            except Empty:
-                await asyncio.sleep(0.01)
+    consume_streamer = consume_streamer
 
     async def loop_lag(self, reset: bool = False) -> dict:
         stats = self.lag.percentiles_ms()

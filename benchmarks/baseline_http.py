@@ -32,7 +32,7 @@ from ray import serve
 from starlette.responses import StreamingResponse
 from transformers import TextIteratorStreamer
 
-from benchmarks.baseline_batch import RawStreamer
+from benchmarks.baseline_batch import RawStreamer, consume_streamer
 from llava_serve import checkpoint
 from llava_serve.config import AppConfig
 
@@ -131,14 +131,4 @@ class BatchChatbot:
         max_new = max(q.max_tokens for q in questions)
         self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_new, do_sample=False)
 
-    async def consume_streamer(self, streamer: RawStreamer):
-        while True:
-            try:
-                for token_batch in streamer:
-                    decoded_tokens = []
-                    for token in token_batch:
-                        decoded_tokens.append(self.tokenizer.decode(token, skip_special_tokens=True))
-                    yield decoded_tokens
-                break
-            except Empty:
-                await asyncio.sleep(0.01)
+    consume_streamer = consume_streamer

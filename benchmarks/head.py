@@ -12,31 +12,18 @@ the ratio (linear / head; above 1 means the head is faster).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.report import save
+from benchmarks.report import median_ms, save
 from llava_serve import checkpoint
 from llava_serve.config import ModelConfig
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.runner import Chunk, ModelRunner
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1000, 3)
 
 
 def fill(runner: ModelRunner, rows: int, prompt_len: int) -> None:

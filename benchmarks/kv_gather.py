@@ -15,9 +15,7 @@ for each side, and the ratio. Compare it with a whole decode step of the small m
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,20 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import save
+from benchmarks.report import median_ms, save
 
 # The small preset's attention: 8 layers, 8 query heads over 4 KV heads of 64.
 LAYERS, HEADS, KV_HEADS, DIM = 8, 8, 4, 64
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def measure(rows: int, length: int, block: int, repeats: int) -> dict:
@@ -62,7 +52,7 @@ def measure(rows: int, length: int, block: int, repeats: int) -> dict:
             v = v[table].transpose(1, 2).reshape(rows, KV_HEADS, blocks * block, DIM)[:, :, :length]
             F.scaled_dot_product_attention(queries, k, v, enable_gqa=True)
 
-    slot_ms, page_ms = timed(slots, repeats), timed(pages, repeats)
+    slot_ms, page_ms = median_ms(slots, repeats), median_ms(pages, repeats)
     return {
         "rows": rows,
         "length": length,

@@ -1,11 +1,15 @@
-"""What every benchmark shares: percentiles, and at the end keeping the run's arguments with its
-results in JSON. Imports nothing of `llava_serve`, so a benchmark running another tree can use it."""
+"""What every benchmark shares: percentiles, a median timer, and at the end keeping the run's
+arguments with its results in JSON. Imports nothing of `llava_serve`, so a benchmark running
+another tree can use it."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,6 +19,18 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     data = sorted(values)
     return data[min(len(data) - 1, int(q * len(data)))]
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of `repeats` calls of `fn`, after three untimed ones."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1000, 3)
 
 
 def commit() -> str:
