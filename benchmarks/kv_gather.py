@@ -29,8 +29,6 @@ from benchmarks.report import median_ms, save
 LAYERS, HEADS, KV_HEADS, DIM = 8, 8, 4, 64
 
 
-
-
 def measure(rows: int, length: int, block: int, repeats: int) -> dict:
     blocks = -(-length // block)
     queries = torch.randn(rows, HEADS, 1, DIM)
