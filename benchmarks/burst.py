@@ -37,7 +37,12 @@ def classify(status: int, headers: httpx.Headers, text: str) -> str:
     return "other"
 
 
-async def one(host: str, port: int, payload: bytes, timeout_s: float = 120.0) -> tuple[str, float]:
+# Each request's outcome: its kind, seconds to the end of its answer, and what it got (the status
+# and the body's end, or the exception), kept so that an "other" can be told apart.
+Outcome = tuple[str, float, str]
+
+
+async def one(host: str, port: int, payload: bytes, timeout_s: float = 120.0) -> Outcome:
     """One request over a plain socket, read to the end of its response: a load generator should
     cost far less CPU per request than the server it measures (on 2 cores, httpx's would move the
     figures). The response ends where its framing says (Content-Length, or the last chunk), not
@@ -47,11 +52,12 @@ async def one(host: str, port: int, payload: bytes, timeout_s: float = 120.0) ->
     try:
         writer.write(payload)
         status, headers, body = await asyncio.wait_for(read_response(reader), timeout_s)
-    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
-        return "other", time.monotonic() - start
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as e:
+        return "other", time.monotonic() - start, repr(e)
     finally:
         writer.close()
-    return classify(status, headers, body.decode(errors="replace")), time.monotonic() - start
+    text = body.decode(errors="replace")
+    return classify(status, headers, text), time.monotonic() - start, f"{status} ...{text[-300:]}"
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, httpx.Headers, bytes]:
@@ -72,7 +78,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, httpx.Header
     return status, headers, await reader.read()
 
 
-async def burst(url: str, n: int, max_tokens: int) -> list[tuple[str, float]]:
+async def burst(url: str, n: int, max_tokens: int) -> list[Outcome]:
     target = httpx.URL(url)
     body = json.dumps(
         {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": max_tokens, "stream": True}
@@ -99,7 +105,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/burst.json")
     args = parser.parse_args()
     results = asyncio.run(burst(args.url, args.requests, args.max_tokens))
-    times = {kind: [t for k, t in results if k == kind] for kind in ("complete", "refused", "other")}
+    times = {kind: [t for k, t, _ in results if k == kind] for kind in ("complete", "refused", "other")}
+    for _, _, got in (r for r in results if r[0] == "other"):
+        print(f"other: {got}")
     print("| requests | complete | refused | other | refusal p50 / p99 / slowest s | complete p50 / max s |")
     print("|---|---|---|---|---|---|")
     r, c = times["refused"], times["complete"]
