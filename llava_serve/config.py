@@ -295,7 +295,9 @@ class IngressOptions(DeploymentOptions):
 # Where a deployment's defaults differ from `DeploymentOptions`' own. A deployment section in
 # YAML is laid over these, so `llava_model: {num_gpus: 1}` keeps the rest.
 DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ingress": {"max_ongoing_requests": 256},
+    # Room for a burst's refusals beside the admitted requests: past this, Serve holds connections
+    # in the proxy's scheduler instead of our door check answering them at once.
+    "ingress": {"max_ongoing_requests": 1024},
     # glibc gives each thread its own malloc arena and, after large frees, raises its mmap
     # threshold so later image-sized buffers land on a heap it rarely gives back. Two arenas and
     # a fixed threshold keep RSS flat under a stream of large or hostile images.
