@@ -94,7 +94,9 @@ def test_pillows_own_bomb_guard_caps_max_pixels():
 
 def test_an_admission_limit_serve_would_never_reach_is_refused():
     with pytest.raises(ValidationError, match=r"below ingress\.max_ongoing_requests"):
-        AppConfig.model_validate({"admission": {"max_inflight_requests": 300}})
+        AppConfig.model_validate(
+            {"admission": {"max_inflight_requests": 1100}, "llava_model": {"max_ongoing_requests": 1100}}
+        )
     off = AppConfig.model_validate({"admission": {"max_inflight_requests": 0}})
     assert off.admission.max_inflight_requests == 0
 
