@@ -35,25 +35,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
 
+from benchmarks.engine import QUESTIONS
 from benchmarks.report import pct, save
 from llava_serve import checkpoint
 from llava_serve.config import AppConfig
 from llava_serve.loadgen import random_png
 
-QUESTIONS = [
-    "What is in this image?",
-    "Describe the picture in detail.",
-    "Is there an animal here?",
-    "What colours dominate?",
-]
-SIDES = ["llava-serve", "@serve.batch", "thread"]
-
 
 def requests(n: int, max_tokens: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [
-        {"image": random_png(rng), "question": QUESTIONS[i % 4], "max_tokens": max_tokens} for i in range(n)
-    ]
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+    return [{"image": random_png(rng), "question": q, "max_tokens": max_tokens} for q in questions]
 
 
 def openai_body(req: dict) -> dict:
