@@ -167,10 +167,12 @@ async def closed_loop(
     rng = random.Random(seed)
     bodies = [mixed_request(rng, max_tokens) for _ in range(n)]
     cancels = set(rng.sample(range(n), round(n * cancel_fraction)))
-    for i in cancels:  # a cancelled request must be a long stream, or it would finish first
+    # A cancelled request must be a long stream, or it would finish first: its second message can
+    # come a whole shared stream interval after the first (engine.max_stream_messages_per_s).
+    for i in cancels:
         bodies[i] |= {
             "stream": True,
-            "max_tokens": max(max_tokens[1], 64),
+            "max_tokens": max(max_tokens[1], 512),
             "stream_options": {"include_usage": True},
         }
     report, sem = LoadReport(), asyncio.Semaphore(concurrency)
