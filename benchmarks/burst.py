@@ -49,19 +49,21 @@ async def one(host: str, port: int, payload: bytes, timeout_s: float = 120.0) ->
     when the server closes the connection, and an answer that never comes is "other"."""
     start = time.monotonic()
     reader, writer = await asyncio.open_connection(host, port)
+    seen = bytearray()  # what arrived, to say where an answer that never ended stopped
     try:
         writer.write(payload)
-        status, headers, body = await asyncio.wait_for(read_response(reader), timeout_s)
+        status, headers, body = await asyncio.wait_for(read_response(reader, seen), timeout_s)
     except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as e:
-        return "other", time.monotonic() - start, repr(e)
+        return "other", time.monotonic() - start, f"{e!r} after {len(seen)} bytes: ...{bytes(seen[-300:])!r}"
     finally:
         writer.close()
     text = body.decode(errors="replace")
     return classify(status, headers, text), time.monotonic() - start, f"{status} ...{text[-300:]}"
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, httpx.Headers, bytes]:
+async def read_response(reader: asyncio.StreamReader, seen: bytearray) -> tuple[int, httpx.Headers, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
+    seen += head
     lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
     status = int(lines[0].split()[1]) if len(lines[0].split()) > 1 else 0
     headers = httpx.Headers([tuple(line.split(": ", 1)) for line in lines[1:] if ": " in line])
@@ -70,8 +72,10 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, httpx.Header
     if headers.get("transfer-encoding") == "chunked":
         body = bytearray()
         while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
+            line = await reader.readuntil(b"\r\n")
+            size = int(line.split(b";")[0].strip() or b"0", 16)
             chunk = await reader.readexactly(size + 2)  # the data and its CRLF
+            seen += line + chunk
             if size == 0:
                 return status, headers, bytes(body)
             body += chunk[:-2]
