@@ -54,6 +54,20 @@ class RawStreamer:
             return result
 
 
+async def run_model(self, requests: list):
+    """The tutorial's batched `Chatbot.run_model`, shared by both batched baselines, each of which
+    wraps it in `@serve.batch` (its own name kept: Serve finds `self` by it)."""
+    streamer = RawStreamer(timeout=0)
+    self.loop.run_in_executor(None, self.generate_text, requests, streamer)
+    on_prompt_tokens = True
+    async for decoded_token_batch in self.consume_streamer(streamer):
+        # The first batch of tokens contains the prompts, so we skip it.
+        if not on_prompt_tokens:
+            yield decoded_token_batch
+        else:
+            on_prompt_tokens = False
+
+
 async def consume_streamer(self, streamer: RawStreamer):
     """The tutorial's batched `Chatbot.consume_streamer`, shared by both batched baselines."""
     while True:
@@ -92,17 +106,7 @@ class BatchedModel:
                 break
         yield StepOutput((), "", "length", len(prompt.input_ids), n)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.1)
-    async def run_model(self, requests: list):
-        streamer = RawStreamer(timeout=0)
-        self.loop.run_in_executor(None, self.generate_text, requests, streamer)
-        on_prompt_tokens = True
-        async for decoded_token_batch in self.consume_streamer(streamer):
-            # The first batch of tokens contains the prompts, so we skip it.
-            if not on_prompt_tokens:
-                yield decoded_token_batch
-            else:
-                on_prompt_tokens = False
+    run_model = serve.batch(max_batch_size=16, batch_wait_timeout_s=0.1)(run_model)
 
     def generate_text(self, requests: list, streamer: RawStreamer):
         length = max(len(prompt.input_ids) for prompt, _, _ in requests)

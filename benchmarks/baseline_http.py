@@ -32,7 +32,7 @@ from ray import serve
 from starlette.responses import StreamingResponse
 from transformers import TextIteratorStreamer
 
-from benchmarks.baseline_batch import RawStreamer, consume_streamer
+from benchmarks.baseline_batch import RawStreamer, consume_streamer, run_model
 from llava_serve import checkpoint
 from llava_serve.config import AppConfig
 
@@ -114,17 +114,7 @@ class BatchChatbot:
             if n == question.max_tokens:
                 break
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.1)
-    async def run_model(self, questions: list[Question]):
-        streamer = RawStreamer(timeout=0)
-        self.loop.run_in_executor(None, self.generate_text, questions, streamer)
-        on_prompt_tokens = True
-        async for decoded_token_batch in self.consume_streamer(streamer):
-            # The first batch of tokens contains the prompts, so we skip it.
-            if not on_prompt_tokens:
-                yield decoded_token_batch
-            else:
-                on_prompt_tokens = False
+    run_model = serve.batch(max_batch_size=16, batch_wait_timeout_s=0.1)(run_model)
 
     def generate_text(self, questions: list[Question], streamer: RawStreamer):
         inputs = model_inputs(self.processor, questions)
