@@ -1,12 +1,14 @@
-"""The output projection as `nn.Linear` computes it against `OutputHead`'s turned-round product,
-side by side in one run: the projection alone, then a whole decode step of the runner.
+"""Linear layers as `nn.Linear` computes them against the turned-round product
+(`llava_serve/engine/linear.py`), side by side in one run: the output projection alone, then a
+whole decode step of the runner three ways: nothing turned, the output head turned, and the head
+and the decoder's linears turned (what the runner does on CPU).
 
     python benchmarks/head.py                    # small preset, rows 1 2 4 8 16 32
     python benchmarks/head.py --rows 1 16 --repeats 50
 
-Both sides take turns row count by row count, on the same weights and hidden states, with the
-runner's own torch threads (2 unless `--threads`). Reported: median milliseconds per call and
-the ratio (linear / head; above 1 means the head is faster).
+The sides take turns row count by row count, on the same weights and hidden states, with the
+runner's own torch threads (2 unless `--threads`), all on one thread as in the engine. Reported:
+median milliseconds per call and the ratios (linear / turned; above 1 means turned is faster).
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ def bench(args) -> dict:
             "projection_linear_ms": median_ms(lambda: linear(hidden), args.repeats),  # noqa: B023
             "projection_head_ms": median_ms(lambda: head(hidden), args.repeats),  # noqa: B023
         }
-        runner.head.turned = False
-        row["decode_linear_ms"] = median_ms(runner.decode, args.repeats)
-        runner.head.turned = True
-        row["decode_head_ms"] = median_ms(runner.decode, args.repeats)
+        for side, head_turned, linears_turned in (
+            ("linear", False, False),
+            ("head", True, False),
+            ("all", True, True),
+        ):
+            runner.head.turned, runner.turn_linears = head_turned, linears_turned
+            row[f"decode_{side}_ms"] = median_ms(runner.decode, args.repeats)
         out["rows"].append(row)
         print(row, flush=True)
     return out
@@ -65,14 +70,16 @@ def bench(args) -> dict:
 def table(results: dict) -> str:
     lines = [
         f"output projection {results['vocab']} x {results['hidden']} ({results['preset']} preset)",
-        "| rows | projection: linear ms | head ms | ratio | decode step: linear ms | head ms | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| rows | projection: linear ms | turned ms | ratio | decode step: nothing turned ms "
+        "| head turned ms | head + decoder turned ms | ratio (nothing / all) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         lines.append(
             f"| {r['rows']} | {r['projection_linear_ms']} | {r['projection_head_ms']} | "
             f"{r['projection_linear_ms'] / r['projection_head_ms']:.2f}x | {r['decode_linear_ms']} | "
-            f"{r['decode_head_ms']} | {r['decode_linear_ms'] / r['decode_head_ms']:.2f}x |"
+            f"{r['decode_head_ms']} | {r['decode_all_ms']} | "
+            f"{r['decode_linear_ms'] / r['decode_all_ms']:.2f}x |"
         )
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from llava_serve import images
 from llava_serve.config import ImageConfig
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kvcache import gpu_kv_budget, slot_length
+from llava_serve.engine.linear import MAX_TURNED_ROWS, RowsFirstLinear, turned_linears, wrap_linears
 from llava_serve.engine.runner import ModelRunner
 from llava_serve.errors import InvalidRequest
 from tests.conftest import encode, random_image
@@ -37,6 +38,31 @@ def test_the_output_head_gives_the_model_s_own_logits(hf_model):
         got = head(hidden)
         assert got.shape == expected.shape and got.is_contiguous()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_decoder_s_linears_turn_round_only_inside_the_runner_s_passes(hf_model):
+    """On CPU the runner wraps the text decoder's linear layers: inside its passes, few rows run
+    turned round (the same products, to float rounding); many rows, and every other caller of
+    the model (`generate` in the parity tests), get the layer's own arithmetic bit for bit."""
+    runner = ModelRunner(hf_model, 0)
+    assert runner.turn_linears
+    layers = [m for m in runner.decoder.modules() if isinstance(m, RowsFirstLinear)]
+    inner = {id(w.linear) for w in layers}
+    plain = [m for m in runner.decoder.modules() if type(m) is torch.nn.Linear]
+    assert layers and all(id(m) in inner for m in plain)  # every linear is wrapped, once
+    assert wrap_linears(runner.decoder) == len(layers)  # a second runner on the model wraps nothing again
+    layer = layers[0]
+    for rows in (1, 3, MAX_TURNED_ROWS, MAX_TURNED_ROWS + 1):
+        x = torch.randn(1, rows, layer.weight.shape[1])
+        own = layer.linear(x)
+        assert torch.equal(layer(x), own)  # outside a pass: untouched
+        with turned_linears():
+            got = layer(x)
+        assert got.shape == own.shape
+        if rows > MAX_TURNED_ROWS:
+            assert torch.equal(got, own)
+        else:
+            torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-5)
 
 
 GiB = 1 << 30

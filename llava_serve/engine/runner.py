@@ -10,6 +10,7 @@ hole, so the decoding rows stay a view.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from llava_serve.engine.attention import ATTENTION, Segment, StepLayout
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kvcache import SlotKV, WritePlan
+from llava_serve.engine.linear import turned_linears, wrap_linears
 from llava_serve.engine.vision import VisionCache
 from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.images import PreparedImage
@@ -55,6 +57,8 @@ class ModelRunner:
         # position needs logits, and `OutputHead` computes them faster on CPU.
         self.decoder = model.get_decoder()
         self.head = OutputHead(model.get_output_embeddings())
+        # On CPU its linear layers, too, run turned round at decode batch sizes (`linear.py`).
+        self.turn_linears = model.device.type == "cpu" and wrap_linears(self.decoder) > 0
         # A step that both decodes and prefills runs as one pass when attention is SDPA (the
         # default): `ATTENTION` is SDPA for every other caller of the model.
         self.fused = model.config.get_text_config()._attn_implementation in ("sdpa", ATTENTION)
@@ -216,12 +220,12 @@ class ModelRunner:
         # (its output is never used; a row with nothing to attend to would be NaN).
         sees = (keys[None, None, :] <= position[:, :, None]) & valid[:, :, None]
         sees |= ~valid[:, :, None] & (keys == 0)
-        hidden = self.decoder(
+        hidden = self._decoder(
             inputs_embeds=inputs,
             attention_mask=self._additive(sees),
             position_ids=position.clamp(min=0),
             cache=self.kv.cache(plan),
-        ).last_hidden_state
+        )
         self._written(chunks)
         return self.head(hidden[:, -1])
 
@@ -265,18 +269,23 @@ class ModelRunner:
             position=position,
         )
         layout = StepLayout(n, decode_len, self._decode_mask(decode_len), segments)
-        hidden = self.decoder(
+        hidden = self._decoder(
             inputs_embeds=embeds[None],
             attention_mask=layout.decode_mask,  # passed through untouched (4D); the layout does the masking
             position_ids=position[None],
             cache=self.kv.cache(plan),
             step_layout=layout,
-        ).last_hidden_state[0]
+        )[0]
         last = torch.tensor([s.offset + s.length - 1 for s in segments], dtype=torch.long, device=d)
         logits = self.head(torch.cat([hidden[:n], hidden[last]]))
         b.lengths = b.lengths + 1
         self._written(chunks)
         return logits[:n], logits[n:]
+
+    def _decoder(self, **inputs) -> torch.Tensor:
+        """The text decoder's last hidden states, its linears turned round where that is faster."""
+        with turned_linears() if self.turn_linears else contextlib.nullcontext():
+            return self.decoder(**inputs).last_hidden_state
 
     def _check(self, chunks: list[Chunk]) -> None:
         """Each chunk continues its staged prompt where it stopped, and the prompt fits its slot."""
@@ -384,12 +393,12 @@ class ModelRunner:
             slot=rows,
             position=b.lengths,
         )
-        hidden = self.decoder(
+        hidden = self._decoder(
             input_ids=b.last_tokens[:, None],
             attention_mask=self._decode_mask(kv_len),
             position_ids=b.lengths[:, None],
             cache=self.kv.cache(plan),
-        ).last_hidden_state
+        )
         b.lengths = b.lengths + 1
         return self.head(hidden[:, -1])
 
