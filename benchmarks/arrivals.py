@@ -5,10 +5,13 @@ does, with mixed answer lengths; what users see is TTFT and end-to-end latency a
 
 Two copies of the whole app run side by side (ingress, preprocessors, tokenizer, model; one model
 replica each): the engine configured as v1 behaved (every admitted prompt whole in one step, no
-prefix cache) and with v2's defaults; they take turns on the same schedule. Each request: one
-fresh image (a random PNG as a data URI), a question, `max_tokens` uniform in 16-128, greedy,
-streamed. TTFT = the first content chunk at the client; end-to-end = `[DONE]`. Both sides use
-`engine.max_batch_size: 32`. Prints a table and writes JSON.
+prefix cache) and with v2's defaults. Beside them, Ray Serve's streaming tutorial's `@serve.batch`
+chatbot (`benchmarks/baseline_http.py:BatchChatbot`, static batches with a 100 ms wait, the same
+batch size) is the baseline. They take turns on the same schedule. Each request: one fresh image
+(a random PNG as a data URI), a question, `max_tokens` uniform in 16-128, greedy, streamed.
+TTFT = the first text at the client (our first content chunk; the tutorial's first non-empty
+chunk); end-to-end = the end of the response. Every side uses a batch size of 32 (`--batch`) and
+`--model-cpus` CPUs for its model replica. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ SIDES = {
     "v1 settings": V1_SETTINGS,
     "v2": {},
 }
+TUTORIAL = "@serve.batch"
 QUESTIONS = ["What is in this image?", "Describe the picture in detail.", "What colours dominate?"]
 
 
@@ -81,13 +85,32 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     return {"ok": ok and first is not None, "ttft": (first or end) - start, "e2e": end - start}
 
 
-async def run(url: str, plan: list[tuple[float, dict]]) -> dict:
+async def one_tutorial(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """The same request to the tutorial's chatbot, which takes the image, the question and
+    `max_tokens` as JSON and streams plain text."""
+    content = body["messages"][0]["content"]
+    req = {"image": content[0]["image_url"]["url"], "question": content[1]["text"]}
+    start = time.perf_counter()
+    first = None
+    async with client.stream("POST", url, json=req | {"max_tokens": body["max_tokens"]}) as r:
+        async for chunk in r.aiter_text():
+            if chunk:
+                first = first or time.perf_counter()
+    end = time.perf_counter()
+    return {
+        "ok": r.status_code == 200 and first is not None,
+        "ttft": (first or end) - start,
+        "e2e": end - start,
+    }
+
+
+async def run(url: str, plan: list[tuple[float, dict]], call=one) -> dict:
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as client:
         start = time.perf_counter()
 
         async def at(t: float, body: dict) -> dict:
             await asyncio.sleep(max(0.0, t - (time.perf_counter() - start)))
-            return await one(client, url, body)
+            return await call(client, url, body)
 
         results = await asyncio.gather(*[at(t, b) for t, b in plan])
         wall = time.perf_counter() - start
@@ -111,10 +134,15 @@ async def bench(args) -> dict:
     import ray
     from ray import serve
 
+    from benchmarks.baseline_http import BatchChatbot
     from deployments.app import build
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    tutorial = BatchChatbot.options(
+        ray_actor_options={"num_cpus": args.model_cpus}, max_ongoing_requests=1024
+    ).bind(AppConfig.model_validate({"model": {"name": "tiny", "tiny_preset": args.preset}}), args.batch)
+    serve.run(tutorial, name="arrivals-batch", route_prefix="/batch")
     for i, engine in enumerate(SIDES.values()):
         config = AppConfig.model_validate(
             {
@@ -124,15 +152,19 @@ async def bench(args) -> dict:
             }
         )
         serve.run(build(config), name=f"arrivals-{i}", route_prefix=f"/side{i}")
-    urls = {side: f"http://127.0.0.1:{args.port}/side{i}/v1/chat/completions" for i, side in enumerate(SIDES)}
+    sides = {
+        side: (f"http://127.0.0.1:{args.port}/side{i}/v1/chat/completions", one)
+        for i, side in enumerate(SIDES)
+    }
+    sides[TUTORIAL] = (f"http://127.0.0.1:{args.port}/batch/", one_tutorial)
     warm = schedule(4.0, 2.0, seed=999)
-    results: dict = {"preset": args.preset, "rate": args.rate, "sides": {s: [] for s in SIDES}}
-    for url in urls.values():
-        await run(url, warm)
+    results: dict = {"preset": args.preset, "rate": args.rate, "sides": {s: [] for s in sides}}
+    for url, call in sides.values():
+        await run(url, warm, call)
     for r in range(args.rounds):
         plan = schedule(args.rate, args.duration, seed=args.seed + r)
-        for side, url in urls.items():  # the same schedule on each side, in turn
-            level = await run(url, plan)
+        for side, (url, call) in sides.items():  # the same schedule on each side, in turn
+            level = await run(url, plan, call)
             results["sides"][side].append(level)
             print(f"  {side}: {level}", flush=True)
     serve.shutdown()
@@ -164,7 +196,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="requests per second")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=32, help="engine.max_batch_size, both sides")
+    parser.add_argument("--batch", type=int, default=32, help="batch size, every side")
     parser.add_argument("--model-cpus", type=float, default=1.0, help="llava_model.num_cpus (torch threads)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--port", type=int, default=8321)

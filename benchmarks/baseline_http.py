@@ -94,13 +94,14 @@ class ThreadChatbot:
 @serve.deployment
 @serve.ingress(batch_app)
 class BatchChatbot:
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: AppConfig, max_batch_size: int = 16):
         self.loop = asyncio.get_running_loop()
 
         self.processor = checkpoint.load_processor(config.model)
         self.processor.tokenizer.padding_side = "left"
         self.model = checkpoint.load_model(config.model)
         self.tokenizer = self.processor.tokenizer
+        self.run_model.set_max_batch_size(max_batch_size)  # Serve's setter; the tutorial's is 16
 
     @batch_app.post("/")
     async def handle_request(self, question: Question):
