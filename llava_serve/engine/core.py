@@ -97,7 +97,11 @@ class Engine:
         took 23 ms with the weights loaded on another thread, 11 ms this way.
         """
         thread = _model_thread()
-        runner, tokenizer, eos_ids = thread.submit(cls._build, model, config).result()
+        try:
+            runner, tokenizer, eos_ids = thread.submit(cls._build, model, config).result()
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
         return cls(runner, tokenizer, eos_ids, config, thread)
 
     @staticmethod
