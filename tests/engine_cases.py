@@ -4,7 +4,6 @@ around fresh copies of the tiny model."""
 import asyncio
 
 import pytest
-import torch
 
 from llava_serve import images
 from llava_serve.config import EngineConfig, ImageConfig
@@ -15,6 +14,7 @@ from llava_serve.models import load_adapter
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
 from tests.conftest import encode, random_image
+from tests.reference import greedy_ids, reference_inputs
 
 QUESTIONS = ["What is this?", "Describe the picture in detail, please.", "Hi", "Is there a cat?", "Why?"]
 
@@ -24,22 +24,18 @@ class Case:
 
     def __init__(self, processor, hf_model, question: str, image_seeds: list[int], max_tokens: int):
         content = [{"type": "image_url", "image_url": {"url": "x"}} for _ in image_seeds]
-        msgs = to_template_messages(
-            [ChatMessage(role="user", content=[*content, {"type": "text", "text": question}])]
-        )
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+        msgs = to_template_messages([ChatMessage.model_validate(m) for m in messages])
         builder = PromptBuilder(processor, 2048)
         pics = [random_image(s, (40 + 13 * s, 64 - 3 * s)) for s in image_seeds]
         adapter = load_adapter(processor.tokenizer.name_or_path)
         self.images = [images.prepare(encode(p), adapter, ImageConfig()) for p in pics]
         self.input_ids = builder.build(msgs, max_tokens, [im.num_tokens for im in self.images]).input_ids
         self.max_tokens = max_tokens
-        inputs = processor(text=builder.render(msgs), images=pics or None, return_tensors="pt")
-        self.inputs = inputs
+        self.inputs = reference_inputs(processor, messages, pics)
 
     def reference(self, hf_model) -> list[int]:
-        with torch.no_grad():
-            out = hf_model.generate(**self.inputs, max_new_tokens=self.max_tokens, do_sample=False)
-        return out[0, self.inputs["input_ids"].shape[1] :].tolist()
+        return greedy_ids(hf_model, self.inputs, self.max_tokens)
 
 
 @pytest.fixture(scope="module")

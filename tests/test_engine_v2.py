@@ -19,6 +19,7 @@ from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
 from tests.conftest import encode, random_image
 from tests.engine_cases import build_engine, collect
+from tests.reference import greedy_ids, reference_inputs
 
 
 class Conversation:
@@ -31,10 +32,7 @@ class Conversation:
         self.images = [images.prepare(encode(p), adapter, ImageConfig()) for p in pictures]
         self.input_ids = builder.build(msgs, max_tokens, [im.num_tokens for im in self.images]).input_ids
         self.max_tokens = max_tokens
-        inputs = processor(text=builder.render(msgs), images=pictures or None, return_tensors="pt")
-        with torch.no_grad():
-            out = hf_model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
-        self.expected = out[0, inputs["input_ids"].shape[1] :].tolist()
+        self.expected = greedy_ids(hf_model, reference_inputs(processor, messages, pictures), max_tokens)
         self.text = processor.tokenizer.decode(self.expected, skip_special_tokens=True)
 
 

@@ -4,6 +4,7 @@ from llava_serve.errors import ContextLengthExceeded, InvalidRequest
 from llava_serve.prompts import PromptBuilder, to_template_messages
 from llava_serve.protocol import ChatMessage
 from tests.conftest import image_token_count, random_image
+from tests.reference import render
 from tests.tokenizers import llava_processor, sentencepiece_tokenizer
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:,"}}
@@ -39,7 +40,7 @@ def test_ids_equal_the_processors(any_processor, messages):
     per_image = image_token_count(any_processor)
     prompt = builder.build(msgs, max_tokens=16, media_tokens=[per_image] * n)
     images = [random_image(i) for i in range(n)] or None
-    expected = any_processor(text=builder.render(msgs), images=images, return_tensors="np")
+    expected = any_processor(text=render(any_processor, messages), images=images, return_tensors="np")
     assert prompt.input_ids == expected["input_ids"][0].tolist()
     assert prompt.num_images == n
     assert prompt.input_ids.count(any_processor.image_token_id) == n * per_image
@@ -48,8 +49,9 @@ def test_ids_equal_the_processors(any_processor, messages):
 def test_special_looking_user_text_is_tokenized_as_plain_text(any_processor):
     tokenizer = any_processor.tokenizer
     builder = PromptBuilder(any_processor, context_length=2048)
-    msgs = template([{"role": "user", "content": SPECIAL_LOOKING}])
-    rendered = builder.render(msgs)
+    messages = [{"role": "user", "content": SPECIAL_LOOKING}]
+    msgs = template(messages)
+    rendered = render(any_processor, messages)
     plain = tokenizer(rendered, split_special_tokens=True)["input_ids"]
     assert builder.build(msgs, max_tokens=8, media_tokens=[]).input_ids == plain
     # ...and it differs from what the tokenizer would make of it with special tokens matched.

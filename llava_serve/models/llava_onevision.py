@@ -1,6 +1,6 @@
 """LLaVA-OneVision: SigLIP + Qwen2, anyres_max_9. A lone image is tiled like LLaVA-NeXT (its
-features pooled down past 9 tiles' worth); in a request with several images every image is its
-base tile only, as OneVision was trained."""
+features pooled down past 9 tiles' worth); in a request with several images every image is one
+tile, padded to a square with the mean colour and resized, as OneVision was trained."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ VIDEO_DEFAULTS = {
     "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711],
 }
+
+
+_COMPANION = Image.new("RGB", (1, 1))
 
 
 class LlavaOnevisionAdapter(ImageAdapter):
@@ -82,6 +85,16 @@ class LlavaOnevisionAdapter(ImageAdapter):
 
     def base_only(self, detail: str | None, num_images: int) -> bool:
         return detail == "low" or num_images > 1
+
+    def preprocess(self, image: Image.Image, base_only: bool) -> np.ndarray:
+        """A base-only image is the processor's multi-image branch, which differs from the first
+        tile of the single-image one (a square pad with the mean colour, then the resize). The
+        processor picks that branch per sample, so the image goes in beside a 1x1 companion whose
+        tile is dropped: the processor's own arithmetic, at the cost of one tile of a 1x1 image."""
+        if not base_only:
+            return super().preprocess(image, base_only)
+        out = self.image_processor(images=[[image, _COMPANION]], return_tensors="np")
+        return np.ascontiguousarray(out["pixel_values"][0][:1], dtype=np.float32)
 
     def num_tokens(self, height: int, width: int, base_only: bool) -> int:
         side = self.config.vision_config.image_size

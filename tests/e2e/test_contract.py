@@ -9,10 +9,8 @@ import openai
 import pytest
 from ray import serve
 
-from llava_serve.prompts import PromptBuilder, to_template_messages
-from llava_serve.protocol import ChatMessage
 from tests.conftest import data_uri, image_token_count, random_image
-from tests.reference import hf_greedy, image_request
+from tests.reference import hf_greedy, image_request, render
 
 HISTORY = [
     {"role": "developer", "content": "Answer briefly."},
@@ -103,9 +101,7 @@ def test_text_that_spells_special_tokens_stays_text(client, processor):
     out = client.chat.completions.create(
         model="llava-tiny", messages=[{"role": "user", "content": text}], max_tokens=4, temperature=0
     )
-    rendered = PromptBuilder(processor, 2048).render(
-        to_template_messages([ChatMessage(role="user", content=text)])
-    )
+    rendered = render(processor, [{"role": "user", "content": text}])
     plain = processor.tokenizer(rendered, split_special_tokens=True)["input_ids"]
     assert out.usage.prompt_tokens == len(plain)
     # With one real image part as well, exactly one image's worth of slots.
@@ -116,11 +112,7 @@ def test_text_that_spells_special_tokens_stays_text(client, processor):
         temperature=0,
     )
     # The template's placeholder comes first; the one the user typed stays text.
-    builder = PromptBuilder(processor, 2048)
-    messages = image_request("x", text)["messages"]
-    before, placeholder, after = builder.render(to_template_messages([ChatMessage(**messages[0])])).partition(
-        "<image>"
-    )
+    before, placeholder, after = render(processor, image_request("x", text)["messages"]).partition("<image>")
     assert placeholder and "<image>" in after
     tokenize = processor.tokenizer
     expected = (

@@ -1,6 +1,7 @@
 """LLaVA-NeXT and LLaVA-OneVision served end to end: greedy answers over HTTP (streamed and not)
-and through handles equal `transformers`' own `generate` on the same checkpoint, chat template and
-images, for images of every shape, several images, images in two turns, all in one mixed batch."""
+and through handles equal `transformers`' own processor and `generate` (tests/reference.py) on the
+same checkpoint and images, for images of every shape, one to three images in a turn and across
+turns, all in one mixed batch."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-import torch
 from ray import serve
 
 from deployments.app import build
@@ -20,10 +20,12 @@ from llava_serve.config import AppConfig
 from llava_serve.models import load_adapter
 from tests.conftest import data_uri, random_image
 from tests.e2e.conftest import app_config
-from tests.reference import family_greedy, onevision_video_greedy
+from tests.reference import family_greedy, onevision_video_greedy, reference_model
 from tests.videos import decoded_frames, make_mp4
 
-ARCHS = {"next": "llava_next", "onevision": "llava_onevision"}
+ARCHS = {"next": "llava_next", "onevision": "llava_onevision"}  # each served as its own app
+# LLaVA-1.5 is the session's main app (tests/e2e/conftest.py), served at the root.
+ALL = ["llava", *ARCHS]
 SIZES = {"wide": (120, 30), "tall": (24, 100), "tiny": (6, 6), "over one tile": (90, 70), "small": (40, 30)}
 MAX_TOKENS = 8
 
@@ -37,19 +39,16 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def family(serve_url, tmp_path_factory):
+def family(serve_url, tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("family")
-    served = {}
+    served = {"llava": Served("llava", serve_url, tiny_dir, reference_model(tiny_dir))}
     for name, arch in ARCHS.items():
         path = str(tiny.ensure("tiny", root, arch=arch))
         config = app_config(path).model_dump()
         config["model"]["served_name"] = f"tiny-{name}"
         config["llava_model"]["num_cpus"] = 0.3
         serve.run(build(AppConfig.model_validate(config)), name=name, route_prefix=f"/{name}")
-        adapter = load_adapter(path)
-        served[name] = Served(
-            name, f"{serve_url}/{name}", path, adapter.load_model(path, torch.float32).eval()
-        )
+        served[name] = Served(name, f"{serve_url}/{name}", path, reference_model(path))
     yield served
     for name in ARCHS:
         serve.delete(name)
@@ -69,10 +68,12 @@ def cases() -> dict[str, tuple[list[dict], list]]:
             [{"role": "user", "content": [image_part(image), {"type": "text", "text": "What is it?"}]}],
             [image],
         )
-    a, b = random_image(30, (50, 30)), random_image(31, (30, 50))
-    out["two images"] = (
-        [{"role": "user", "content": [image_part(a), {"type": "text", "text": "Compare"}, image_part(b)]}],
-        [a, b],
+    a, b, c = random_image(30, (50, 30)), random_image(31, (30, 50)), random_image(32, (120, 30))
+    text = [{"type": "text", "text": "Compare"}]
+    out["two images"] = ([{"role": "user", "content": [image_part(a), *text, image_part(b)]}], [a, b])
+    out["three images"] = (
+        [{"role": "user", "content": [image_part(a), image_part(b), *text, image_part(c)]}],
+        [a, b, c],
     )
     out["two turns"] = (
         [
@@ -81,6 +82,14 @@ def cases() -> dict[str, tuple[list[dict], list]]:
             {"role": "user", "content": [image_part(b), {"type": "text", "text": "And this one?"}]},
         ],
         [a, b],
+    )
+    out["two images, then one"] = (
+        [
+            {"role": "user", "content": [image_part(c), image_part(a), *text]},
+            {"role": "assistant", "content": "Two patterns."},
+            {"role": "user", "content": [image_part(b), {"type": "text", "text": "And this one?"}]},
+        ],
+        [c, a, b],
     )
     return out
 
@@ -107,7 +116,7 @@ async def handle_answer(app: str, body: dict) -> tuple[str, int]:
     return out["choices"][0]["message"]["content"], out["usage"]["prompt_tokens"]
 
 
-@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("name", ALL)
 async def test_every_shape_and_conversation_equals_transformers_in_one_mixed_batch(family, name):
     served = family[name]
     calls, expected = [], []
