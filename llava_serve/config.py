@@ -80,6 +80,10 @@ class ImageConfig(_Strict):
         default_factory=list,
         description="Hosts or CIDRs exempt from the private-address (SSRF) guard, e.g. an internal CDN.",
     )
+    allowed_ports: list[int] = Field(
+        default_factory=lambda: [80, 443],
+        description="Ports an image URL may name on a public host (hosts in allow_hosts may use any).",
+    )
     fetch_cache_bytes: int = Field(
         64 * MiB, ge=0, description="Cache of fetched bodies the origin marked cacheable, by URL; 0 disables."
     )

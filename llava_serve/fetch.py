@@ -294,6 +294,16 @@ class ImageFetcher:
                 param,
                 "image_url_forbidden",
             )
+        # Public hosts only on the web's ports: an open port elsewhere on a public address (a
+        # mail or database server's) is nobody's image. Hosts the operator listed are trusted.
+        if port not in self.limits.allowed_ports and not all(
+            self.policy.listed(host, ip) for ip in addresses
+        ):
+            raise ImageError(
+                f"image URL port {port} is not allowed (images.allowed_ports: {self.limits.allowed_ports})",
+                param,
+                "image_url_forbidden",
+            )
         try:
             target = httpx.URL(url)
         except httpx.InvalidURL as e:

@@ -3,8 +3,11 @@
 A URL from a stranger must not reach the server's own network: loopback, private ranges,
 link-local (cloud metadata at 169.254.169.254), CGNAT, multicast, reserved and unspecified
 addresses are refused, in IPv4 and IPv6 alike, including IPv6 forms that embed an IPv4
-address. The host is resolved once, every address it resolves to is checked, and the fetch
-then connects to a checked address, so a second DNS answer cannot slip in between.
+address. The ranges are listed here, from IANA's IPv4 and IPv6 special-purpose address
+registries, rather than taken from `ipaddress`, whose tables change between patch releases
+(3.11.7 calls 192.0.0.192 and fec0::/10 global). The host is resolved once, every address it
+resolves to is checked, and the fetch then connects to a checked address, so a second DNS
+answer cannot slip in between.
 """
 
 from __future__ import annotations
@@ -21,6 +24,42 @@ IPAddress = IPv4Address | IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IANA's special-purpose registries (and multicast), whole blocks: the few entries inside them
+# marked globally reachable (anycast relays, ORCHID, AS112) are never where an image lives.
+_SPECIAL_V4 = [
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",  # this network
+        "10.0.0.0/8",  # private
+        "100.64.0.0/10",  # shared (CGNAT)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local, cloud metadata
+        "172.16.0.0/12",  # private
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # documentation
+        "192.31.196.0/24",  # AS112
+        "192.52.193.0/24",  # AMT
+        "192.88.99.0/24",  # 6to4 relay anycast
+        "192.168.0.0/16",  # private
+        "192.175.48.0/24",  # direct delegation AS112
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # documentation
+        "203.0.113.0/24",  # documentation
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the limited broadcast address
+    )
+]
+# IPv6 unicast on the Internet is 2000::/3; everything outside it is refused, and these inside it.
+_GLOBAL_V6 = ipaddress.ip_network("2000::/3")
+_SPECIAL_V6 = [
+    ipaddress.ip_network(n)
+    for n in (
+        "2001::/23",  # IETF protocol assignments (Teredo, ORCHID, AMT, ...)
+        "2001:db8::/32",  # documentation
+        "2002::/16",  # 6to4 (checked by its embedded IPv4 address first)
+        "3fff::/20",  # documentation
+    )
+]
 # What `inet_aton` accepts: 127.1, 2130706433, 0x7f000001, 0177.0.0.1 all mean loopback.
 _LEGACY_IPV4 = re.compile(r"(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}", re.IGNORECASE)
 
@@ -49,8 +88,8 @@ def is_public(ip: IPAddress) -> bool:
             embedded = IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             return is_public(embedded)
-    # `is_global` alone lets multicast through (224.0.0.0/4 is not in the private list).
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+        return ip in _GLOBAL_V6 and not any(ip in net for net in _SPECIAL_V6)
+    return not any(ip in net for net in _SPECIAL_V4)
 
 
 async def system_resolver(host: str, port: int) -> list[IPAddress]:
@@ -71,9 +110,11 @@ class AddressPolicy:
             except ValueError:
                 self.hosts.add(entry.lower().rstrip("."))
 
-    def allows(self, host: str, ip: IPAddress) -> bool:
+    def listed(self, host: str, ip: IPAddress) -> bool:
+        """Whether the operator named this host or its network (`images.allow_hosts`)."""
         if host.lower().rstrip(".") in self.hosts:
             return True
-        if any(ip in net for net in self.networks if net.version == ip.version):
-            return True
-        return is_public(ip)
+        return any(ip in net for net in self.networks if net.version == ip.version)
+
+    def allows(self, host: str, ip: IPAddress) -> bool:
+        return self.listed(host, ip) or is_public(ip)

@@ -103,8 +103,45 @@ async def test_default_policy_refuses_private_ranges_at_once(url):
     assert time.monotonic() - start < 1.0  # refused, not a connect timeout
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "192.0.0.192",  # IETF protocol assignments; ipaddress on 3.11.7 calls it global
+        "192.0.0.9",  # inside 192.0.0.0/24 though IANA marks it reachable (PCP anycast)
+        "fec0::1",  # deprecated site-local; ipaddress on 3.11.7 calls it global
+        "198.18.0.1",  # benchmarking
+        "192.88.99.1",  # 6to4 relay anycast
+        "100::1",  # discard-only
+        "2001:db8::1",  # documentation
+        "3fff::1",  # documentation (RFC 9637)
+        "5f00::1",  # SRv6 SIDs, outside 2000::/3
+        "2001:20::1",  # ORCHIDv2
+        "::2",  # IPv4-compatible, deprecated
+        "255.255.255.255",
+    ],
+)
+def test_special_purpose_addresses_are_refused_whatever_the_interpreter_says(address):
+    assert not is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("port", [22, 25, 6379, 8080])
+async def test_a_public_host_on_a_port_outside_the_allowed_ones_is_refused_before_connecting(port):
+    error = await refused(fetcher(fake_dns({"img.example": ["8.8.8.8"]})), f"http://img.example:{port}/x.png")
+    assert f"port {port} is not allowed" in error.message
+
+
+async def test_listed_ports_and_listed_hosts_pass_the_port_rule(images_host, target):
+    images_host.add("/port.png", PNG)
+    f = fetcher(allow_hosts=["127.0.0.2"], allowed_ports=[443])
+    assert await f.fetch(f"{images_host.base_url}/port.png") == PNG  # the operator's own host, any port
+    # A port the operator lists is allowed on a public host: the guard lets it through to connect.
+    public = fetcher(fake_dns({"img.example": ["8.8.8.8"]}), allowed_ports=[80, 443, 8443])
+    request = await public._pinned_request("http://img.example:8443/x.png", None)
+    assert request.url.port == 8443
+
+
 def test_public_addresses_pass_the_guard():
-    for address in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]:
+    for address in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "192.0.3.1", "2a00::1"]:
         assert is_public(ipaddress.ip_address(address)), address
     assert parse_ip_literal("0x08080808") == ipaddress.ip_address("8.8.8.8")
     assert parse_ip_literal("images.example.com") is None
