@@ -5,17 +5,16 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-import llava_serve
 from deployments.metrics import IngressMetrics
-from llava_serve import http, process
+from llava_serve import http, playground, process
 from llava_serve.admission import Admission
+from llava_serve.auth import ApiKeys, HostCheck, load_keys
 from llava_serve.chat import ChatService
 from llava_serve.config import AppConfig
 from llava_serve.errors import LlavaServeError, NotFound, unwrap
@@ -26,8 +25,15 @@ from llava_serve.telemetry import RequestRecord
 # Serve's own logger: lines written through it carry the replica and request id.
 logger = logging.getLogger("ray.serve")
 
-PLAYGROUND = (Path(llava_serve.__file__).parent / "playground.html").read_text()
-app = FastAPI(title="llava-serve", description="OpenAI-compatible chat completions for LLaVA models.")
+PLAYGROUND = playground.PAGE
+# No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which an offline or
+# firewalled server cannot reach and a strict page policy would not run. /openapi.json stays.
+app = FastAPI(
+    title="llava-serve",
+    description="OpenAI-compatible chat completions for LLaVA models.",
+    docs_url=None,
+    redoc_url=None,
+)
 http.install(app)
 
 
@@ -56,6 +62,9 @@ class Ingress:
         self.config = config
         self.service = ChatService(config, HandleBackend(preprocessor, tokenizer, model))
         self.admission = Admission(config.admission)
+        self.keys = ApiKeys(load_keys(config.auth))
+        if not self.keys.enabled:
+            logger.warning("no API keys configured (auth.*): the HTTP API answers anyone who can reach it")
         self.health_probe = HealthProbe(
             model.options(method_name="ping").remote, config.http.health_cache_s, config.http.health_timeout_s
         )
@@ -64,7 +73,15 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         """Serve asks for the app once the replica is built: the routes behind the door check."""
         self.app.state.on_rejected = self._rejected  # bodies FastAPI refuses are counted too
-        return http.RequestGuard(self.app, self.config.limits, self.admission, self._rejected)
+        return http.RequestGuard(
+            self.app,
+            self.config.limits,
+            self.admission,
+            self._rejected,
+            keys=self.keys,
+            hosts=HostCheck(self.config.http.allowed_hosts),
+            public_models=self.config.auth.public_models,
+        )
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
@@ -81,7 +98,7 @@ class Ingress:
         """The browser playground: one page, everything it needs inline, the same /v1 API."""
         if not self.config.ingress.playground:
             raise NotFound("the playground is off on this server (ingress.playground: false)")
-        return HTMLResponse(PLAYGROUND)
+        return HTMLResponse(PLAYGROUND, headers=playground.HEADERS)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:

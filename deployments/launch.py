@@ -16,16 +16,19 @@ import ray
 from ray import serve
 
 from deployments.app import build
+from llava_serve.auth import load_keys
 from llava_serve.config import AppConfig
 
 
-def wait_until_answering(base_url: str, model: str, timeout_s: float) -> None:
+def wait_until_answering(base_url: str, model: str, timeout_s: float, key: str | None = None) -> None:
     """Until one real chat completion succeeds: replicas up, weights loaded, first call warmed."""
     body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1}
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30).status_code == 200:
+            url = f"{base_url}/v1/chat/completions"
+            if httpx.post(url, json=body, headers=headers, timeout=30).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -49,7 +52,8 @@ def serve_until_interrupted(
         serve.start(http_options={"host": host, "port": port})
         serve.run(build(config), name="llava", route_prefix="/", blocking=False)
         base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        wait_until_answering(base_url, config.model.public_name, timeout_s)
+        keys = load_keys(config.auth)
+        wait_until_answering(base_url, config.model.public_name, timeout_s, keys[0] if keys else None)
         announce(base_url, config)
         stop.wait()
     finally:

@@ -55,6 +55,9 @@ def app_config(args: argparse.Namespace) -> AppConfig:
     for item in args.set:
         dotted, _, raw = item.partition("=")
         _set(tree, dotted, yaml.safe_load(raw))
+    if args.api_key:
+        auth = tree.setdefault("auth", {})
+        auth["api_keys"] = [*auth.get("api_keys", []), *args.api_key]
     return AppConfig.model_validate(tree)
 
 
@@ -86,6 +89,14 @@ def _add_serve(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="any other setting, e.g. --set images.max_bytes=1048576 (repeatable; values are YAML)",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this bearer key (repeatable); with none here, in auth.* or in "
+        "$LLAVA_SERVE_API_KEYS, the API is open to anyone who can reach it",
     )
     serve.add_argument(
         "--address",
@@ -126,16 +137,23 @@ def announce(base_url: str, config: AppConfig) -> None:
     """What a person needs once the server answers."""
     request = {"model": config.model.public_name, "messages": [{"role": "user", "content": "Hello"}]}
     playground = f"  Playground:      {base_url}/\n" if config.ingress.playground else ""
+    auth = " -H 'authorization: Bearer $KEY'" if _has_keys(config) else ""
     print(
         f"\nllava-serve is serving {config.model.name!r} as {config.model.public_name!r}\n"
         f"{playground}"
         f"  OpenAI base URL: {base_url}/v1\n"
         f"  Try it:\n"
-        f"    curl {base_url}/v1/chat/completions -H 'content-type: application/json' \\\n"
+        f"    curl {base_url}/v1/chat/completions -H 'content-type: application/json'{auth} \\\n"
         f"      -d '{json.dumps({**request, 'max_tokens': 32})}'\n"
         "  Ctrl-C stops it.",
         flush=True,
     )
+
+
+def _has_keys(config: AppConfig) -> bool:
+    from llava_serve.auth import load_keys
+
+    return bool(load_keys(config.auth))
 
 
 if __name__ == "__main__":

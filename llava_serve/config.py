@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MiB = 1024 * 1024
 
@@ -229,6 +237,21 @@ class LimitsConfig(_Strict):
     )
 
 
+class AuthConfig(_Strict):
+    """Who may call the HTTP API. With no key from any source, the API is open (a warning is logged)."""
+
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted bearer keys. Prefer api_keys_env or api_keys_file: YAML is often shared.",
+    )
+    api_keys_env: str | None = Field(
+        "LLAVA_SERVE_API_KEYS",
+        description="Environment variable (of the ingress replicas) holding comma-separated keys.",
+    )
+    api_keys_file: str | None = Field(None, description="File of keys, one per line; keep it mode 0600.")
+    public_models: bool = Field(False, description="Let /v1/models (and /openapi.json) answer without a key.")
+
+
 class HttpConfig(_Strict):
     """How the ingress talks HTTP beyond the OpenAI routes themselves."""
 
@@ -243,6 +266,12 @@ class HttpConfig(_Strict):
     )
     health_timeout_s: float = Field(
         2.0, gt=0, description="/health reports the model as not answering after this long."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names the server answers to (e.g. [localhost, 127.0.0.1, "
+        "api.example.com]); anything else is a 400. Empty: any. Stops DNS rebinding against a "
+        "server on a developer's machine.",
     )
 
 
@@ -325,6 +354,7 @@ class AppConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     ingress: IngressOptions = Field(default_factory=_deployment_default("ingress", IngressOptions))
     image_preprocessor: DeploymentOptions = Field(default_factory=_deployment_default("image_preprocessor"))

@@ -67,6 +67,16 @@ class ImageError(InvalidRequest):
         super().__init__(message, param, code or "invalid_image")
 
 
+class Unauthorized(LlavaServeError):
+    """No API key, or not one of the server's (OpenAI's 401 body)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param, code or "invalid_api_key")
+
+
 class NotFound(LlavaServeError):
     status_code = 404
     error_type = "invalid_request_error"

@@ -20,14 +20,26 @@ from sse_starlette import EventSourceResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llava_serve.admission import Admission
+from llava_serve.auth import ApiKeys, HostCheck
 from llava_serve.chat import invalid_from_validation
 from llava_serve.config import LimitsConfig
-from llava_serve.errors import LlavaServeError, Overloaded, RequestTooLarge, unwrap
+from llava_serve.errors import (
+    InvalidRequest,
+    LlavaServeError,
+    Overloaded,
+    RequestTooLarge,
+    Unauthorized,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 # Where the door check applies: the routes that start generation.
 GUARDED_PATHS = ("/v1/chat/completions",)
+# What answers without an API key: liveness for load balancers, and the playground page (static,
+# it holds nothing; its own calls carry the key the user types into it).
+OPEN_PATHS = frozenset({"/health", "/"})
+PUBLIC_MODEL_PATHS = frozenset({"/v1/models", "/openapi.json"})
 
 
 def error_response(error: BaseException, request_id: str | None = None) -> JSONResponse:
@@ -76,9 +88,10 @@ def request_id(request: Request) -> str:
 
 
 class RequestGuard:
-    """Pure ASGI, in front of FastAPI: the body-size limit and the in-flight count, applied to
-    the generation routes before a byte of the body is read or parsed. A refusal here costs a
-    header lookup, so overload is answered in milliseconds whatever the request carries."""
+    """Pure ASGI, in front of FastAPI, before a byte of any body is read or parsed: the Host
+    allow-list and the API key on every route but the open ones, then, on the generation routes,
+    the body-size limit and the in-flight count. A refusal here costs a header lookup, so overload
+    and strangers are answered in milliseconds whatever the request carries."""
 
     def __init__(
         self,
@@ -86,25 +99,43 @@ class RequestGuard:
         limits: LimitsConfig,
         admission: Admission,
         on_rejected: Callable[[LlavaServeError, str | None], None] = lambda error, request_id: None,
+        keys: ApiKeys | None = None,
+        hosts: HostCheck | None = None,
+        public_models: bool = False,
     ):
         self.app = app
         self.max_bytes = limits.max_request_bytes
         self.admission = admission
         self.on_rejected = on_rejected  # refusals never reach the app: the caller counts them
+        self.keys = keys or ApiKeys([])
+        self.hosts = hosts or HostCheck([])
+        self.open_paths = OPEN_PATHS | (PUBLIC_MODEL_PATHS if public_models else frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].endswith(GUARDED_PATHS):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
         rid = headers.get(REQUEST_ID_HEADER.encode(), b"").decode() or None
-        declared = headers.get(b"content-length", b"")
+        path = scope["path"]
+        # Serve may hand over the path with the app's route prefix in front.
+        local = path.removeprefix(scope.get("root_path", "")) or "/"
         try:
+            self.hosts.check(headers.get(b"host"))
+            if local not in self.open_paths:
+                self.keys.check(headers.get(b"authorization"))
+            if not path.endswith(GUARDED_PATHS):
+                await self.app(scope, receive, send)
+                return
+            declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > self.max_bytes:
                 raise self._too_large(int(declared))
             self.admission.enter()
-        except (RequestTooLarge, Overloaded) as e:
-            await error_response(e, rid)(scope, receive, send)
+        except (InvalidRequest, Unauthorized, Overloaded) as e:
+            response = error_response(e, rid)
+            if isinstance(e, Unauthorized):
+                response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
             self.on_rejected(e, rid)
             return
         try:
