@@ -16,6 +16,7 @@ from llava_serve import http, playground, process
 from llava_serve.admission import Admission
 from llava_serve.auth import ApiKeys, HostCheck, load_keys
 from llava_serve.chat import ChatService
+from llava_serve.checkpoint import takes_video
 from llava_serve.config import AppConfig
 from llava_serve.errors import LlavaServeError, NotFound, unwrap
 from llava_serve.health import HealthProbe
@@ -60,7 +61,9 @@ class HandleBackend:
 class Ingress:
     def __init__(self, config: AppConfig, preprocessor, tokenizer, model):
         self.config = config
-        self.service = ChatService(config, HandleBackend(preprocessor, tokenizer, model))
+        self.service = ChatService(
+            config, HandleBackend(preprocessor, tokenizer, model), takes_video(config.model)
+        )
         self.admission = Admission(config.admission)
         self.keys = ApiKeys(load_keys(config.auth))
         if not self.keys.enabled:

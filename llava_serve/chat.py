@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from llava_serve.config import AppConfig
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.engine.sequence import SampledLogprob, StepOutput
-from llava_serve.errors import EngineError, InvalidRequest, ModelNotFound, Unavailable, unwrap
+from llava_serve.errors import EngineError, ImageError, InvalidRequest, ModelNotFound, Unavailable, unwrap
 from llava_serve.fetch import check_data_uri
 from llava_serve.prompts import MediaSource, TemplateMessage, media_sources, to_template_messages
 from llava_serve.protocol import (
@@ -111,9 +111,10 @@ def field_path(loc: tuple) -> str:
 
 
 class ChatService:
-    def __init__(self, config: AppConfig, backend: Backend):
+    def __init__(self, config: AppConfig, backend: Backend, takes_video: bool):
         self.config = config
         self.backend = backend
+        self.takes_video = takes_video
         self.model_names = {config.model.public_name, config.model.name}
 
     async def _start(
@@ -130,6 +131,11 @@ class ChatService:
         limit = self.config.images.max_images_per_request
         if len(sources) > limit:
             raise InvalidRequest(f"request has {len(sources)} images; the limit is {limit}", "messages")
+        videos = [s for s in sources if s.kind == "video"]
+        if videos and not self.takes_video:  # before anything is fetched
+            raise ImageError(
+                "this model does not take video (video_url parts)", videos[0].param, "video_not_supported"
+            )
         params = SamplingParams.resolve(
             self.config.generation,
             max_tokens=request.requested_max_tokens(),
@@ -156,8 +162,16 @@ class ChatService:
         pending = [self.backend.prepare_image(source, len(sources)) for source in sources]
         try:
             images = list(await asyncio.gather(*pending)) if pending else []
-        except Exception as e:
-            raise unwrap(e) from e
+        except BaseException as e:
+            # One image failed (or the caller left): the others' fetches and decodes are not worth
+            # finishing. A Serve response cancels its call in the replica.
+            for call in pending:
+                cancel = getattr(call, "cancel", None)
+                if cancel is not None:
+                    cancel()
+            if isinstance(e, Exception):
+                raise unwrap(e) from e
+            raise
         counts = [image.num_tokens for image in images]
         prompt = self.backend.tokenize(to_template_messages(request.messages), params.max_tokens, counts)
         outputs = _typed(self.backend.generate(prompt, params, images))

@@ -28,6 +28,14 @@ def load_adapter(cfg: ModelConfig):
     return load_adapter(resolve_path(cfg))
 
 
+def takes_video(cfg: ModelConfig) -> bool:
+    """Whether the checkpoint's architecture takes video parts (from config.json alone)."""
+    from llava_serve.models import ADAPTERS, model_type
+
+    adapter = ADAPTERS.get(model_type(resolve_path(cfg)))
+    return adapter is not None and adapter.takes_video
+
+
 def load_processor(cfg: ModelConfig):
     from transformers import AutoProcessor
 

@@ -66,6 +66,12 @@ class ImageConfig(_Strict):
         le=89_478_485,
         description="Decoded width*height per image; stops decompression bombs.",
     )
+    max_aspect_ratio: float = Field(
+        20.0,
+        ge=1,
+        description="Longest over shortest edge. Processors scale the shortest edge up to the tower's "
+        "side, so a thin image grows by this factor (the size after resizing is also held to max_pixels).",
+    )
     max_images_per_request: int = Field(
         4, ge=0, description="Images and videos across all messages of one request."
     )

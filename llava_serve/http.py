@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llava_serve.admission import Admission
@@ -26,6 +27,7 @@ from llava_serve.config import LimitsConfig
 from llava_serve.errors import (
     InvalidRequest,
     LlavaServeError,
+    NotFound,
     Overloaded,
     RequestTooLarge,
     Unauthorized,
@@ -188,3 +190,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(LlavaServeError)
     async def _typed(request: Request, exc: LlavaServeError):
         return error_response(exc, request_id(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework(request: Request, exc: StarletteHTTPException):
+        """FastAPI's own refusals (a body it cannot parse, JSON nested past the decoder's depth, an
+        unknown route or method) in OpenAI's shape with their own status."""
+        error = LlavaServeError(str(exc.detail), None, "invalid_request")
+        error.status_code, error.error_type = exc.status_code, "invalid_request_error"
+        if exc.status_code == 404:
+            error = NotFound(f"no route {request.method} {request.url.path}")
+        return error_response(error, request_id(request))

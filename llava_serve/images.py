@@ -86,14 +86,42 @@ def content_hash(pixel_values: np.ndarray, base_only: bool = False, kind: str = 
     return digest.hexdigest()
 
 
+def check_geometry(
+    height: int, width: int, adapter, limits: ImageConfig, param: str | None, base_only: bool
+) -> None:
+    """Refuse, before the processor runs, an image whose shape makes it cost far more than its
+    bytes: processors scale the shortest edge up (or pad to a square), so a PNG of a few hundred
+    bytes can become gigabytes of float32."""
+    ratio = max(height, width) / max(min(height, width), 1)
+    if ratio > limits.max_aspect_ratio:
+        raise ImageError(
+            f"image is {width}x{height}, an aspect ratio of {ratio:.0f}:1, over the limit of "
+            f"{limits.max_aspect_ratio:g}:1 (images.max_aspect_ratio)",
+            param,
+            "image_too_large",
+        )
+    grown = adapter.processed_pixels(height, width, base_only)
+    if grown > limits.max_pixels:
+        raise ImageError(
+            f"image is {width}x{height}, which this model's processor would make {grown} pixels, "
+            f"over the limit of {limits.max_pixels} (images.max_pixels)",
+            param,
+            "image_too_large",
+        )
+
+
 def prepare(
     data: bytes, adapter, limits: ImageConfig, param: str | None = None, base_only: bool = False
 ) -> PreparedImage:
     """Bytes in, model-ready tiles and their token count out (`adapter`: the checkpoint's
     `llava_serve.models.ImageAdapter`)."""
     image = decode(data, limits, param)
-    pixels = adapter.preprocess(image, base_only)
     width, height = image.size
+    check_geometry(height, width, adapter, limits, param, base_only)
+    try:
+        pixels = adapter.preprocess(image, base_only)
+    except Exception as e:  # whatever the processor makes of an odd image is this request's problem
+        raise ImageError(f"could not preprocess image ({width}x{height}): {e}", param) from e
     return PreparedImage(
         pixels,
         content_hash(pixels, base_only),

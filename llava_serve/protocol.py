@@ -204,7 +204,9 @@ class ChatCompletionRequest(_Request):
     @classmethod
     def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.isdigit():
+            # ASCII digits only, and no longer than any vocabulary's ids: `str.isdigit` is true of
+            # "²" and Arabic-Indic digits, and int() refuses strings past 4300 digits.
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
                 raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values lie in [-100, 100]; token {key} has {bias}")

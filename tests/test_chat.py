@@ -81,7 +81,7 @@ async def service(tiny_dir, processor, hf_model):
         [hf_model.config.text_config.eos_token_id],
         EngineConfig(),
     )
-    yield ChatService(config, LocalBackend(config, processor, engine))
+    yield ChatService(config, LocalBackend(config, processor, engine), takes_video=False)
     await engine.shutdown()
 
 

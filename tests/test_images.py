@@ -95,3 +95,35 @@ def test_detail_changes_the_tiles_the_count_and_the_cache_key(tmp_path):
     assert np.array_equal(low.pixel_values[0], high.pixel_values[0])  # the same base tile...
     assert low.content_hash != high.content_hash  # ...encoded differently, so cached apart
     assert low.num_tokens < high.num_tokens
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "llava_onevision"])
+def test_the_size_after_the_processor_s_resize_is_held_to_max_pixels_before_it_runs(tmp_path, arch):
+    from llava_serve import tiny
+    from llava_serve.models import load_adapter
+
+    adapter = load_adapter(str(tiny.ensure("tiny", tmp_path, arch=arch)))
+    image = random_image(5, (300, 20))  # 15:1, 6,000 pixels as decoded
+    data = encode(image)
+    for base_only in (False, True):
+        grown = adapter.processed_pixels(20, 300, base_only)
+        # The estimate bounds what the processor really builds: its output tiles at least.
+        tiles = adapter.preprocess(image, base_only)
+        assert grown >= tiles.shape[-1] * tiles.shape[-2]
+        limits = ImageConfig(max_pixels=grown - 1)
+        if grown - 1 >= 300 * 20:  # the decoded image itself passes; its resize does not
+            with pytest.raises(ImageError, match="processor would make"):
+                images.prepare(data, adapter, limits, base_only=base_only)
+        images.prepare(data, adapter, ImageConfig(max_pixels=max(grown, 6000)), base_only=base_only)
+    # CLIP's shortest-edge resize grows a thin image by its aspect ratio; OneVision pads one tile square.
+    if arch == "llava":
+        assert adapter.processed_pixels(20, 300, False) == 64 * 64 * 15
+    if arch == "llava_onevision":
+        assert adapter.processed_pixels(20, 300, True) == 300 * 300
+
+
+def test_a_thin_image_is_refused_by_its_aspect_ratio(adapter):
+    data = encode(random_image(6, (2100, 100)))
+    with pytest.raises(ImageError, match="aspect ratio of 21:1"):
+        images.prepare(data, adapter, ImageConfig())
+    images.prepare(data, adapter, ImageConfig(max_aspect_ratio=25))

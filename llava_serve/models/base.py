@@ -22,6 +22,11 @@ def checkpoint_json(path: str, name: str) -> dict:
     return json.loads(Path(file).read_text()) if file else {}
 
 
+def _size(size, key: str) -> int | None:
+    """A field of an image processor's `size` (a dict or transformers' SizeDict)."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
 class ImageAdapter:
     """Loads a checkpoint's tokenizer and image processor, and knows its image geometry.
 
@@ -79,6 +84,20 @@ class ImageAdapter:
     def num_tokens(self, height: int, width: int, base_only: bool) -> int:
         """How many placeholder tokens an image of this original size becomes."""
         raise NotImplementedError
+
+    def processed_pixels(self, height: int, width: int, base_only: bool) -> int:
+        """The most pixels of any image the processor builds from one of this size, known before it
+        runs. A CLIP-style resize scales the shortest edge to the tower's side, so a thin image
+        grows by its aspect ratio (20000x1 at 336 px: 2.2 billion pixels)."""
+        size = self.image_processor.size
+        side = _size(size, "shortest_edge")
+        if side is None:
+            return _size(size, "height") * _size(size, "width")
+        short, long = sorted((max(height, 1), max(width, 1)))
+        return side * -(-side * long // short)
+
+    def _largest_pinpoint(self) -> int:
+        return max(h * w for h, w in self.image_processor.image_grid_pinpoints)
 
     # -- model side -----------------------------------------------------------------------
 

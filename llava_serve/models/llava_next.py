@@ -39,6 +39,10 @@ class LlavaNextAdapter(ImageAdapter):
             n = self._counter._get_number_of_features(height, width, side, side)
         return n - 1 if self.config.vision_feature_select_strategy == "default" else n
 
+    def processed_pixels(self, height: int, width: int, base_only: bool) -> int:
+        """Anyres resizes into the best of `image_grid_pinpoints` and tiles are square: bounded."""
+        return max(self._largest_pinpoint(), self.tile_side**2)
+
     @classmethod
     def pack_base_tiles(cls, model, tiles, sizes):
         packed, _ = model.model.pack_image_features(

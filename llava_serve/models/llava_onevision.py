@@ -96,6 +96,11 @@ class LlavaOnevisionAdapter(ImageAdapter):
         out = self.image_processor(images=[[image, _COMPANION]], return_tensors="np")
         return np.ascontiguousarray(out["pixel_values"][0][:1], dtype=np.float32)
 
+    def processed_pixels(self, height: int, width: int, base_only: bool) -> int:
+        """One tile is a square pad of the whole image first; anyres resizes into a pinpoint."""
+        tile = self.config.vision_config.image_size**2
+        return max(max(height, width) ** 2 if base_only else self._largest_pinpoint(), tile)
+
     def num_tokens(self, height: int, width: int, base_only: bool) -> int:
         side = self.config.vision_config.image_size
         n = self.tokens_per_tile + 1 if base_only else self._count(height, width, side, side)

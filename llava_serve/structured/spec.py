@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,8 @@ def check_schema(schema: Any, param: str) -> None:
         jsonschema.Draft202012Validator.check_schema(schema)
     except RecursionError:
         raise InvalidRequest(f"{param}: the schema nests too deeply", param) from None
+    except (OverflowError, re.error) as e:  # a `pattern` the regex engine cannot compile
+        raise InvalidRequest(f"{param}: a pattern in the schema cannot be compiled: {e}", param) from None
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise InvalidRequest(f"{param}: invalid JSON Schema at {where}: {e.message}", param) from None
