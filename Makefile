@@ -16,9 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# Ray Serve's documented high-throughput mode (README, "Operating it").
+# Ray Serve's documented high-throughput mode (README, "Operating it"), on a one-machine Ray
+# cluster with token auth and every Ray socket on loopback (README, "Security").
 serve: install
-	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 $(VENV)/bin/serve run serve_config.yaml
+	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+		$(VENV)/bin/serve run serve_config.yaml
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.cluster import require_token_auth
 from deployments.ingress import Ingress
 from deployments.model import LlavaModel
 from deployments.preprocess import ImagePreprocessor, PromptTokenizer
@@ -21,5 +22,10 @@ def build(config: AppConfig) -> Application:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve app builder; `args` has the shape of `AppConfig` (validated here)."""
-    return build(AppConfig.model_validate(dict(args)))
+    """Serve app builder (`serve run`, `serve deploy`); `args` has the shape of `AppConfig`
+    (validated here). It runs on the cluster that will serve the app, so that is where Ray's token
+    auth is checked."""
+    config = AppConfig.model_validate(dict(args))
+    if config.auth.require_ray_token:
+        require_token_auth()
+    return build(config)

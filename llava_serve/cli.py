@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "make-tiny-model":
         print(tiny.build(args.dir, args.preset, args.seed, args.arch))
     elif args.command == "serve":
+        from deployments.cluster import prepare_local_cluster
+
+        # Before Ray is imported: it reads these settings once, at import.
+        if args.address == "local":
+            prepare_local_cluster(single_machine=args.host in ("127.0.0.1", "localhost", "::1"))
         from deployments.launch import serve_until_interrupted  # Ray is imported only here
 
         config = app_config(args)

@@ -256,6 +256,11 @@ class AuthConfig(_Strict):
     )
     api_keys_file: str | None = Field(None, description="File of keys, one per line; keep it mode 0600.")
     public_models: bool = Field(False, description="Let /v1/models (and /openapi.json) answer without a key.")
+    require_ray_token: bool = Field(
+        True,
+        description="Refuse to start on a Ray cluster without token authentication (RAY_AUTH_MODE=token): "
+        "Ray's ports run code for anyone who reaches them.",
+    )
 
 
 class HttpConfig(_Strict):

@@ -1,4 +1,5 @@
-"""`llava-serve serve tiny --port N` in a subprocess: it answers, says where, and stops cleanly."""
+"""`llava-serve serve tiny --port N` in a subprocess: it answers, says where, keeps Ray's own
+endpoints closed, and stops cleanly."""
 
 import os
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from tests.e2e.conftest import free_port
+from tests.e2e.raycheck import assert_ray_is_closed
 
 
 def test_llava_serve_serve_tiny_answers_and_stops_cleanly(tiny_dir, tmp_path):
@@ -44,6 +46,7 @@ def test_llava_serve_serve_tiny_answers_and_stops_cleanly(tiny_dir, tmp_path):
             timeout=30,
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert_ray_is_closed(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

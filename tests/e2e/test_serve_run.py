@@ -1,4 +1,5 @@
-"""`serve run serve_config.yaml` from the repository root starts and answers (a subprocess smoke test)."""
+"""`serve run serve_config.yaml` from the repository root, as `make serve` runs it, starts, answers
+and keeps Ray's own endpoints closed (a subprocess smoke test)."""
 
 import os
 import signal
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from tests.e2e.raycheck import assert_ray_is_closed
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "http://127.0.0.1:8000"  # what serve_config.yaml binds
@@ -20,6 +23,9 @@ def test_serve_run_answers(tmp_path):
         "RAY_ADDRESS": "local",  # a cluster of its own, apart from the test session's
         "LLAVA_SERVE_CACHE": str(tmp_path / "cache"),  # so 'tiny' is built on first use, as on a fresh box
         "HF_HUB_OFFLINE": "1",
+        # What `make serve` and the README's Security section set for a one-machine cluster.
+        "RAY_AUTH_MODE": "token",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     log = (tmp_path / "serve.log").open("w")
     start = time.monotonic()
@@ -51,6 +57,7 @@ def test_serve_run_answers(tmp_path):
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
         assert answer["model"] == "tiny"
         print(f"\nserve run -> first answer: {elapsed:.1f}s")
+        assert_ray_is_closed(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
