@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 # cluster with token auth and every Ray socket on loopback (README, "Security").
 serve: install
 	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+		RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy:middlewares \
 		$(VENV)/bin/serve run serve_config.yaml
 
 lint: install

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 from pathlib import Path
 
 logger = logging.getLogger("ray.serve")
@@ -21,6 +22,8 @@ AUTH_MODE = "RAY_AUTH_MODE"
 # Ray's switch for "this machine is the whole cluster": the node address becomes 127.0.0.1 and
 # its servers bind there alone.
 SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Read by Serve's proxy and direct-ingress servers when they start (deployments/proxy.py).
+PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 
 
 def token_path() -> Path | None:
@@ -41,13 +44,19 @@ def protect_token_file() -> None:
 
 
 def prepare_local_cluster(single_machine: bool) -> None:
-    """Before Ray is imported, for a cluster of our own: token auth on, a private token, and with
-    `single_machine` every Ray socket on 127.0.0.1 (Ray reads both settings at import)."""
+    """Before Ray is imported, for a cluster of our own: token auth on, a private token, Serve's HTTP
+    front with our header scrub, and with `single_machine` every Ray socket on 127.0.0.1 (Ray
+    reads these settings at import)."""
     mode = os.environ.setdefault(AUTH_MODE, "token")
     if mode != "token":
         logger.warning("%s=%s: Ray's own endpoints answer anyone who can reach them", AUTH_MODE, mode)
     if single_machine:
         os.environ.setdefault(SINGLE_MACHINE, "0")
+    os.environ.setdefault(PROXY_CALLBACK, "deployments.proxy:middlewares")
+    if "ray" in sys.modules:  # imported already: its config is re-read, as Ray's own enabling does
+        from ray._raylet import Config
+
+        Config.initialize("")
     path = token_path()
     if mode == "token" and path is not None and not path.exists():
         from ray._private.authentication.authentication_token_setup import generate_and_save_token

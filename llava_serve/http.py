@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -83,6 +84,35 @@ async def event_stream(
         # sse-starlette's default is no-store; no-cache is what OpenAI sends and what proxies expect.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+# Headers Ray Serve's proxy and direct ingress read as instructions from the client: one disables
+# the request timeout, the other keeps a request running after its client has gone.
+SERVE_CONTROL_HEADERS = (b"x-request-timeout-seconds", b"x-request-disconnect-disabled")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+class ClientHeaderScrub:
+    """Pure ASGI, in front of Serve's own HTTP handling (its proxy and its direct ingress, through
+    `deployments.proxy`): the client may not turn off Serve's timeout or its disconnect
+    handling, and a request id is kept only when it is a short plain token (it lands in every
+    log line), else Serve makes a fresh one."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = []
+            for name, value in scope["headers"]:
+                name = name.lower()
+                if name in SERVE_CONTROL_HEADERS:
+                    continue
+                if name == REQUEST_ID_HEADER.encode() and not _REQUEST_ID.fullmatch(value):
+                    continue
+                headers.append((name, value))
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
 
 
 def request_id(request: Request) -> str:

@@ -56,7 +56,9 @@ def serve_url(tiny_dir):
     from ray import serve
 
     from deployments.app import build
+    from deployments.cluster import prepare_local_cluster
 
+    prepare_local_cluster(single_machine=False)  # as `llava-serve serve` prepares its own cluster
     ray.init(
         num_cpus=4,
         include_dashboard=False,

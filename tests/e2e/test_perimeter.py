@@ -5,10 +5,13 @@ server carries on."""
 from __future__ import annotations
 
 import base64
+import re
+import time
 
 import httpx
 import pytest
 from PIL import Image
+from ray import serve
 
 from tests.conftest import data_uri, encode, random_image
 from tests.e2e.test_hostile import IMAGE_PARAM, assert_4xx, post
@@ -82,3 +85,44 @@ def test_an_image_whose_resize_would_explode_is_a_400_before_resizing(serve_url,
     uri = "data:image/png;base64," + base64.b64encode(tiny_png).decode()
     assert_4xx(post(serve_url, image_request(uri, "Hi", max_tokens=2)), IMAGE_PARAM, "aspect ratio")
     still_serves(serve_url)
+
+
+def test_a_client_cannot_switch_off_serve_s_disconnect_handling(serve_url):
+    """`x-request-disconnect-disabled: ?1` would keep generating after the client left."""
+    body = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 1500, "stream": True}
+    model = serve.get_deployment_handle("LlavaModel", "llava")
+    before = model.stats.remote().result()["cancelled"]
+    headers = {"x-request-disconnect-disabled": "?1"}
+    with httpx.stream(
+        "POST", f"{serve_url}/v1/chat/completions", json=body, headers=headers, timeout=30
+    ) as r:
+        lines = r.iter_lines()
+        assert sum(next(lines).startswith("data: {") for _ in range(6)) >= 2
+    deadline = time.monotonic() + 5
+    while model.stats.remote().result()["cancelled"] < before + 1:
+        assert time.monotonic() < deadline, "the request went on after its client left"
+        time.sleep(0.05)
+
+
+def test_a_client_cannot_shorten_or_lift_serve_s_request_timeout(serve_url):
+    """`x-request-timeout-seconds` from the client is ignored: a tiny one would cut the caller's
+    own request short with Serve's error, not ours; 0 would lift the operator's timeout."""
+    body = image_request(data_uri(random_image(6)), "Hi", max_tokens=4)
+    r = post(serve_url, body, headers={"x-request-timeout-seconds": "0.0001"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("req-42.a:b_c", True), ("x" * 129, False), ("has space", False), ("é-unicode", False), ("", False)],
+)
+def test_a_request_id_is_kept_only_when_it_is_a_short_plain_token(serve_url, sent, kept):
+    r = post(
+        serve_url,
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+        headers={"x-request-id": sent.encode()},
+    )
+    assert r.status_code == 200
+    echoed = r.headers["x-request-id"]
+    assert (echoed == sent) == kept
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", echoed)

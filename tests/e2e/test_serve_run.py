@@ -26,6 +26,7 @@ def test_serve_run_answers(tmp_path):
         # What `make serve` and the README's Security section set for a one-machine cluster.
         "RAY_AUTH_MODE": "token",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.proxy:middlewares",
     }
     log = (tmp_path / "serve.log").open("w")
     start = time.monotonic()
