@@ -106,3 +106,21 @@ def test_a_step_must_have_room_for_prompts_beside_a_full_batch():
         AppConfig.model_validate({"engine": {"max_batch_size": 64, "max_step_tokens": 64}})
     ok = AppConfig.model_validate({"engine": {"max_batch_size": 64, "max_step_tokens": 65}})
     assert ok.engine.max_step_tokens == 65
+
+
+def test_dependency_floors_exclude_releases_with_known_cves_in_what_we_use():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = {
+        r.name.lower(): r.specifier
+        for r in map(
+            Requirement, tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        )
+    }
+    # Pillow: libwebp (CVE-2023-4863, fixed 10.0.1), ImageCms (CVE-2024-28219, 10.3), CVE-2025-48379 (11.3).
+    assert not deps["pillow"].contains(Version("11.2.1")) and deps["pillow"].contains(Version("11.3.0"))
+    # torch.load with weights_only=True could run code before 2.6 (CVE-2025-32434).
+    assert not deps["torch"].contains(Version("2.5.1")) and deps["torch"].contains(Version("2.6.0"))

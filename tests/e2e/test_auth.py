@@ -106,7 +106,7 @@ def test_the_playground_sends_a_strict_content_security_policy(guarded):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 async def test_the_playground_asks_with_the_key_typed_into_it(guarded):
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -122,7 +122,8 @@ async def test_the_playground_asks_with_the_key_typed_into_it(guarded):
         assert "API key" in await page.locator(".error").last.text_content()  # the server's 401
         await page.fill('[data-testid="api-key"]', KEYS["env"])
         await page.dispatch_event('[data-testid="api-key"]', "change")
-        await page.wait_for_function("document.getElementById('model').textContent == 'llava-tiny'")
+        # Locator waits, not wait_for_function: that evaluates a string, which the page's CSP forbids.
+        await expect(page.locator("#model")).to_have_text("llava-tiny", timeout=30_000)
         await page.fill('[data-testid="prompt"]', "Hi again")
         await page.click('[data-testid="send"]')
         await page.wait_for_selector('[data-testid="stats"]:has-text("tokens/s")', timeout=30_000)
