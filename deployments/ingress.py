@@ -35,7 +35,7 @@ app = FastAPI(
     docs_url=None,
     redoc_url=None,
 )
-http.install(app)
+http.install(app, body_models=(ChatCompletionRequest,))
 
 
 class HandleBackend:
@@ -86,14 +86,22 @@ class Ingress:
             public_models=self.config.auth.public_models,
         )
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion)
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        # The body is read raw and checked, parsed and validated off the loop (ChatService.parse);
+        # the schema still says what it must be.
+        openapi_extra={"requestBody": http.json_body(ChatCompletionRequest)},
+    )
+    async def chat_completions(self, request: Request):
         rid = http.request_id(request)
-        record = RequestRecord(rid, body.stream)
-        if not body.stream:
+        with self._tracked(RequestRecord(rid, None), emit_on_success=False):
+            parsed = await self.service.parse(await request.body())
+        record = RequestRecord(rid, parsed.request.stream)
+        if not parsed.request.stream:
             with self._tracked(record):
-                return await self.service.complete(body, record)
-        chunks = self._tracked_stream(self.service.stream(body, record), record)
+                return await self.service.complete(parsed, record)
+        chunks = self._tracked_stream(self.service.stream(parsed, record), record)
         return await http.event_stream(chunks, rid, self.config.http.sse_keepalive_s)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -148,17 +156,20 @@ class Ingress:
         self._emit(record)
 
     @contextlib.contextmanager
-    def _tracked(self, record: RequestRecord):
-        """Close `record` however the request ends, then emit its metrics and log line."""
+    def _tracked(self, record: RequestRecord, emit_on_success: bool = True):
+        """Close `record` however the request ends, then emit its metrics and log line (with
+        `emit_on_success` false, only if it ends here: a stage that hands over to another record)."""
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):
             record.cancel()
+            self._emit(record)
             raise
         except Exception as e:
             record.fail(unwrap(e))
+            self._emit(record)
             raise
-        finally:
+        if emit_on_success:
             self._emit(record)
 
     def _emit(self, record: RequestRecord) -> None:

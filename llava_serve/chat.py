@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import ValidationError
 
-from llava_serve.config import AppConfig
+from llava_serve import bounds
+from llava_serve.config import AppConfig, LimitsConfig
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.engine.sequence import SampledLogprob, StepOutput
 from llava_serve.errors import EngineError, ImageError, InvalidRequest, ModelNotFound, Unavailable, unwrap
@@ -41,6 +42,7 @@ from llava_serve.protocol import (
     now,
 )
 from llava_serve.structured.request import output_format, tool_call_format
+from llava_serve.structured.spec import OutputFormat
 from llava_serve.structured.tools import CallUpdate, ToolCallReader
 from llava_serve.telemetry import RequestRecord, source_kind
 
@@ -61,10 +63,15 @@ class Backend(Protocol):
     ) -> AsyncIterator[StepOutput]: ...
 
 
-def parse_request(body: Any) -> ChatCompletionRequest:
-    """Validate a raw request body, naming the first offending field in the error."""
+def parse_request(body: Any, limits: LimitsConfig | None = None) -> ChatCompletionRequest:
+    """Validate a request body (raw bytes from HTTP, or a dict from a handle) against `limits`
+    first, then the request model, naming the first offending field in the error."""
     if isinstance(body, ChatCompletionRequest):
         return body
+    limits = limits or LimitsConfig()
+    if isinstance(body, bytes | bytearray):
+        body = bounds.decode_body(body, limits)
+    bounds.check_shape(body, limits)
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
@@ -110,6 +117,11 @@ def field_path(loc: tuple) -> str:
     return out
 
 
+class ParsedRequest(NamedTuple):
+    request: ChatCompletionRequest
+    output: OutputFormat | None
+
+
 class ChatService:
     def __init__(self, config: AppConfig, backend: Backend, takes_video: bool):
         self.config = config
@@ -118,7 +130,7 @@ class ChatService:
         self.model_names = {config.model.public_name, config.model.name}
 
     async def _start(
-        self, request: ChatCompletionRequest, record: RequestRecord | None
+        self, request: ChatCompletionRequest, output: OutputFormat | None, record: RequestRecord | None
     ) -> AsyncIterator[StepOutput]:
         if request.model is not None and request.model not in self.model_names:
             raise ModelNotFound(
@@ -150,7 +162,7 @@ class ChatService:
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
             logit_bias=request.logit_bias,
-            output=output_format(request),
+            output=output,
         )
         for source in sources:
             if source.url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
@@ -178,7 +190,7 @@ class ChatService:
         return outputs if record is None else _recorded(outputs, record)
 
     async def _begin(
-        self, request: ChatCompletionRequest, record: RequestRecord | None
+        self, request: ChatCompletionRequest, output: OutputFormat | None, record: RequestRecord | None
     ) -> AsyncIterator[StepOutput]:
         """Start generation and wait until the engine has queued it, so errors up to then
         (validation, images, prompt length, overload) raise here, while a transport can still
@@ -188,7 +200,7 @@ class ChatService:
         retries = 0
         while True:
             try:
-                outputs = await self._start(request, record)
+                outputs = await self._start(request, output, record)
                 if not (await anext(outputs)).accepted:  # a contract check that survives `python -O`
                     raise EngineError("the model's stream did not start with its acceptance marker")
                 return outputs
@@ -199,10 +211,23 @@ class ChatService:
                 logger.warning("a replica died before the first token; retry %d of %d", retries, _RETRIES)
                 await asyncio.sleep(0.2 * retries)
 
+    async def parse(self, body: Any) -> ParsedRequest:
+        """The request and the format its answer must take, worked out on a thread: bodies are
+        checked against the limits first, but a large one still takes milliseconds to parse and a
+        schema to check, and the loop has streams to relay meanwhile."""
+        if isinstance(body, ParsedRequest):
+            return body
+
+        def work() -> ParsedRequest:
+            request = parse_request(body, self.config.limits)
+            return ParsedRequest(request, output_format(request))
+
+        return await asyncio.to_thread(work)
+
     async def complete(self, body: Any, record: RequestRecord | None = None) -> ChatCompletion:
         """A whole (non-streamed) chat completion; `record`, if given, is filled as it runs."""
-        request = parse_request(body)
-        outputs = await self._begin(request, record)
+        request, output = await self.parse(body)
+        outputs = await self._begin(request, output, record)
         text, logprobs, last = [], [], None
         async for out in outputs:
             text.append(out.text)
@@ -230,8 +255,8 @@ class ChatService:
         """Chunks in OpenAI's streaming shape. The first (the assistant role) comes once the engine
         has queued the request; errors before that raise on the first `anext`, so a transport can
         still answer them with a status code instead of a broken stream."""
-        request = parse_request(body)
-        outputs = await self._begin(request, record)
+        request, output = await self.parse(body)
+        outputs = await self._begin(request, output, record)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         cid, created, model = new_completion_id(), now(), self.config.model.public_name
 

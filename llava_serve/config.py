@@ -241,6 +241,26 @@ class LimitsConfig(_Strict):
         description="Largest request body; a larger one is a 413 before it is read. Inline images "
         "count toward it (base64 makes them 4/3 their size).",
     )
+    max_json_values: int = Field(
+        100_000,
+        gt=0,
+        description="JSON values in a body (counted from its commas and brackets before it is parsed): "
+        "a 32 MiB body of tiny values would hold the parser for seconds.",
+    )
+    max_messages: int = Field(512, gt=0, description="Messages in one request.")
+    max_content_parts: int = Field(1024, gt=0, description="Content parts across all messages.")
+    max_text_chars: int = Field(
+        1_000_000,
+        gt=0,
+        description="Characters of text across all messages (the context length bounds tokens).",
+    )
+    max_tools: int = Field(128, gt=0, description="Tools offered in one request.")
+    max_schema_bytes: int = Field(
+        64 * 1024, gt=0, description="Each response_format or tool-parameter schema, as compact JSON."
+    )
+    max_schema_nodes: int = Field(
+        4096, gt=0, description="JSON values in each schema: bounds its checking and grammar compilation."
+    )
 
 
 class AuthConfig(_Strict):

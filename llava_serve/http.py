@@ -115,6 +115,12 @@ class ClientHeaderScrub:
         await self.app(scope, receive, send)
 
 
+def json_body(model: type[BaseModel]) -> dict:
+    """An OpenAPI `requestBody` for a route that reads its body raw (see `install` for the schema)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"required": True, "content": {"application/json": {"schema": ref}}}
+
+
 def request_id(request: Request) -> str:
     return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
 
@@ -137,6 +143,7 @@ class RequestGuard:
     ):
         self.app = app
         self.max_bytes = limits.max_request_bytes
+        self.max_values = limits.max_json_values
         self.admission = admission
         self.on_rejected = on_rejected  # refusals never reach the app: the caller counts them
         self.keys = keys or ApiKeys([])
@@ -182,18 +189,31 @@ class RequestGuard:
         )
 
     def _counted(self, receive: Receive, send: Send, rid: str | None) -> tuple[Receive, Send]:
-        """A body sent without Content-Length is counted as it arrives; past the limit the
-        caller gets the 413 at once, and the app sees a disconnect and can send nothing more."""
-        received, answered = 0, False
+        """A body is counted as it arrives, in bytes and in JSON values (`bounds.decode_body`'s
+        count, chunk by chunk); past either limit the caller gets the 413 at once, the rest of the
+        body is never read, and the app sees a disconnect and can send nothing more."""
+        received, values, answered = 0, 0, False
 
         async def counted_receive() -> Message:
-            nonlocal received, answered
+            nonlocal received, values, answered
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes and not answered:
+            if message["type"] == "http.request" and not answered:
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                values += chunk.count(b",") + chunk.count(b"{") + chunk.count(b"[")
+                error = None
+                if received > self.max_bytes:
+                    error = self._too_large(received)
+                elif values > self.max_values:
+                    error = RequestTooLarge(
+                        f"request body holds over {self.max_values} JSON values, this server's limit "
+                        "(limits.max_json_values)",
+                        None,
+                        "request_too_complex",
+                    )
+                if error is not None:
                     answered = True
-                    await error_response(self._too_large(received), rid)({"type": "http"}, receive, send)
+                    await error_response(error, rid)({"type": "http"}, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -204,9 +224,27 @@ class RequestGuard:
         return counted_receive, unless_answered
 
 
-def install(app: FastAPI) -> None:
-    """Register the error handlers on `app`. (Request ids need no middleware: Serve's proxy sets
+def install(app: FastAPI, body_models: tuple[type[BaseModel], ...] = ()) -> None:
+    """Register the error handlers on `app`, and the schemas of `body_models` (bodies its routes
+    read raw) in its OpenAPI document. (Request ids need no middleware: Serve's proxy sets
     x-request-id on the request, keeping the client's, and echoes it on the response.)"""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in body_models:
+                own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(own.pop("$defs", {}))
+                components[model.__name__] = own
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
