@@ -54,8 +54,11 @@ def assert_ray_is_closed(pid: int) -> None:
     dashboard = f"http://{found['dashboard']}/api/version"
     assert httpx.get(dashboard).status_code == 401
     assert httpx.get(dashboard, headers=token).status_code == 200  # the right port: it answers the token
-    jobs = f"http://127.0.0.1:{found['agent_port']}/api/job_agent/jobs/"
+    jobs = f"http://{found['dashboard']}/api/jobs/"
     assert httpx.post(jobs, json={"entrypoint": "id"}).status_code == 401  # no job submitted
+    if found["agent_port"] > 0:  # -1: another cluster on this machine holds the agent's port
+        agent = f"http://127.0.0.1:{found['agent_port']}/api/job_agent/jobs/"
+        assert httpx.post(agent, json={"entrypoint": "id"}).status_code == 401
 
     ip, port = found["replica"]
     assert grpc_refuses(f"{ip}:{port}", "/ray.rpc.CoreWorkerService/GetCoreWorkerStats", token)
