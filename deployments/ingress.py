@@ -135,6 +135,15 @@ class Ingress:
             async for chunk in self._tracked_stream(self.service.stream(request, record), record):
                 yield chunk.model_dump()
 
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests (503) and wait up to `timeout_s` for the running ones to finish;
+        returns how many are still running then."""
+        self.admission.drain()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.admission.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.admission.inflight
+
     async def stats(self) -> dict:
         return {"pid": os.getpid(), "rss_bytes": process.rss_bytes(), "inflight": self.admission.inflight}
 

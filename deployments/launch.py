@@ -36,6 +36,18 @@ def wait_until_answering(base_url: str, model: str, timeout_s: float, key: str |
     raise TimeoutError(f"{base_url} did not answer within {timeout_s:.0f}s")
 
 
+def drain(timeout_s: float) -> None:
+    """New requests get a 503 while running streams finish, for up to `timeout_s`; what is
+    still running then ends with an error event when Ray shuts down."""
+    import asyncio
+
+    async def run() -> int:
+        return await serve.get_app_handle("llava").drain.remote(timeout_s)
+
+    left = asyncio.run(run())  # handles need an event loop in Serve's throughput mode
+    print(f"llava-serve: drained, {left} request(s) still running at the deadline", flush=True)
+
+
 def serve_until_interrupted(
     config: AppConfig,
     host: str,
@@ -56,6 +68,7 @@ def serve_until_interrupted(
         wait_until_answering(base_url, config.model.public_name, timeout_s, keys[0] if keys else None)
         announce(base_url, config)
         stop.wait()
+        drain(config.ingress.graceful_shutdown_timeout_s)
     finally:
         if address != "local":  # a shared cluster keeps its other apps
             serve.delete("llava")

@@ -20,9 +20,16 @@ class Admission:
         self.limit = config.max_inflight_requests
         self.retry_after_s = config.retry_after_s
         self.inflight = 0
+        self.draining = False
+
+    def drain(self) -> None:
+        """From now on every new request is refused: the server is going away."""
+        self.draining = True
 
     def enter(self) -> None:
         """Take a slot, or raise `Overloaded` at once."""
+        if self.draining:
+            raise Overloaded("the server is shutting down; retry against another one", self.retry_after_s)
         if self.limit and self.inflight >= self.limit:
             raise Overloaded(
                 f"the server is at capacity ({self.inflight} requests in flight, the limit is "

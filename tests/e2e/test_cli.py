@@ -1,6 +1,7 @@
 """`llava-serve serve tiny --port N` in a subprocess: it answers, says where, keeps Ray's own
 endpoints closed, and stops cleanly."""
 
+import json
 import os
 import signal
 import subprocess
@@ -47,11 +48,32 @@ def test_llava_serve_serve_tiny_answers_and_stops_cleanly(tiny_dir, tmp_path):
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert_ray_is_closed(proc.pid)
+        drains_on_sigterm(proc, base)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
         try:
             code = proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert code == 0, log.read_text()[-3000:]
+
+
+def drains_on_sigterm(proc: subprocess.Popen, base: str) -> None:
+    """SIGTERM (what a process manager sends) while a stream runs: new requests get a 503, the
+    stream finishes whole with [DONE], then the server exits."""
+    chat = f"{base}/v1/chat/completions"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Talk."}], "temperature": 0}
+    with httpx.stream("POST", chat, json=body | {"max_tokens": 600, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while httpx.post(chat, json=body | {"max_tokens": 1}, timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "new requests were still admitted while draining"
+            time.sleep(0.05)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest), rest[-3:]
+    assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert proc.wait(60) == 0
