@@ -34,7 +34,7 @@ def token_path() -> Path | None:
 
 
 def protect_token_file() -> None:
-    """The token file mode 0600 (and its directory not writable by others), if it is ours."""
+    """The token file mode 0600, if it is ours."""
     path = token_path()
     if path is None or not path.exists() or path.stat().st_uid != os.getuid():
         return

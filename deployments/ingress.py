@@ -26,7 +26,6 @@ from llava_serve.telemetry import RequestRecord
 # Serve's own logger: lines written through it carry the replica and request id.
 logger = logging.getLogger("ray.serve")
 
-PLAYGROUND = playground.PAGE
 # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which an offline or
 # firewalled server cannot reach and a strict page policy would not run. /openapi.json stays.
 app = FastAPI(
@@ -94,22 +93,22 @@ class Ingress:
         openapi_extra={"requestBody": http.json_body(ChatCompletionRequest)},
     )
     async def chat_completions(self, request: Request):
-        rid = http.request_id(request)
-        with self._tracked(RequestRecord(rid, None), emit_on_success=False):
+        record = RequestRecord(http.request_id(request), None)
+        with self._tracked(record, emit_on_success=False):  # the record goes on past the parse
             parsed = await self.service.parse(await request.body())
-        record = RequestRecord(rid, parsed.request.stream)
+        record.stream = parsed.request.stream
         if not parsed.request.stream:
             with self._tracked(record):
                 return await self.service.complete(parsed, record)
         chunks = self._tracked_stream(self.service.stream(parsed, record), record)
-        return await http.event_stream(chunks, rid, self.config.http.sse_keepalive_s)
+        return await http.event_stream(chunks, record.request_id, self.config.http.sse_keepalive_s)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self) -> HTMLResponse:
         """The browser playground: one page, everything it needs inline, the same /v1 API."""
         if not self.config.ingress.playground:
             raise NotFound("the playground is off on this server (ingress.playground: false)")
-        return HTMLResponse(PLAYGROUND, headers=playground.HEADERS)
+        return HTMLResponse(playground.PAGE, headers=playground.HEADERS)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:

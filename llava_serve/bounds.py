@@ -1,5 +1,5 @@
 """What a request body may hold, checked before the work it would cause: first on the raw bytes
-(how many JSON values, by counting separators, before anything is parsed), then on the parsed
+(how many JSON values, by counting separators as they arrive, in the HTTP guard), then on the parsed
 JSON (messages, content parts, text, tools, and each schema's size and node count), before
 pydantic builds the request or a schema is compiled. Callers run this off the event loop: the
 checks are linear in the body and bounded by `limits.max_request_bytes`."""
@@ -13,18 +13,24 @@ from llava_serve.config import LimitsConfig
 from llava_serve.errors import InvalidRequest, RequestTooLarge
 
 
-def decode_body(raw: bytes, limits: LimitsConfig) -> Any:
-    """The JSON of a request body, refused before parsing when it holds more values than allowed.
-    Every value but the first follows a comma or opens a container, so counting those bytes
-    (memchr-fast, and base64 image data holds none) bounds the parser's work from above."""
-    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
-    if values > limits.max_json_values:
-        raise RequestTooLarge(
-            f"request body holds up to {values} JSON values, over this server's limit of "
-            f"{limits.max_json_values} (limits.max_json_values)",
-            None,
-            "request_too_complex",
-        )
+def json_values(chunk: bytes) -> int:
+    """At most how many JSON values `chunk` of a body starts: every value but the first follows a
+    comma or opens a container, so counting those bytes (memchr-fast; base64 image data holds
+    none) bounds the parser's work from above, chunk by chunk as the body arrives."""
+    return chunk.count(b",") + chunk.count(b"{") + chunk.count(b"[")
+
+
+def too_many_values(limits: LimitsConfig) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"request body holds over {limits.max_json_values} JSON values, this server's limit "
+        "(limits.max_json_values)",
+        None,
+        "request_too_complex",
+    )
+
+
+def decode_body(raw: bytes) -> Any:
+    """The JSON of a request body whose values were counted as it arrived (`json_values`)."""
     try:
         return json.loads(raw)
     except RecursionError:

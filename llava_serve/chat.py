@@ -51,7 +51,7 @@ _RETRIES = 3  # of a request whose replica died before its first token
 
 
 class Backend(Protocol):
-    """Where the work happens. `prepare_image` returns an awaitable `PreparedImage` (its pixels
+    """Where the work happens. `prepare_image` returns a cancellable awaitable `PreparedImage` (its pixels
     may stay a reference the model resolves); `tokenize` and `generate` take what they are given
     unresolved. `generate` streams `ACCEPTED` first, once the engine has queued the request,
     then the request's outputs."""
@@ -70,7 +70,7 @@ def parse_request(body: Any, limits: LimitsConfig | None = None) -> ChatCompleti
         return body
     limits = limits or LimitsConfig()
     if isinstance(body, bytes | bytearray):
-        body = bounds.decode_body(body, limits)
+        body = bounds.decode_body(body)
     bounds.check_shape(body, limits)
     try:
         return ChatCompletionRequest.model_validate(body)
@@ -178,9 +178,7 @@ class ChatService:
             # One image failed (or the caller left): the others' fetches and decodes are not worth
             # finishing. A Serve response cancels its call in the replica.
             for call in pending:
-                cancel = getattr(call, "cancel", None)
-                if cancel is not None:
-                    cancel()
+                call.cancel()
             if isinstance(e, Exception):
                 raise unwrap(e) from e
             raise

@@ -21,6 +21,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llava_serve import bounds
 from llava_serve.admission import Admission
 from llava_serve.auth import ApiKeys, HostCheck
 from llava_serve.chat import invalid_from_validation
@@ -142,8 +143,8 @@ class RequestGuard:
         public_models: bool = False,
     ):
         self.app = app
+        self.limits = limits
         self.max_bytes = limits.max_request_bytes
-        self.max_values = limits.max_json_values
         self.admission = admission
         self.on_rejected = on_rejected  # refusals never reach the app: the caller counts them
         self.keys = keys or ApiKeys([])
@@ -189,9 +190,9 @@ class RequestGuard:
         )
 
     def _counted(self, receive: Receive, send: Send, rid: str | None) -> tuple[Receive, Send]:
-        """A body is counted as it arrives, in bytes and in JSON values (`bounds.decode_body`'s
-        count, chunk by chunk); past either limit the caller gets the 413 at once, the rest of the
-        body is never read, and the app sees a disconnect and can send nothing more."""
+        """A body is counted as it arrives, in bytes and in JSON values (`bounds.json_values`);
+        past either limit the caller gets the 413 at once, the rest of the body is never read,
+        and the app sees a disconnect and can send nothing more."""
         received, values, answered = 0, 0, False
 
         async def counted_receive() -> Message:
@@ -200,17 +201,12 @@ class RequestGuard:
             if message["type"] == "http.request" and not answered:
                 chunk = message.get("body", b"")
                 received += len(chunk)
-                values += chunk.count(b",") + chunk.count(b"{") + chunk.count(b"[")
+                values += bounds.json_values(chunk)
                 error = None
                 if received > self.max_bytes:
                     error = self._too_large(received)
-                elif values > self.max_values:
-                    error = RequestTooLarge(
-                        f"request body holds over {self.max_values} JSON values, this server's limit "
-                        "(limits.max_json_values)",
-                        None,
-                        "request_too_complex",
-                    )
+                elif values > self.limits.max_json_values:
+                    error = bounds.too_many_values(self.limits)
                 if error is not None:
                     answered = True
                     await error_response(error, rid)({"type": "http"}, receive, send)
@@ -263,8 +259,9 @@ def install(app: FastAPI, body_models: tuple[type[BaseModel], ...] = ()) -> None
     async def _framework(request: Request, exc: StarletteHTTPException):
         """FastAPI's own refusals (a body it cannot parse, JSON nested past the decoder's depth, an
         unknown route or method) in OpenAI's shape with their own status."""
-        error = LlavaServeError(str(exc.detail), None, "invalid_request")
-        error.status_code, error.error_type = exc.status_code, "invalid_request_error"
         if exc.status_code == 404:
             error = NotFound(f"no route {request.method} {request.url.path}")
+        else:
+            error = InvalidRequest(str(exc.detail), None, "invalid_request")
+            error.status_code = exc.status_code  # 400, 405, 422...: FastAPI's own, kept
         return error_response(error, request_id(request))
