@@ -138,6 +138,26 @@ class GenerationConfig(_Strict):
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
 
 
+class GrammarLimits(_Strict):
+    """llguidance's parser and lexer limits for every output grammar, set here rather than left to
+    the library's defaults, which allow a single grammar about 500 MB of lexer states."""
+
+    max_items_in_row: int = Field(2000, gt=0, description="Branches of one grammar rule (an anyOf, an enum).")
+    initial_lexer_fuel: int = Field(
+        1_000_000, gt=0, description="Work building a grammar's regular expressions (about 50 000 a ms)."
+    )
+    step_lexer_fuel: int = Field(
+        200_000, gt=0, description="Lexer work for one token mask (about 14 000 a ms): bounds a step's wait."
+    )
+    step_max_items: int = Field(
+        50_000, gt=0, description="Parser items for one token mask (about 20 000 a ms)."
+    )
+    max_lexer_states: int = Field(
+        50_000, gt=0, description="Lexer states one grammar may build, 1-2 kB each: bounds its memory."
+    )
+    max_grammar_size: int = Field(200_000, gt=0, description="Symbols in a grammar's rules.")
+
+
 class EngineConfig(_Strict):
     """The model replica's continuous-batching engine."""
 
@@ -196,9 +216,19 @@ class EngineConfig(_Strict):
             )
         return self
 
-    grammar_cache_size: int = Field(
-        256, gt=0, description="Compiled output grammars (response_format schemas, tool calls) kept, LRU."
+    grammar_cache_bytes: int = Field(
+        128 * 2**20,
+        gt=0,
+        description="Compiled output grammars (response_format schemas, tool calls) kept, LRU, weighed "
+        "by their estimated memory (a matcher holds about 64 bytes per character of its grammar).",
     )
+    grammar_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="A grammar not compiled (with its first token mask) within this long is refused "
+        "with a 400; the same format is then refused at once while it stays in the cache.",
+    )
+    grammar_limits: GrammarLimits = Field(default_factory=lambda: GrammarLimits())
     stall_timeout_s: float = Field(
         60.0, gt=0, description="Health check fails if work is pending and no step finished for this long."
     )

@@ -14,7 +14,7 @@ import torch
 from llava_serve.config import EngineConfig
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.errors import InvalidRequest
-from llava_serve.structured.grammar import JSON_OPTIONS
+from llava_serve.structured.grammar import JSON_OPTIONS, GrammarCompiler
 from llava_serve.structured.spec import JSON_OBJECT, OutputFormat, ToolCallFormat, check_schema, closed
 from llava_serve.structured.tools import ToolCallReader, call_format
 from tests import schemas
@@ -34,7 +34,7 @@ def cases(processor, hf_model):
 @pytest.fixture
 async def engine(tiny_dir, processor):
     eng = build_engine(
-        tiny_dir, processor, EngineConfig(max_batch_size=16, max_queue=64, grammar_cache_size=4)
+        tiny_dir, processor, EngineConfig(max_batch_size=16, max_queue=64, grammar_cache_bytes=4 * 2**20)
     )
     yield eng
     await eng.shutdown()
@@ -99,6 +99,77 @@ async def test_a_format_compiles_once_and_each_request_gets_its_own_matcher(engi
     assert (engine.grammars.misses, engine.grammars.hits) == (1, 1)
     first.accept(first.matcher.compute_ff_tokens()[0])  # one moves on, the other does not
     assert first.matcher.compute_ff_tokens() != second.matcher.compute_ff_tokens()
+
+
+def _compiler(processor, **config) -> GrammarCompiler:
+    engine, tok = EngineConfig(**config), processor.tokenizer
+    eos = [tok.eos_token_id]
+    return GrammarCompiler(tok, len(tok), eos, engine.grammar_cache_bytes, engine.grammar_limits)
+
+
+def _branches(n: int, tag: str = "") -> dict:
+    return {"anyOf": [{"type": "object", "properties": {f"k{i}{tag}": {"const": i}}} for i in range(n)]}
+
+
+def test_a_grammar_past_the_configured_limits_is_refused_not_built(processor):
+    wide = OutputFormat.from_schema(_branches(300), "response_format")
+    assert _compiler(processor).compile(wide).first_mask is not None  # within the defaults
+    narrow = _compiler(processor, grammar_limits={"max_grammar_size": 500})
+    with pytest.raises(InvalidRequest) as info:
+        narrow.compile(wide)
+    assert "cannot be enforced" in info.value.message and info.value.param == "response_format"
+    assert narrow.cache_bytes == 0
+
+
+def test_the_first_mask_comes_with_the_compilation_and_is_the_matchers_own(processor):
+    grammar = _compiler(processor).compile(OutputFormat.from_schema(schemas.PERSON, "response_format"))
+    fresh = llguidance.torch.allocate_token_bitmask(1, len(processor.tokenizer))
+    llguidance.torch.fill_next_token_bitmask(grammar.matcher.deep_copy(), fresh, 0)
+    assert torch.equal(grammar.first_mask, fresh) and fresh.any()
+    grammar.accept(grammar.matcher.compute_ff_tokens()[0])
+    assert grammar.first_mask is None  # after a token, masks are the matcher's own again
+
+
+def test_the_grammar_cache_is_bounded_by_bytes(processor):
+    compiler = _compiler(processor, grammar_cache_bytes=2 * 2**20)
+    for n in range(40):
+        compiler.compile(OutputFormat.from_schema(_branches(50, f"_{n}"), "response_format"))
+    assert 0 < compiler.cache_bytes <= 2 * 2**20
+    assert compiler.misses == 40 and len(compiler._compiled) < 40
+
+
+async def test_a_grammar_past_its_limits_mid_answer_fails_its_request_as_the_callers(engine, cases):
+    # A choice first (1 or 2), then a row 2100 items wide: past max_items_in_row only after a token.
+    wide = {
+        "type": "object",
+        "properties": {"a": {"enum": [1, 2]}, "b": _branches(700)},
+        "required": ["a", "b"],
+    }
+    fmt = OutputFormat.from_schema(wide, "response_format")
+    with pytest.raises(InvalidRequest) as info:
+        await answer(engine, cases[1], fmt)
+    assert "max is 2000" in info.value.message and info.value.param == "response_format"
+    assert await collect(engine, cases[1]) == cases[1].expected  # the engine carries on
+
+
+async def test_a_schema_that_takes_too_long_is_a_400_at_once_the_next_time(tiny_dir, processor):
+    engine = build_engine(tiny_dir, processor, EngineConfig(grammar_timeout_s=0.005))
+    try:
+        slow = OutputFormat.from_schema(_branches(600), "tools[pick].function.parameters")
+        with pytest.raises(InvalidRequest) as info:
+            await engine.compile(slow)
+        assert "engine.grammar_timeout_s" in info.value.message
+        assert info.value.param == "tools[pick].function.parameters"
+        with pytest.raises(InvalidRequest) as again:
+            await engine.compile(slow)
+        assert again.value.message == info.value.message
+        for _ in range(500):  # the grammar thread finishes the build it started, within the limits
+            if engine.grammars.misses:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.grammars.misses == 1 and engine.grammars.cache_bytes == 0  # built once, not kept
+    finally:
+        await engine.shutdown()
 
 
 # -- answers ---------------------------------------------------------------------------------

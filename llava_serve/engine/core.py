@@ -68,7 +68,9 @@ class Engine:
         # Output grammars compile on their own thread: neither the loop nor a step waits for one.
         self._grammar_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-grammar")
         vocab = runner.vocab_size
-        self.grammars = GrammarCompiler(tokenizer, vocab, eos_ids, config.grammar_cache_size)
+        self.grammars = GrammarCompiler(
+            tokenizer, vocab, eos_ids, config.grammar_cache_bytes, config.grammar_limits
+        )
         self._masks = MaskBuffer(vocab)
         self.prefixes = PrefixCache(config.prefix_cache_bytes)
         self._waiting: deque[Sequence] = deque()
@@ -156,13 +158,26 @@ class Engine:
             "joining": sum(not s.joined for s in self._running.values()),
             "grammar_cache_hits": self.grammars.hits,
             "grammar_cache_misses": self.grammars.misses,
+            "grammar_cache_bytes": self.grammars.cache_bytes,
         }
 
     async def compile(self, fmt: OutputFormat) -> Grammar:
         """A grammar for one request's output format, compiled (or copied from the cache) off
         the event loop and off the model thread; a format it cannot enforce is `InvalidRequest`."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._grammar_executor, self.grammars.compile, fmt)
+        refused = self.grammars.refusal(fmt)
+        if refused is not None:  # answered here: the grammar thread may still be busy building it
+            raise InvalidRequest(refused, fmt.param)
+        future = self._grammar_executor.submit(self.grammars.compile, fmt)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.config.grammar_timeout_s)
+        except TimeoutError:
+            # The thread finishes the build within the grammar limits; the request does not wait.
+            message = (
+                f"{fmt.param}: this schema took longer than {self.config.grammar_timeout_s:g}s to "
+                "compile (engine.grammar_timeout_s)"
+            )
+            self.grammars.refuse(fmt, message)
+            raise InvalidRequest(message, fmt.param) from None
 
     def submit(
         self,
@@ -542,7 +557,7 @@ class Engine:
         constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]
         failures: dict[int, Exception] = {}
         try:
-            self._masks.apply(logits, constrained)
+            failures = dict(self._masks.apply(logits, constrained))
         except Exception:
             logger.exception("applying output grammars failed")
             error = EngineError("the output grammar could not be applied to this request")
