@@ -10,15 +10,21 @@ from deployments.cluster import require_token_auth
 from deployments.ingress import Ingress
 from deployments.model import LlavaModel
 from deployments.preprocess import ImagePreprocessor, PromptTokenizer
-from llava_serve.config import AppConfig
+from llava_serve.config import AppConfig, runtime_share
 
 
 def build(config: AppConfig) -> Application:
     """Compose the deployments, each with its own options from `config`."""
     preprocessor = ImagePreprocessor.options(**config.image_preprocessor.to_serve_options()).bind(config)
     tokenizer = PromptTokenizer.options(**config.prompt_tokenizer.to_serve_options()).bind(config)
-    model = LlavaModel.options(**config.llava_model.to_serve_options()).bind(config)
-    return Ingress.options(**config.ingress.to_serve_options()).bind(config, preprocessor, tokenizer, model)
+    # Runtime knobs also travel as each deployment's user_config, so that a Serve config changing
+    # only them (in its `deployments:` list) reconfigures the replicas instead of replacing them.
+    model = LlavaModel.options(
+        **config.llava_model.to_serve_options(), user_config=runtime_share(config, "LlavaModel")
+    ).bind(config)
+    return Ingress.options(
+        **config.ingress.to_serve_options(), user_config=runtime_share(config, "Ingress")
+    ).bind(config, preprocessor, tokenizer, model)
 
 
 def build_app(args: dict[str, Any]) -> Application:

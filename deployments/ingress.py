@@ -17,7 +17,7 @@ from llava_serve.admission import Admission
 from llava_serve.auth import ApiKeys, HostCheck, load_keys
 from llava_serve.chat import ChatService
 from llava_serve.checkpoint import takes_video
-from llava_serve.config import AppConfig
+from llava_serve.config import AppConfig, with_runtime
 from llava_serve.errors import LlavaServeError, NotFound, unwrap
 from llava_serve.health import HealthProbe
 from llava_serve.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
@@ -59,7 +59,7 @@ class HandleBackend:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: AppConfig, preprocessor, tokenizer, model):
-        self.config = config
+        self.config = self.base_config = config  # the app's args; user_config is laid over these
         self.service = ChatService(
             config, HandleBackend(preprocessor, tokenizer, model), takes_video(config.model)
         )
@@ -71,11 +71,23 @@ class Ingress:
             model.options(method_name="ping").remote, config.http.health_cache_s, config.http.health_timeout_s
         )
         self.metrics = IngressMetrics()
+        self.guard: http.RequestGuard | None = None
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Runtime knobs (http, limits, admission, generation) from Serve's user_config, applied
+        to the next request; requests already running keep what they started with."""
+        config = with_runtime(self.base_config, "Ingress", user_config)
+        self.config = self.service.config = config
+        self.admission.configure(config.admission)
+        self.health_probe.cache_s = config.http.health_cache_s
+        self.health_probe.timeout_s = config.http.health_timeout_s
+        if self.guard is not None:
+            self.guard.configure(config.limits, HostCheck(config.http.allowed_hosts))
 
     def __serve_build_asgi_app__(self):
         """Serve asks for the app once the replica is built: the routes behind the door check."""
         self.app.state.on_rejected = self._rejected  # bodies FastAPI refuses are counted too
-        return http.RequestGuard(
+        self.guard = http.RequestGuard(
             self.app,
             self.config.limits,
             self.admission,
@@ -84,6 +96,7 @@ class Ingress:
             hosts=HostCheck(self.config.http.allowed_hosts),
             public_models=self.config.auth.public_models,
         )
+        return self.guard
 
     @app.post(
         "/v1/chat/completions",

@@ -14,7 +14,7 @@ from ray import serve
 
 from deployments.metrics import EngineMetrics
 from llava_serve import process
-from llava_serve.config import AppConfig
+from llava_serve.config import AppConfig, with_runtime
 from llava_serve.engine import Engine
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.engine.sequence import ACCEPTED, StepOutput
@@ -37,11 +37,18 @@ class LlavaModel:
         # As many intra-op threads as CPUs the replica reserved: torch's default (every core)
         # spins the cores that the proxy, ingress and preprocessors were promised.
         torch.set_num_threads(max(1, math.ceil(config.llava_model.num_cpus)))
+        self.config = self.base_config = config  # the app's args; user_config is laid over these
         self.engine = Engine.load(config.model, config.engine)
         self.lag = LoopLagMonitor()
         self.metrics = EngineMetrics()
         self.engine.on_admit = self.metrics.queue_wait.observe
         self._sampler: asyncio.Task | None = None
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Runtime knobs (stream pacing, the stall and grammar timeouts) from Serve's user_config:
+        the engine reads them at each use, so running streams carry on under the new values."""
+        self.config = with_runtime(self.base_config, "LlavaModel", user_config)
+        self.engine.config = self.config.engine
 
     async def generate(
         self, prompt: PromptInputs, params: SamplingParams, *images: PreparedImage

@@ -9,14 +9,14 @@ import math
 import os
 import pickle
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray import serve
 
 from deployments.metrics import FetchMetrics
-from llava_serve import checkpoint, images, process
+from llava_serve import checkpoint, process
 from llava_serve.config import AppConfig
+from llava_serve.decode_pool import DecodePool
 from llava_serve.fetch import ImageFetcher
 from llava_serve.images import PreparedImage
 from llava_serve.prompts import PromptBuilder, PromptInputs, TemplateMessage
@@ -54,9 +54,10 @@ class ImagePreprocessor:
         self.video_fetcher = ImageFetcher(self.limits.for_video())
         self.held = HeldObjects(self.limits.pixel_hold_s)
         self.metrics = FetchMetrics()
-        # As many decoding threads as the replica has CPUs: more would only contend and hold memory.
-        threads = max(1, math.ceil(config.image_preprocessor.num_cpus))
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        # As many decoding processes as the replica has CPUs: more would only contend and hold memory.
+        workers = self.limits.decode_workers or max(1, math.ceil(config.image_preprocessor.num_cpus))
+        self.decoder = DecodePool(config.model, self.limits, workers)
+        self.decoder.wait_ready()
 
     async def __call__(
         self,
@@ -75,16 +76,10 @@ class ImagePreprocessor:
             size = None if data is None else len(data)
             self.metrics.record(source_kind(source), time.monotonic() - start, size)
         fetched = time.monotonic()
-        loop = asyncio.get_running_loop()
         if kind == "video":
-            prepared = await loop.run_in_executor(
-                self.executor, images.prepare_video, data, self.adapter, self.limits, param
-            )
+            prepared = await self.decoder.prepare_video(data, param)
         else:
-            base_only = self.adapter.base_only(detail, num_images)
-            prepared = await loop.run_in_executor(
-                self.executor, images.prepare, data, self.adapter, self.limits, param, base_only
-            )
+            prepared = await self.decoder.prepare(data, param, self.adapter.base_only(detail, num_images))
         return dataclasses.replace(
             prepared,
             pixel_values=self.held.put(prepared.pixel_values),
@@ -92,10 +87,14 @@ class ImagePreprocessor:
             preprocess_s=time.monotonic() - fetched,
         )
 
+    def __del__(self):
+        self.decoder.close()
+
     def stats(self) -> dict:
         cache = self.fetcher.cache
         return {
             "pid": os.getpid(),
+            "decode_worker_pids": self.decoder.worker_pids(),
             "rss_bytes": process.rss_bytes(),
             "fetch_cache_bytes": cache.bytes,
             "fetch_cache_entries": len(cache.entries),

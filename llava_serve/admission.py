@@ -17,10 +17,16 @@ class Admission:
     """
 
     def __init__(self, config: AdmissionConfig):
+        self.configure(config)
+        self.inflight = 0
+        self.receiving = 0  # bodies still arriving, which hold no slot
+        self.draining = False
+
+    def configure(self, config: AdmissionConfig) -> None:
+        """New limits, for the next request; the counts carry on."""
         self.limit = config.max_inflight_requests
         self.retry_after_s = config.retry_after_s
-        self.inflight = 0
-        self.draining = False
+        self.max_receiving = config.max_receiving
 
     def drain(self) -> None:
         """From now on every new request is refused: the server is going away."""
@@ -40,6 +46,20 @@ class Admission:
 
     def leave(self) -> None:
         self.inflight -= 1
+
+    @contextlib.contextmanager
+    def receiving_body(self) -> Iterator[None]:
+        """Count a body that is still arriving, or raise `Overloaded` at once past `max_receiving`."""
+        if self.max_receiving and self.receiving >= self.max_receiving:
+            raise Overloaded(
+                f"the server is receiving {self.receiving} request bodies, its limit; retry later",
+                self.retry_after_s,
+            )
+        self.receiving += 1
+        try:
+            yield
+        finally:
+            self.receiving -= 1
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:

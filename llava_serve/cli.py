@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from llava_serve import tiny
-from llava_serve.config import AppConfig
+from llava_serve.config import AppConfig, from_serve_app
 
 # `serve` flags and where each lands in `AppConfig`; None means "leave the config's value".
 SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -38,10 +38,11 @@ def _get(tree: dict, dotted: str) -> Any:
 
 
 def _file_args(path: str) -> dict:
-    """A config file's app args: a Serve config (`applications[0].args`) or `AppConfig`'s shape."""
+    """A config file's app args: a Serve config (`applications[0]`: its args and its deployments'
+    runtime knobs) or `AppConfig`'s shape."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     if "applications" in data:
-        return dict(data["applications"][0].get("args") or {})
+        return from_serve_app(data["applications"][0])
     return data
 
 

@@ -109,6 +109,20 @@ class ImageConfig(_Strict):
         "replica can fetch them (it does when the request reaches it); a request later than that "
         "is retried from the start.",
     )
+    decode_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Wall-clock limit on decoding and preprocessing one image, in a worker process "
+        "that is killed at the limit (a progressive JPEG of thousands of scans, a huge canvas).",
+    )
+    video_decode_timeout_s: float = Field(
+        30.0, gt=0, description="The same limit for one video or animation, all its sampled frames."
+    )
+    decode_workers: int | None = Field(
+        None,
+        gt=0,
+        description="Worker processes per image-preprocessor replica; default: its num_cpus, rounded up.",
+    )
     allowed_local_root: str | None = Field(
         None, description="If set, file paths under this directory are accepted as image sources."
     )
@@ -260,6 +274,13 @@ class AdmissionConfig(_Strict):
         "0 disables. Keep it under ingress.max_ongoing_requests, or Serve queues first.",
     )
     retry_after_s: int = Field(1, ge=0, description="The Retry-After header on those 503s.")
+    max_receiving: int = Field(
+        256,
+        ge=0,
+        description="Bodies one ingress replica receives at once that did not arrive in one piece; "
+        "beyond it an immediate 503. A request takes an in-flight slot only once its body is in, "
+        "so slow uploads never keep others out. 0 disables.",
+    )
 
 
 class LimitsConfig(_Strict):
@@ -277,6 +298,13 @@ class LimitsConfig(_Strict):
         description="JSON values in a body (counted from its commas and brackets before it is parsed): "
         "a 32 MiB body of tiny values would hold the parser for seconds.",
     )
+    min_body_bytes_per_s: int = Field(
+        16 * 1024,
+        ge=0,
+        description="After body_grace_s, a body must keep arriving at this average rate or the request "
+        "is a 408 (a client trickling bytes holds a connection, never a slot). 0 disables.",
+    )
+    body_grace_s: float = Field(10.0, gt=0, description="Seconds a body may take before its rate counts.")
     max_messages: int = Field(512, gt=0, description="Messages in one request.")
     max_content_parts: int = Field(1024, gt=0, description="Content parts across all messages.")
     max_text_chars: int = Field(
@@ -395,8 +423,13 @@ DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     # glibc gives each thread its own malloc arena and, after large frees, raises its mmap
     # threshold so later image-sized buffers land on a heap it rarely gives back. Two arenas and
     # a fixed threshold keep RSS flat under a stream of large or hostile images.
-    "image_preprocessor": {"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}},
-    "prompt_tokenizer": {},
+    # Bounded queues in front of the CPU deployments: a burst of images waits for a preprocessor
+    # up to this, then is a 503, rather than piling up in every ingress's router.
+    "image_preprocessor": {
+        "env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"},
+        "max_queued_requests": 256,
+    },
+    "prompt_tokenizer": {"max_queued_requests": 256},
     # The engine batches internally, so the replica must accept many concurrent streams.
     "llava_model": {"num_cpus": 1.0, "max_ongoing_requests": 256},
 }
@@ -452,3 +485,55 @@ class AppConfig(_Strict):
                     "the rest would queue inside Serve, where overload cannot get a fast 503"
                 )
         return self
+
+
+# What a running app may change without restarting a replica, by deployment: whole sections
+# (None) or some of a section's fields. Serve carries each share as that deployment's
+# `user_config` and hands it to the replica's `reconfigure`; in a Serve config file it sits in
+# the app's `deployments:` list rather than in `args`, whose every change gives all deployments a
+# new code version, so every replica restarts and the model reloads its weights.
+RUNTIME_KNOBS: dict[str, dict[str, frozenset[str] | None]] = {
+    "Ingress": {"http": None, "limits": None, "admission": None, "generation": None},
+    "LlavaModel": {
+        "engine": frozenset(
+            {"stream_interval_s", "max_stream_messages_per_s", "stall_timeout_s", "grammar_timeout_s"}
+        )
+    },
+}
+
+
+def runtime_share(config: AppConfig, deployment: str) -> dict[str, Any]:
+    """`deployment`'s runtime knobs in `config`, as its `user_config` (plain JSON)."""
+    dumped = config.model_dump(mode="json")
+    return {
+        section: dumped[section] if fields is None else {k: dumped[section][k] for k in sorted(fields)}
+        for section, fields in RUNTIME_KNOBS[deployment].items()
+    }
+
+
+def with_runtime(config: AppConfig, deployment: str, user_config: dict[str, Any]) -> AppConfig:
+    """`config` with `deployment`'s runtime knobs taken from `user_config`, validated as a whole;
+    a knob that is not runtime (or not `deployment`'s) is refused by name."""
+    knobs = RUNTIME_KNOBS[deployment]
+    tree = config.model_dump()
+    for section, values in (user_config or {}).items():
+        if section not in knobs or not isinstance(values, dict):
+            raise ValueError(f"{deployment}'s user_config takes {sorted(knobs)}, not {section!r}")
+        fields = knobs[section]
+        for name, value in values.items():
+            if fields is not None and name not in fields:
+                raise ValueError(
+                    f"{section}.{name} is not a runtime knob of {deployment} (runtime: {sorted(fields)})"
+                )
+            tree[section][name] = value
+    return AppConfig.model_validate(tree)
+
+
+def from_serve_app(app: dict[str, Any]) -> dict[str, Any]:
+    """An app entry of a Serve config file as `AppConfig`'s shape: its `args`, with the runtime
+    knobs of its `deployments:` entries laid over them."""
+    tree = dict(app.get("args") or {})
+    for deployment in app.get("deployments") or []:
+        for section, values in (deployment.get("user_config") or {}).items():
+            tree[section] = {**(tree.get(section) or {}), **values}
+    return tree

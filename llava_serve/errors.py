@@ -53,6 +53,15 @@ class RequestTooLarge(InvalidRequest):
         super().__init__(message, param, code or "request_too_large")
 
 
+class BodyTimeout(InvalidRequest):
+    """The request body arrived slower than `limits.min_body_bytes_per_s`."""
+
+    status_code = 408
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param, code or "request_timeout")
+
+
 class ContextLengthExceeded(InvalidRequest):
     """Prompt tokens plus `max_tokens` do not fit the model's context."""
 
@@ -139,6 +148,10 @@ _RAY_DEATHS = {
 }
 
 
+# The object store has no room for a request's tiles: the server's state, not the caller's doing.
+_RAY_FULL = {"ObjectStoreFullError", "OutOfDiskError"}
+
+
 def unwrap(error: BaseException) -> LlavaServeError:
     """Our typed error inside `error`, or a generic server error.
 
@@ -151,6 +164,8 @@ def unwrap(error: BaseException) -> LlavaServeError:
             return seen
         if type(seen).__name__ in _RAY_DEATHS:
             return Unavailable(f"a replica serving this request stopped ({type(seen).__name__}); retry")
+        if type(seen).__name__ in _RAY_FULL:
+            return Overloaded(f"the cluster's object store is full ({type(seen).__name__}); retry later")
         if type(seen).__name__ == "BackPressureError":  # a Serve queue between our deployments is full
             retry = getattr(seen, "retry_after_s", None) or 1
             return Overloaded(f"the server is at capacity ({seen}); retry later", math.ceil(retry))

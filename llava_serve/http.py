@@ -7,6 +7,7 @@ crossed a Ray boundary), so FastAPI's own 500 path is left for bugs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ from llava_serve.auth import ApiKeys, HostCheck
 from llava_serve.chat import invalid_from_validation
 from llava_serve.config import LimitsConfig
 from llava_serve.errors import (
+    BodyTimeout,
     InvalidRequest,
     LlavaServeError,
     NotFound,
@@ -116,6 +118,52 @@ class ClientHeaderScrub:
         await self.app(scope, receive, send)
 
 
+class SendTimeout:
+    """Pure ASGI, around Serve's HTTP servers (`deployments.proxy`): a response the client stops
+    reading is abandoned once one write has waited `timeout_s` for the socket to drain. The
+    server then sees the client as gone (its `receive` says `http.disconnect`), so Serve cancels
+    the call behind it and the engine frees that request's KV slot, instead of generating for a
+    reader that will never read."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float = 30.0):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gone = asyncio.Event()
+
+        async def timed_send(message: Message) -> None:
+            if gone.is_set():  # dropped; yield, so whoever waits on `receive` hears of it now
+                await asyncio.sleep(0)
+                return
+            try:
+                await asyncio.wait_for(send(message), self.timeout_s)
+            except TimeoutError:
+                logger.warning(
+                    "%s %s: the client read nothing for %gs; dropping it",
+                    scope["method"],
+                    scope["path"],
+                    self.timeout_s,
+                )
+                gone.set()
+
+        async def watched_receive() -> Message:
+            if gone.is_set():
+                return {"type": "http.disconnect"}
+            message, left = asyncio.ensure_future(receive()), asyncio.ensure_future(gone.wait())
+            await asyncio.wait({message, left}, return_when=asyncio.FIRST_COMPLETED)
+            if message.done():
+                left.cancel()
+                return message.result()
+            message.cancel()
+            return {"type": "http.disconnect"}
+
+        await self.app(scope, watched_receive, timed_send)
+
+
 def json_body(model: type[BaseModel]) -> dict:
     """An OpenAPI `requestBody` for a route that reads its body raw (see `install` for the schema)."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
@@ -129,8 +177,9 @@ def request_id(request: Request) -> str:
 class RequestGuard:
     """Pure ASGI, in front of FastAPI, before a byte of any body is read or parsed: the Host
     allow-list and the API key on every route but the open ones, then, on the generation routes,
-    the body-size limit and the in-flight count. A refusal here costs a header lookup, so overload
-    and strangers are answered in milliseconds whatever the request carries."""
+    the body's size and arrival rate, and the in-flight count once the body is in. A refusal here
+    costs a header lookup or a count, so overload and strangers are answered in milliseconds
+    whatever the request carries."""
 
     def __init__(
         self,
@@ -143,13 +192,17 @@ class RequestGuard:
         public_models: bool = False,
     ):
         self.app = app
-        self.limits = limits
-        self.max_bytes = limits.max_request_bytes
         self.admission = admission
         self.on_rejected = on_rejected  # refusals never reach the app: the caller counts them
         self.keys = keys or ApiKeys([])
-        self.hosts = hosts or HostCheck([])
         self.open_paths = OPEN_PATHS | (PUBLIC_MODEL_PATHS if public_models else frozenset())
+        self.configure(limits, hosts or HostCheck([]))
+
+    def configure(self, limits: LimitsConfig, hosts: HostCheck) -> None:
+        """New limits and host names, for the next request."""
+        self.limits = limits
+        self.max_bytes = limits.max_request_bytes
+        self.hosts = hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,6 +223,9 @@ class RequestGuard:
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > self.max_bytes:
                 raise self._too_large(int(declared))
+            body = await self._read_body(receive)
+            if body is None:  # the caller left before its body was in
+                return
             self.admission.enter()
         except (InvalidRequest, Unauthorized, Overloaded) as e:
             response = error_response(e, rid)
@@ -179,7 +235,7 @@ class RequestGuard:
             self.on_rejected(e, rid)
             return
         try:
-            await self.app(scope, *self._counted(receive, send, rid))
+            await self.app(scope, _replay(body, receive), send)
         finally:
             self.admission.leave()
 
@@ -189,35 +245,62 @@ class RequestGuard:
             "(limits.max_request_bytes)"
         )
 
-    def _counted(self, receive: Receive, send: Send, rid: str | None) -> tuple[Receive, Send]:
-        """A body is counted as it arrives, in bytes and in JSON values (`bounds.json_values`);
-        past either limit the caller gets the 413 at once, the rest of the body is never read,
-        and the app sees a disconnect and can send nothing more."""
-        received, values, answered = 0, 0, False
-
-        async def counted_receive() -> Message:
-            nonlocal received, values, answered
-            message = await receive()
-            if message["type"] == "http.request" and not answered:
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, counted as it arrives in bytes and in JSON values (`bounds.json_values`):
+        past either limit the refusal goes out at once and the rest is never read. A body that
+        does not come in one piece is held to `limits.min_body_bytes_per_s` after
+        `limits.body_grace_s` (a 408 otherwise) and counted among the bodies being received;
+        none holds an in-flight slot, so a crowd of slow uploads cannot keep a quick request out."""
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks = [message.get("body", b"")]
+        self._check_counts(len(chunks[0]), bounds.json_values(chunks[0]))
+        if not message.get("more_body", False):
+            return chunks[0]
+        loop, rate = asyncio.get_running_loop(), self.limits.min_body_bytes_per_s
+        started, received, values = loop.time(), len(chunks[0]), bounds.json_values(chunks[0])
+        with self.admission.receiving_body():
+            while message.get("more_body", False):
+                wait = None
+                if rate:
+                    wait = started + self.limits.body_grace_s + received / rate - loop.time()
+                try:
+                    message = await asyncio.wait_for(receive(), max(wait, 0.0) if wait is not None else None)
+                except TimeoutError:
+                    raise BodyTimeout(
+                        f"the request body arrived at {received / (loop.time() - started):.0f} bytes/s, "
+                        f"under this server's minimum of {rate} (limits.min_body_bytes_per_s)"
+                    ) from None
+                if message["type"] != "http.request":
+                    return None
                 chunk = message.get("body", b"")
                 received += len(chunk)
                 values += bounds.json_values(chunk)
-                error = None
-                if received > self.max_bytes:
-                    error = self._too_large(received)
-                elif values > self.limits.max_json_values:
-                    error = bounds.too_many_values(self.limits)
-                if error is not None:
-                    answered = True
-                    await error_response(error, rid)({"type": "http"}, receive, send)
-                    return {"type": "http.disconnect"}
-            return message
+                self._check_counts(received, values)
+                chunks.append(chunk)
+        return b"".join(chunks)
 
-        async def unless_answered(message: Message) -> None:
-            if not answered:
-                await send(message)
+    def _check_counts(self, received: int, values: int) -> None:
+        if received > self.max_bytes:
+            raise self._too_large(received)
+        if values > self.limits.max_json_values:
+            raise bounds.too_many_values(self.limits)
 
-        return counted_receive, unless_answered
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body already read, as one message; after it, the connection's own messages (the
+    disconnect a streaming response listens for)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def install(app: FastAPI, body_models: tuple[type[BaseModel], ...] = ()) -> None:

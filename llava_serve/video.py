@@ -3,7 +3,9 @@
 Containers FFmpeg reads (MP4, WebM, MKV, MOV, ...) go through PyAV; animated GIF and WebP through
 Pillow. Frames are sampled uniformly over the clip (first and last included), as LLaVA-OneVision's
 own pipeline samples them. A video is checked before its frames are decoded: its container's
-duration, its frame size against `images.max_pixels`, and its frame count (demuxed, not decoded).
+duration, its frame size against `images.max_pixels`, and its frame count (demuxed, not decoded);
+each sampled frame is reached by seeking, and every decoded frame's size is checked again. The
+wall-clock deadline on the whole is the decode pool's (`llava_serve.decode_pool`).
 """
 
 from __future__ import annotations
@@ -55,19 +57,21 @@ def _decode_container(data: bytes, limits: ImageConfig, param: str | None) -> li
                 )
             width, height = stream.codec_context.width, stream.codec_context.height
             _check_pixels(width, height, limits, param)
-            total = 0
+            # Packets are demuxed, not decoded, to learn each frame's timestamp; in presentation
+            # order, the i-th smallest is the i-th frame.
+            stamps = []
             for packet in container.demux(stream):
-                total += bool(packet.size)
-                if total > _MAX_FRAMES_SCANNED:
+                if packet.size:
+                    stamps.append(packet.pts if packet.pts is not None else packet.dts)
+                if len(stamps) > _MAX_FRAMES_SCANNED:
                     raise ImageError("the video has too many frames", param, "video_too_long")
-            wanted = set(sample_indices(total, limits.max_video_frames))
-            container.seek(0)
-            frames = []
-            for index, frame in enumerate(container.decode(stream)):
-                if index in wanted:
-                    frames.append(frame.to_image())
-                if len(frames) == len(wanted):
-                    break
+            if None in stamps:
+                raise ImageError("the video's frames have no timestamps", param, "not_a_video")
+            stamps.sort()
+            frames = [
+                _frame_at(container, stream, stamps[i], limits, param)
+                for i in sample_indices(len(stamps), limits.max_video_frames)
+            ]
     except ImageError:
         raise
     except Exception as e:  # PyAV raises many types for corrupt or unknown input; all mean the same
@@ -75,6 +79,18 @@ def _decode_container(data: bytes, limits: ImageConfig, param: str | None) -> li
     if not frames:
         raise ImageError("the video has no frames", param, "not_a_video")
     return [to_rgb(f) for f in frames]
+
+
+def _frame_at(container, stream, pts: int, limits: ImageConfig, param: str | None) -> Image.Image:
+    """The frame shown at `pts`: a seek to the keyframe before it, then decoding up to it, so a
+    long clip costs a group of pictures per sampled frame, never everything up to the last one.
+    Every decoded frame's size is checked: a stream may change size after its header."""
+    container.seek(pts, stream=stream, backward=True, any_frame=False)
+    for frame in container.decode(stream):
+        _check_pixels(frame.width, frame.height, limits, param)
+        if frame.pts is not None and frame.pts >= pts:
+            return frame.to_image()
+    raise ImageError("the video ends before a frame its index lists", param, "not_a_video")
 
 
 def _decode_animation(data: bytes, limits: ImageConfig, param: str | None) -> list[Image.Image]:

@@ -173,3 +173,14 @@ def test_ray_failures_that_lose_a_request_read_as_unavailable():
     wrapped = RayTaskError("generate", "traceback", lost)
     assert isinstance(unwrap(wrapped), Unavailable)
     assert isinstance(unwrap(ActorDiedError()), Unavailable)
+
+
+def test_a_full_object_store_reads_as_overloaded_not_as_a_server_error():
+    from ray.exceptions import ObjectStoreFullError, OutOfDiskError, RayTaskError
+
+    from llava_serve.errors import Overloaded, unwrap
+
+    for full in (ObjectStoreFullError("no room for 8 MiB"), OutOfDiskError("spill failed")):
+        error = unwrap(RayTaskError("__call__", "traceback", full))
+        assert isinstance(error, Overloaded) and not isinstance(error, Unavailable)
+        assert error.status_code == 503 and "object store is full" in error.message

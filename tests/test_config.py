@@ -8,16 +8,18 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import build
-from llava_serve.config import AppConfig
+from llava_serve.config import RUNTIME_KNOBS, AppConfig, from_serve_app, runtime_share, with_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _app_args(path: Path) -> dict:
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    """The app's `AppConfig` tree: its args with its deployments' runtime knobs laid over them."""
+    data = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(data)
     (app,) = schema.applications
     assert app.import_path == "deployments.app:build_app"
-    return app.args
+    return from_serve_app(data["applications"][0])
 
 
 CONFIGS = [
@@ -124,3 +126,35 @@ def test_dependency_floors_exclude_releases_with_known_cves_in_what_we_use():
     assert not deps["pillow"].contains(Version("11.2.1")) and deps["pillow"].contains(Version("11.3.0"))
     # torch.load with weights_only=True could run code before 2.6 (CVE-2025-32434).
     assert not deps["torch"].contains(Version("2.5.1")) and deps["torch"].contains(Version("2.6.0"))
+
+
+def test_runtime_knobs_travel_as_user_config_and_only_they_do():
+    config = AppConfig.model_validate({"http": {"sse_keepalive_s": 3}, "engine": {"stream_interval_s": 0.2}})
+    ingress = build(config)._bound_deployment
+    model = next(
+        a._bound_deployment for a in ingress.init_args[1:] if a._bound_deployment.name == "LlavaModel"
+    )
+    assert ingress._deployment_config.user_config == runtime_share(config, "Ingress")
+    assert model._deployment_config.user_config == {"engine": runtime_share(config, "LlavaModel")["engine"]}
+    assert with_runtime(AppConfig(), "Ingress", runtime_share(config, "Ingress")).http.sse_keepalive_s == 3
+    assert with_runtime(AppConfig(), "LlavaModel", {"engine": {"stream_interval_s": 0.2}}) == AppConfig(
+        engine={"stream_interval_s": 0.2}
+    )
+    with pytest.raises(ValueError, match=r"engine\.max_batch_size is not a runtime knob"):
+        with_runtime(AppConfig(), "LlavaModel", {"engine": {"max_batch_size": 2}})
+    with pytest.raises(ValueError, match="not 'images'"):
+        with_runtime(AppConfig(), "Ingress", {"images": {}})
+    with pytest.raises(ValidationError):  # validated as a whole, as args are
+        with_runtime(AppConfig(), "Ingress", {"http": {"sse_keepalive_s": -1}})
+
+
+def test_the_shipped_config_keeps_its_runtime_knobs_out_of_args():
+    """A change to `args` restarts every replica (Serve's code version hashes them), so the
+    knobs meant to change on a running server live in the deployments' user_config."""
+    (app,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    for deployment, sections in RUNTIME_KNOBS.items():
+        (entry,) = [d for d in app["deployments"] if d["name"] == deployment]
+        for section, fields in sections.items():
+            moved = set(entry["user_config"][section])
+            assert moved == (fields or set(AppConfig.model_fields[section].annotation.model_fields))
+            assert not moved & set(app["args"].get(section, {}))

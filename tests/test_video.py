@@ -9,7 +9,7 @@ from llava_serve import images, video
 from llava_serve.config import ImageConfig
 from llava_serve.errors import ImageError
 from tests.conftest import encode, random_image
-from tests.videos import decoded_frames, make_mp4
+from tests.videos import decoded_frames, make_mp4, make_ts
 
 
 def test_samples_spread_evenly_with_both_ends():
@@ -17,13 +17,24 @@ def test_samples_spread_evenly_with_both_ends():
     assert video.sample_indices(3, 8) == [0, 1, 2]
 
 
-def test_a_clip_gives_its_uniformly_sampled_frames():
-    data = make_mp4(frames=20)
-    frames = video.decode(data, ImageConfig(max_video_frames=4))
+@pytest.mark.parametrize(("total", "wanted"), [(20, 4), (75, 8), (75, 75)])
+def test_a_clip_gives_its_uniformly_sampled_frames(total, wanted):
+    # MPEG-4's encoder puts a keyframe every 12 frames: most samples are reached by seeking to
+    # one and decoding past it, and each must be the very frame a full decode has at its index.
+    data = make_mp4(frames=total)
+    frames = video.decode(data, ImageConfig(max_video_frames=wanted))
     every = decoded_frames(data)
-    assert len(frames) == 4
-    for got, index in zip(frames, video.sample_indices(20, 4), strict=True):
+    assert len(every) == total and len(frames) == wanted
+    for got, index in zip(frames, video.sample_indices(total, wanted), strict=True):
         assert np.array_equal(np.asarray(got), np.asarray(every[index]))
+
+
+def test_a_stream_that_grows_past_its_header_is_refused_at_the_frame_that_does():
+    data = make_ts(10, (64, 48)) + make_ts(10, (256, 192))  # the header says 64x48
+    assert {f.size for f in decoded_frames(data)} == {(64, 48), (256, 192)}
+    with pytest.raises(ImageError) as info:
+        video.decode(data, ImageConfig(max_pixels=64 * 48 * 2, max_video_frames=4))
+    assert info.value.code == "image_too_large" and "256x192" in info.value.message
 
 
 def test_an_animated_gif_is_a_video():

@@ -36,7 +36,9 @@ def listening(pid: int) -> list[tuple[str, int, str]]:
     ]
 
 
-def assert_ray_is_closed(pid: int) -> None:
+def assert_ray_is_closed(pid: int) -> dict:
+    """Check the cluster whose driver is `pid`; its endpoints (`dashboard`: host:port) and the
+    headers that carry its token."""
     out = subprocess.run(
         [sys.executable, "-m", "tests.e2e.ray_endpoints", str(session_of(pid))],
         env={**os.environ, **PROBE_ENV},
@@ -71,6 +73,7 @@ def assert_ray_is_closed(pid: int) -> None:
             assert name.startswith("ray::ServeReplica"), (address, port, name)
             inter_deployment = "/ray.serve.ASGIService/HandleRequest"
             assert grpc_refuses(f"127.0.0.1:{port}", inter_deployment, token), (port, name)
+    return {**found, "token": token}
 
 
 def grpc_refuses(target: str, method: str, token: dict) -> bool:

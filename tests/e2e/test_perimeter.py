@@ -171,25 +171,38 @@ def test_bodies_past_a_shape_limit_are_refused_naming_it(serve_url, body, status
     assert f"limits.{knob}" in r.json()["error"]["message"]
 
 
-def stream_gaps(serve_url: str, during=None) -> list[float]:
-    """Seconds between the chunks of one running stream, while `during()` runs beside it."""
+def stream_gaps(serve_url: str, during=None, max_tokens: int = 120) -> list[float]:
+    """Seconds between the chunks of one running stream, while `during()` runs beside it; the
+    stream must end with [DONE]."""
     import threading
 
-    body = {"messages": [user("Talk.")], "max_tokens": 120, "temperature": 0, "stream": True}
-    gaps, last, worker = [], None, None
+    body = {"messages": [user("Talk.")], "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    gaps, last, worker, failed, done = [], None, None, [], False
+
+    def run():
+        try:
+            during()
+        except BaseException as e:  # raised again below, on the test's own thread
+            failed.append(e)
+
     with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
+            done = done or line == "data: [DONE]"
             if not line.startswith("data: {"):
                 continue
+            assert '"error"' not in line, line
             now = time.monotonic()
             if last is None and during is not None:
-                worker = threading.Thread(target=during)
+                worker = threading.Thread(target=run)
                 worker.start()
             elif last is not None:
                 gaps.append(now - last)
             last = now
     if worker is not None:
         worker.join()
+    if failed:
+        raise failed[0]
+    assert done, "the stream ended without [DONE]"
     return gaps
 
 

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 from tests.e2e.raycheck import assert_ray_is_closed
+from tests.e2e.test_perimeter import stream_gaps
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "http://127.0.0.1:8000"  # what serve_config.yaml binds
@@ -58,7 +60,8 @@ def test_serve_run_answers(tmp_path):
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
         assert answer["model"] == "tiny"
         print(f"\nserve run -> first answer: {elapsed:.1f}s")
-        assert_ray_is_closed(proc.pid)
+        cluster = assert_ray_is_closed(proc.pid)
+        redeploy_runtime_knob_mid_stream(tmp_path, env, cluster)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -67,3 +70,61 @@ def test_serve_run_answers(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def replicas(cluster: dict) -> dict[str, list[str]]:
+    """Actor ids of each deployment's running replicas, from the dashboard's Serve API."""
+    r = httpx.get(
+        f"http://{cluster['dashboard']}/api/serve/applications/", headers=cluster["token"], timeout=10
+    )
+    deployments = r.json()["applications"]["llava"]["deployments"]
+    return {name: sorted(rep["actor_id"] for rep in d["replicas"]) for name, d in deployments.items()}
+
+
+def user_config(cluster: dict, deployment: str) -> dict:
+    r = httpx.get(
+        f"http://{cluster['dashboard']}/api/serve/applications/", headers=cluster["token"], timeout=10
+    )
+    return r.json()["applications"]["llava"]["deployments"][deployment]["deployment_config"]["user_config"]
+
+
+def redeploy_runtime_knob_mid_stream(tmp_path: Path, env: dict, cluster: dict) -> None:
+    """`serve deploy` of serve_config.yaml with only http.sse_keepalive_s changed, while a stream
+    runs: the stream completes, and no replica is replaced (the model keeps its weights)."""
+    before = replicas(cluster)
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress"]
+    ingress["user_config"]["http"]["sse_keepalive_s"] = 7.0
+    changed = tmp_path / "serve_config.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    serve_bin = Path(sys.executable).parent / "serve"
+
+    applied_at = []
+
+    def deploy():
+        done = subprocess.run(
+            [str(serve_bin), "deploy", str(changed), "--address", f"http://{cluster['dashboard']}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        for _ in range(120):
+            if user_config(cluster, "Ingress")["http"]["sse_keepalive_s"] == 7.0:
+                applied_at.append(time.monotonic())
+                return
+            time.sleep(0.25)
+        raise AssertionError("the new user_config never reached the Ingress")
+
+    started = time.monotonic()
+    gaps = stream_gaps(URL, during=deploy, max_tokens=1500)
+    assert applied_at and applied_at[0] < started + sum(gaps), "the stream ended before the change landed"
+    after = replicas(cluster)
+    assert after["LlavaModel"] == before["LlavaModel"] and after["Ingress"] == before["Ingress"], (
+        before,
+        after,
+    )
+    into = applied_at[0] - started
+    print(f"serve deploy of a runtime knob: applied {into:.1f}s into a {sum(gaps):.1f}s stream")
