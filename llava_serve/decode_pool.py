@@ -23,7 +23,9 @@ from llava_serve.errors import ImageError, Unavailable
 from llava_serve.images import PreparedImage
 
 _adapter = None  # the checkpoint's image adapter, loaded once per worker process
-_PRELOADED = ("llava_serve", "transformers", "torch", "tokenizers", "PIL", "numpy", "huggingface_hub", "av")
+# Imported by the fork server before any worker forks: the heavy packages, and the checkpoint's
+# processor modules, which transformers imports lazily (most of a worker's 4 s start).
+_PRELOADED = ["torch", "numpy", "PIL.Image", "tokenizers", "transformers", "llava_serve.decode_pool"]
 
 
 def _load(model: ModelConfig) -> None:
@@ -52,11 +54,12 @@ class DecodePool:
         # Workers fork from a fork server, a single-threaded process that has imported what they
         # need: never from the replica itself (a Ray worker with threads of its own), and a
         # replacement for a killed worker starts in a fraction of a second, not after the imports
-        # of torch and the checkpoint's processor classes (4 s here). What to import is what
-        # loading the adapter imported in this process.
+        # of torch and the checkpoint's processor classes (4 s here). Which processor modules is
+        # what loading the adapter imported in this process.
         checkpoint.load_adapter(model)
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(sorted(m for m in sys.modules if m.startswith(_PRELOADED)))
+        models = sorted(m for m in sys.modules if m.startswith("transformers.models."))
+        self._context.set_forkserver_preload([*_PRELOADED, *models])
         self._pool = self._new_pool()
 
     def _new_pool(self) -> pebble.ProcessPool:

@@ -1,0 +1,182 @@
+"""What hostile traffic costs the requests beside it, side by side in one run against one server.
+
+    serve run serve_config.yaml &                   # or `make serve`
+    python benchmarks/perimeter.py                  # against http://127.0.0.1:8000
+
+Each scenario runs a streaming request (120 tokens, greedy) and one normal non-streamed request,
+first alone, then beside a flood, and reports the stream's p99 gap between chunks, the normal
+request's status and latency, and what the flood itself got back:
+
+- `slow-bodies`: 200 connections that promise a 10 kB body and send a byte every 0.2 s;
+- `hard-grammars`: 6 schemas, each a different anyOf of 600 or 700 objects (0.5-1 s of
+  llguidance work apiece; the 700-branch ones are past its row limit).
+
+Run it on two commits to compare them; the JSON keeps the commit each ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import pct, save
+
+STREAM = {
+    "messages": [{"role": "user", "content": "Talk."}],
+    "max_tokens": 120,
+    "temperature": 0,
+    "stream": True,
+}
+NORMAL = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def stream_gaps(url: str, start_flood) -> list[float]:
+    gaps, last = [], None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=STREAM, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            now = time.monotonic()
+            if last is None:
+                start_flood()
+            else:
+                gaps.append(now - last)
+            last = now
+    return gaps
+
+
+def normal(url: str) -> tuple[int, float]:
+    start = time.monotonic()
+    try:
+        status = httpx.post(f"{url}/v1/chat/completions", json=NORMAL, timeout=60).status_code
+    except httpx.HTTPError:
+        status = 0
+    return status, time.monotonic() - start
+
+
+async def _trickle(host: str, port: int, stop: threading.Event, results: list[str]) -> None:
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError as e:
+        results.append(type(e).__name__)
+        return
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+        "content-length: 10000\r\n\r\n{"
+    )
+    writer.write(head.encode())
+    try:
+        while not stop.is_set():
+            await writer.drain()
+            try:
+                answer = await asyncio.wait_for(reader.read(64), 0.2)
+                results.append(answer.split(b" ")[1].decode() if answer.startswith(b"HTTP/") else "closed")
+                return
+            except TimeoutError:
+                writer.write(b" ")
+        results.append("still open")
+    except OSError as e:
+        results.append(type(e).__name__)
+    finally:
+        writer.close()
+
+
+def slow_bodies(url: str, count: int = 200):
+    host, port = url.removeprefix("http://").split(":")
+    stop, results = threading.Event(), []
+
+    def run():
+        async def all_of_them():
+            await asyncio.gather(*(_trickle(host, int(port), stop, results) for _ in range(count)))
+
+        asyncio.run(all_of_them())
+
+    return run, stop, results
+
+
+def hard_grammars(url: str):
+    stop, results = threading.Event(), []
+
+    def run():
+        for k, n in enumerate([600, 700] * 3):
+            branches = [{"type": "object", "properties": {f"k{i}_{n}_{k}": {"const": i}}} for i in range(n)]
+            fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": branches}}}
+            body = {**NORMAL, "max_tokens": 3, "response_format": fmt}
+            try:
+                results.append(
+                    str(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code)
+                )
+            except httpx.HTTPError as e:
+                results.append(type(e).__name__)
+
+    return run, stop, results
+
+
+def measure(url: str, flood=None) -> dict:
+    """The stream's gaps and the normal request, alone (`flood` None) or beside the flood, which
+    starts at the stream's first chunk; the normal request goes 2 s into the flood."""
+    run, stop, results = flood if flood is not None else (None, threading.Event(), [])
+    workers: list[threading.Thread] = []
+    outcome: dict = {}
+
+    def start_flood():
+        if run is not None:
+            workers.append(threading.Thread(target=run, daemon=True))
+            workers[-1].start()
+
+        def later():
+            time.sleep(2 if run is not None else 0)
+            outcome["normal"] = normal(url)
+
+        workers.append(threading.Thread(target=later, daemon=True))
+        workers[-1].start()
+
+    gaps = stream_gaps(url, start_flood)
+    workers[-1].join()
+    stop.set()
+    for w in workers[:-1]:
+        w.join(120)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r] = counts.get(r, 0) + 1
+    status, seconds = outcome["normal"]
+    return {
+        "stream_gap_p99_ms": round(pct(gaps, 0.99) * 1e3, 1),
+        "stream_gap_p50_ms": round(pct(gaps, 0.5) * 1e3, 1),
+        "normal_status": status,
+        "normal_s": round(seconds, 2),
+        "flood_got": counts,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--scenarios", nargs="+", default=["slow-bodies", "hard-grammars"])
+    parser.add_argument("--out", default="benchmarks/results/perimeter.json")
+    args = parser.parse_args()
+    floods = {"slow-bodies": slow_bodies, "hard-grammars": hard_grammars}
+    results = {}
+    print(f"{'scenario':<16}{'side':<8}{'gap p50':>9}{'gap p99':>9}{'normal':>8}{'its s':>7}  flood got")
+    for name in args.scenarios:
+        for side, flood in (("alone", None), ("flood", floods[name](args.url))):
+            row = measure(args.url, flood)
+            results[f"{name}/{side}"] = row
+            print(
+                f"{name:<16}{side:<8}{row['stream_gap_p50_ms']:>9}{row['stream_gap_p99_ms']:>9}"
+                f"{row['normal_status']:>8}{row['normal_s']:>7}  {json.dumps(row['flood_got'])}"
+            )
+    save(results, args)
+
+
+if __name__ == "__main__":
+    main()
