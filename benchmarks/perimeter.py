@@ -3,7 +3,7 @@
     serve run serve_config.yaml &                   # or `make serve`
     python benchmarks/perimeter.py                  # against http://127.0.0.1:8000
 
-Each scenario runs a streaming request (120 tokens, greedy) and one normal non-streamed request,
+Each scenario runs a streaming request (400 tokens, greedy) and one normal non-streamed request,
 first alone, then beside a flood, and reports the stream's p99 gap between chunks, the normal
 request's status and latency, and what the flood itself got back:
 

@@ -140,7 +140,8 @@ class SendTimeout:
                 await asyncio.sleep(0)
                 return
             try:
-                await asyncio.wait_for(send(message), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):  # a timer, not a task per message
+                    await send(message)
             except TimeoutError:
                 logger.warning(
                     "%s %s: the client read nothing for %gs; dropping it",
@@ -154,12 +155,14 @@ class SendTimeout:
             if gone.is_set():
                 return {"type": "http.disconnect"}
             message, left = asyncio.ensure_future(receive()), asyncio.ensure_future(gone.wait())
-            await asyncio.wait({message, left}, return_when=asyncio.FIRST_COMPLETED)
-            if message.done():
+            try:
+                await asyncio.wait({message, left}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the caller gives up waiting: neither may outlive this call
                 left.cancel()
-                return message.result()
-            message.cancel()
-            return {"type": "http.disconnect"}
+                arrived = message.done()
+                if not arrived:
+                    message.cancel()
+            return message.result() if arrived else {"type": "http.disconnect"}
 
         await self.app(scope, watched_receive, timed_send)
 
@@ -213,6 +216,7 @@ class RequestGuard:
         path = scope["path"]
         # Serve may hand over the path with the app's route prefix in front.
         local = path.removeprefix(scope.get("root_path", "")) or "/"
+        slot: _Slot | None = None
         try:
             self.hosts.check(headers.get(b"host"))
             if local not in self.open_paths:
@@ -223,11 +227,17 @@ class RequestGuard:
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > self.max_bytes:
                 raise self._too_large(int(declared))
-            body = await self._read_body(receive)
-            if body is None:  # the caller left before its body was in
-                return
+            # The slot is taken on arrival, so that overload is refused before anything is read
+            # (on Serve's proxy path reading is a round trip to the proxy, behind its other work).
             self.admission.enter()
+            slot = _Slot(self.admission)
+            body = await self._read_body(receive, slot)
+            if body is None:  # the caller left before its body was in
+                slot.release()
+                return
         except (InvalidRequest, Unauthorized, Overloaded) as e:
+            if slot is not None:
+                slot.release()
             response = error_response(e, rid)
             if isinstance(e, Unauthorized):
                 response.headers["WWW-Authenticate"] = "Bearer"
@@ -237,7 +247,7 @@ class RequestGuard:
         try:
             await self.app(scope, _replay(body, receive), send)
         finally:
-            self.admission.leave()
+            slot.release()
 
     def _too_large(self, size: int) -> RequestTooLarge:
         return RequestTooLarge(
@@ -245,12 +255,13 @@ class RequestGuard:
             "(limits.max_request_bytes)"
         )
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, slot: _Slot) -> bytes | None:
         """The whole body, counted as it arrives in bytes and in JSON values (`bounds.json_values`):
         past either limit the refusal goes out at once and the rest is never read. A body that
-        does not come in one piece is held to `limits.min_body_bytes_per_s` after
-        `limits.body_grace_s` (a 408 otherwise) and counted among the bodies being received;
-        none holds an in-flight slot, so a crowd of slow uploads cannot keep a quick request out."""
+        does not come in one piece gives its in-flight `slot` back while the rest arrives (so a
+        crowd of slow uploads cannot keep a quick request out), is counted among the bodies being
+        received, is held to `limits.min_body_bytes_per_s` after `limits.body_grace_s` (a 408
+        otherwise), and takes a slot again once it is in."""
         message = await receive()
         if message["type"] != "http.request":
             return None
@@ -260,6 +271,7 @@ class RequestGuard:
             return chunks[0]
         loop, rate = asyncio.get_running_loop(), self.limits.min_body_bytes_per_s
         started, received, values = loop.time(), len(chunks[0]), bounds.json_values(chunks[0])
+        slot.release()
         with self.admission.receiving_body():
             while message.get("more_body", False):
                 wait = None
@@ -279,6 +291,7 @@ class RequestGuard:
                 values += bounds.json_values(chunk)
                 self._check_counts(received, values)
                 chunks.append(chunk)
+        slot.take()
         return b"".join(chunks)
 
     def _check_counts(self, received: int, values: int) -> None:
@@ -286,6 +299,22 @@ class RequestGuard:
             raise self._too_large(received)
         if values > self.limits.max_json_values:
             raise bounds.too_many_values(self.limits)
+
+
+class _Slot:
+    """One request's in-flight slot, which it may give back and take again; released once."""
+
+    def __init__(self, admission: Admission):
+        self.admission, self.held = admission, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.admission.leave()
+
+    def take(self) -> None:
+        self.admission.enter()
+        self.held = True
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
