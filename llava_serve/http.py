@@ -133,10 +133,12 @@ class SendTimeout:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        gone = asyncio.Event()
+        # One future for the request, set when a write times out: whoever waits on `receive`
+        # wakes on it, so no task is made per receive beyond the receive itself.
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def timed_send(message: Message) -> None:
-            if gone.is_set():  # dropped; yield, so whoever waits on `receive` hears of it now
+            if gone.done():  # dropped; yield, so whoever waits on `receive` hears of it now
                 await asyncio.sleep(0)
                 return
             try:
@@ -149,16 +151,15 @@ class SendTimeout:
                     scope["path"],
                     self.timeout_s,
                 )
-                gone.set()
+                gone.set_result(None)
 
         async def watched_receive() -> Message:
-            if gone.is_set():
+            if gone.done():
                 return {"type": "http.disconnect"}
-            message, left = asyncio.ensure_future(receive()), asyncio.ensure_future(gone.wait())
+            message = asyncio.ensure_future(receive())
             try:
-                await asyncio.wait({message, left}, return_when=asyncio.FIRST_COMPLETED)
-            finally:  # also when the caller gives up waiting: neither may outlive this call
-                left.cancel()
+                await asyncio.wait({message, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the caller gives up waiting: the receive may not outlive this call
                 arrived = message.done()
                 if not arrived:
                     message.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -59,6 +60,9 @@ def serve_url(tiny_dir):
     from deployments.cluster import prepare_local_cluster
 
     prepare_local_cluster(single_machine=False)  # as `llava-serve serve` prepares its own cluster
+    # The proxy drops a reader that stopped after 2 s of one write waiting (30 by default), so
+    # that the test of it takes seconds; no other test holds a write that long.
+    os.environ["LLAVA_SERVE_SEND_TIMEOUT_S"] = "2"
     ray.init(
         num_cpus=4,
         include_dashboard=False,

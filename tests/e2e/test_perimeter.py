@@ -270,3 +270,59 @@ def test_hard_grammars_arriving_leave_a_running_stream_s_cadence_alone(serve_url
     assert all("max is 2000" in message for _, message in results[1::2]), results
     print(f"\nstream gap p99: alone {alone * 1e3:.0f} ms, while hard grammars compile {beside * 1e3:.0f} ms")
     assert beside < 2 * alone + 0.03, (alone, beside)
+
+
+async def test_a_client_that_stops_reading_mid_stream_is_dropped_and_frees_its_slot(serve_url, tiny_dir):
+    """A streaming client that stops reading holds a KV slot only until one write has waited the
+    proxy's send timeout (2 s in this session, see conftest). The client's socket advertises a
+    small window and segment size, so the server's buffers fill after some tens of kilobytes of
+    logprob-heavy chunks rather than megabytes. Its end-of-sequence token is banned, so the answer would
+    run its full 2000 tokens (a minute or more here) if nobody dropped it."""
+    import asyncio
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_dir).eos_token_id
+    model = serve.get_deployment_handle("LlavaModel", "llava")
+    body = {
+        "messages": [user("Talk.")],
+        "max_tokens": 2000,
+        "stream": True,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "logit_bias": {str(eos): -100},
+    }
+    payload = json.dumps(body).encode()
+    url = urlsplit(serve_url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+    sock.connect((url.hostname, url.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    try:
+        start = time.monotonic()
+        while (await model.stats.remote())["running"] == 0:
+            if time.monotonic() - start > 30:
+                sock.settimeout(1)
+                raise AssertionError(f"the stream never started: {sock.recv(4096)!r}")
+            await asyncio.sleep(0.1)
+        started = time.monotonic()
+        while (await model.stats.remote())["running"]:
+            assert time.monotonic() - started < 30, "a reader that stopped still holds its slot after 30 s"
+            await asyncio.sleep(0.2)
+        held = time.monotonic() - started
+        sock.settimeout(10)
+        seen = b""
+        while chunk := sock.recv(1 << 16):  # what the buffers held, then the server's close
+            seen += chunk
+    finally:
+        sock.close()
+    assert seen.startswith(b"HTTP/1.1 200") and b"data: {" in seen, seen[:300]
+    assert b"data: [DONE]" not in seen  # dropped, not finished
+    print(f"\na reader that stopped was dropped {held:.1f}s into its stream, after {len(seen)} bytes")
