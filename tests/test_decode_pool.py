@@ -16,6 +16,7 @@ from llava_serve.config import ImageConfig, ModelConfig
 from llava_serve.decode_pool import DecodePool
 from llava_serve.errors import ImageError
 from tests.conftest import encode, random_image
+from tests.hostile_media import many_scan_jpeg
 from tests.videos import make_mp4
 
 
@@ -89,3 +90,11 @@ async def test_a_worker_lost_mid_item_costs_that_request_alone(tiny_dir, slow_pn
         assert (await pool.prepare(encode(random_image(4)), "x", False)).num_tokens > 0
     finally:
         pool.close()
+
+
+async def test_a_jpeg_of_hundreds_of_scans_is_stopped_in_its_decoder(pool):
+    """The deadline stops libjpeg itself (2.6 s of scans here), not only the processor after it."""
+    with pytest.raises(ImageError) as info:
+        await pool.prepare(many_scan_jpeg(repeats=300), "x", False)
+    assert info.value.code == "decode_timeout"
+    assert (await pool.prepare(encode(random_image(4)), "x", False)).num_tokens > 0

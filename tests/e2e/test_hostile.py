@@ -6,6 +6,8 @@ import asyncio
 import base64
 import io
 import struct
+import threading
+import time
 import zlib
 
 import httpx
@@ -19,6 +21,7 @@ from llava_serve.errors import EngineError
 from llava_serve.images import PreparedImage
 from llava_serve.prompts import PromptInputs
 from tests.conftest import data_uri, encode, random_image
+from tests.hostile_media import many_frame_gif, many_scan_jpeg
 from tests.reference import image_request
 
 IMAGE_PARAM = "messages[0].content[0].image_url.url"
@@ -72,6 +75,36 @@ def test_animated_gif_is_accepted(serve_url, image_server):
     # That only frame 0 is used is shown on pixels in tests/test_images.py.
     url = image_server.add("/anim.gif", animated_gif(), "image/gif")
     assert post(serve_url, image_request(url, max_tokens=4)).status_code == 200
+
+
+def inline(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def test_a_gif_of_thousands_of_frames_costs_only_its_first(serve_url):
+    """3000 one-pixel frames on a 4000-pixel canvas (69 kB): walking them would take about two
+    minutes here, far past the 10 s decode deadline; the first frame alone is decoded and served."""
+    body = image_request(inline(many_frame_gif(), "image/gif"), max_tokens=4, temperature=0)
+    r = post(serve_url, body, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_a_jpeg_of_thousands_of_scans_is_stopped_at_the_decode_deadline(serve_url):
+    """A 360 kB progressive JPEG that takes libjpeg about 40 s: its worker is killed at
+    images.decode_timeout_s (10 s), the caller gets a 400 naming it, a text request beside it is
+    answered meanwhile, and the next image is served by a fresh worker."""
+    beside = []
+    text = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    worker = threading.Thread(target=lambda: (time.sleep(2), beside.append(post(serve_url, text))))
+    worker.start()
+    start = time.monotonic()
+    r = post(serve_url, image_request(inline(many_scan_jpeg(), "image/jpeg"), max_tokens=4), timeout=60)
+    took = time.monotonic() - start
+    worker.join()
+    error = assert_4xx(r, IMAGE_PARAM, "images.decode_timeout_s")
+    assert error["code"] == "decode_timeout" and took < 30, (error, took)
+    assert beside[0].status_code == 200, beside[0].text
+    ok_request(serve_url)
 
 
 @pytest.mark.parametrize(
