@@ -29,6 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import pct, save
+from llava_serve.loadgen import trickle_body
 
 STREAM = {
     "messages": [{"role": "user", "content": "Talk."}],
@@ -65,29 +66,14 @@ def normal(url: str) -> tuple[int, float]:
 
 async def _trickle(host: str, port: int, stop: threading.Event, results: list[str]) -> None:
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        answer = await trickle_body(host, port, stop.is_set)
     except OSError as e:
         results.append(type(e).__name__)
         return
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
-        "content-length: 10000\r\n\r\n{"
-    )
-    writer.write(head.encode())
-    try:
-        while not stop.is_set():
-            await writer.drain()
-            try:
-                answer = await asyncio.wait_for(reader.read(64), 0.2)
-                results.append(answer.split(b" ")[1].decode() if answer.startswith(b"HTTP/") else "closed")
-                return
-            except TimeoutError:
-                writer.write(b" ")
+    if answer is None:
         results.append("still open")
-    except OSError as e:
-        results.append(type(e).__name__)
-    finally:
-        writer.close()
+    else:
+        results.append(answer.split(b" ")[1].decode() if answer.startswith(b"HTTP/") else "closed")
 
 
 def slow_bodies(url: str, count: int = 200):

@@ -4,17 +4,20 @@ Each request ends in exactly one of: `complete` (a whole answer: a finish reason
 when streamed), `cancelled` (we dropped it mid-stream on purpose), `refused` (a 503 with an
 OpenAI error body), `error` (another status or an error event, with a message). Anything else -
 a timeout, a connection reset, a stream that stops without `[DONE]` - is `lost`. Used by
-`benchmarks/load.py` and by the CI load test.
+`benchmarks/load.py` and by the CI load test; `trickle_body` is the slow upload of
+`benchmarks/perimeter.py` and the slow-client tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -207,3 +210,29 @@ async def open_loop(
         report.outcomes = await asyncio.gather(*tasks)
         report.wall_s = time.monotonic() - start
     return report
+
+
+# A chat request that promises a 10 000-byte body and then sends it a byte at a time.
+_TRICKLE_HEAD = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+    b"content-length: 10000\r\n\r\n{"
+)
+
+
+async def trickle_body(
+    host: str, port: int, stopped: Callable[[], bool], every_s: float = 0.2
+) -> bytes | None:
+    """A slow upload: one more byte of the body every `every_s` until the server answers (what
+    it sent first; b"" if it closed without a word) or `stopped()` (None: still open). Connection
+    errors are the caller's to count."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(_TRICKLE_HEAD)
+    try:
+        while not stopped():
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(reader.read(4096), every_s)
+            writer.write(b" ")
+        return None
+    finally:
+        writer.close()

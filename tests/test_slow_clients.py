@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from llava_serve.admission import Admission
 from llava_serve.config import AdmissionConfig, LimitsConfig
 from llava_serve.http import RequestGuard, SendTimeout
+from llava_serve.loadgen import trickle_body
 
 
 @contextlib.asynccontextmanager
@@ -47,24 +48,9 @@ def guarded_app(admission: Admission, limits: LimitsConfig) -> RequestGuard:
     return RequestGuard(app, limits, admission)
 
 
-async def trickle(url: str, stop: asyncio.Event) -> bytes:
-    """A POST that promises 10 000 bytes and sends one every 0.2 s; what the server answered."""
+async def trickle(url: str, stop: asyncio.Event) -> bytes | None:
     host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
-        "content-length: 10000\r\n\r\n{"
-    )
-    writer.write(head.encode())
-    try:
-        while not stop.is_set():
-            await writer.drain()
-            with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(reader.read(4096), 0.2)
-            writer.write(b" ")
-        return b""
-    finally:
-        writer.close()
+    return await trickle_body(host, int(port), stop.is_set)
 
 
 async def test_a_body_slower_than_the_minimum_rate_is_a_408_and_holds_nothing():
