@@ -49,7 +49,6 @@ class ImagePreprocessor:
 
     def __init__(self, config: AppConfig):
         self.limits = config.images
-        self.adapter = checkpoint.load_adapter(config.model)
         self.fetcher = ImageFetcher(self.limits)
         self.video_fetcher = ImageFetcher(self.limits.for_video())
         self.held = HeldObjects(self.limits.pixel_hold_s)
@@ -57,6 +56,7 @@ class ImagePreprocessor:
         # As many decoding processes as the replica has CPUs: more would only contend and hold memory.
         workers = self.limits.decode_workers or max(1, math.ceil(config.image_preprocessor.num_cpus))
         self.decoder = DecodePool(config.model, self.limits, workers)
+        self.adapter = self.decoder.adapter  # loaded once, by the pool, for its fork server's imports
         self.decoder.wait_ready()
 
     async def __call__(

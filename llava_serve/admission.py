@@ -61,10 +61,41 @@ class Admission:
         finally:
             self.receiving -= 1
 
+    def take(self) -> Slot:
+        """A slot for one request (`Overloaded` at once if there is none), which it gives back
+        with `Slot.release`."""
+        self.enter()
+        return Slot(self)
+
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
-        self.enter()
+        slot = self.take()
         try:
             yield
         finally:
-            self.leave()
+            slot.release()
+
+
+class Slot:
+    """One request's in-flight slot: given back at most once, and lent back while its body is
+    still arriving."""
+
+    def __init__(self, admission: Admission):
+        self._admission, self.held = admission, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._admission.leave()
+
+    @contextlib.contextmanager
+    def lent(self) -> Iterator[None]:
+        """While a body trickles in: the slot is given back (so slow uploads cannot keep a quick
+        request out) and the body counted among those being received (`Overloaded` past
+        `max_receiving`); once it is in, the slot is taken again (`Overloaded` if it has gone).
+        On an error inside, the slot stays given back."""
+        self.release()
+        with self._admission.receiving_body():
+            yield
+        self._admission.enter()
+        self.held = True

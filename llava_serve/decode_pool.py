@@ -46,7 +46,8 @@ def _ready() -> bool:
 
 
 class DecodePool:
-    """`workers` processes, each with the checkpoint's adapter, preparing one item at a time."""
+    """`workers` processes, each with the checkpoint's adapter, preparing one item at a time.
+    `adapter` is the same adapter in this process, for what the caller asks of it without decoding."""
 
     def __init__(self, model: ModelConfig, limits: ImageConfig, workers: int):
         self.limits = limits
@@ -56,7 +57,7 @@ class DecodePool:
         # replacement for a killed worker starts in a fraction of a second, not after the imports
         # of torch and the checkpoint's processor classes (4 s here). Which processor modules is
         # what loading the adapter imported in this process.
-        checkpoint.load_adapter(model)
+        self.adapter = checkpoint.load_adapter(model)
         self._context = multiprocessing.get_context("forkserver")
         models = sorted(m for m in sys.modules if m.startswith("transformers.models."))
         self._context.set_forkserver_preload([*_PRELOADED, *models])

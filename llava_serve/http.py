@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llava_serve import bounds
-from llava_serve.admission import Admission
+from llava_serve.admission import Admission, Slot
 from llava_serve.auth import ApiKeys, HostCheck
 from llava_serve.chat import invalid_from_validation
 from llava_serve.config import LimitsConfig
@@ -217,7 +217,7 @@ class RequestGuard:
         path = scope["path"]
         # Serve may hand over the path with the app's route prefix in front.
         local = path.removeprefix(scope.get("root_path", "")) or "/"
-        slot: _Slot | None = None
+        slot: Slot | None = None
         try:
             self.hosts.check(headers.get(b"host"))
             if local not in self.open_paths:
@@ -230,8 +230,7 @@ class RequestGuard:
                 raise self._too_large(int(declared))
             # The slot is taken on arrival, so that overload is refused before anything is read
             # (on Serve's proxy path reading is a round trip to the proxy, behind its other work).
-            self.admission.enter()
-            slot = _Slot(self.admission)
+            slot = self.admission.take()
             body = await self._read_body(receive, slot)
             if body is None:  # the caller left before its body was in
                 slot.release()
@@ -256,7 +255,7 @@ class RequestGuard:
             "(limits.max_request_bytes)"
         )
 
-    async def _read_body(self, receive: Receive, slot: _Slot) -> bytes | None:
+    async def _read_body(self, receive: Receive, slot: Slot) -> bytes | None:
         """The whole body, counted as it arrives in bytes and in JSON values (`bounds.json_values`):
         past either limit the refusal goes out at once and the rest is never read. A body that
         does not come in one piece gives its in-flight `slot` back while the rest arrives (so a
@@ -272,8 +271,7 @@ class RequestGuard:
             return chunks[0]
         loop, rate = asyncio.get_running_loop(), self.limits.min_body_bytes_per_s
         started, received, values = loop.time(), len(chunks[0]), bounds.json_values(chunks[0])
-        slot.release()
-        with self.admission.receiving_body():
+        with slot.lent():
             while message.get("more_body", False):
                 wait = None
                 if rate:
@@ -292,7 +290,6 @@ class RequestGuard:
                 values += bounds.json_values(chunk)
                 self._check_counts(received, values)
                 chunks.append(chunk)
-        slot.take()
         return b"".join(chunks)
 
     def _check_counts(self, received: int, values: int) -> None:
@@ -300,22 +297,6 @@ class RequestGuard:
             raise self._too_large(received)
         if values > self.limits.max_json_values:
             raise bounds.too_many_values(self.limits)
-
-
-class _Slot:
-    """One request's in-flight slot, which it may give back and take again; released once."""
-
-    def __init__(self, admission: Admission):
-        self.admission, self.held = admission, True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.admission.leave()
-
-    def take(self) -> None:
-        self.admission.enter()
-        self.held = True
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

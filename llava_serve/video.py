@@ -10,6 +10,7 @@ wall-clock deadline on the whole is the decode pool's (`llava_serve.decode_pool`
 
 from __future__ import annotations
 
+import bisect
 import io
 
 import numpy as np
@@ -59,19 +60,19 @@ def _decode_container(data: bytes, limits: ImageConfig, param: str | None) -> li
             _check_pixels(width, height, limits, param)
             # Packets are demuxed, not decoded, to learn each frame's timestamp; in presentation
             # order, the i-th smallest is the i-th frame.
-            stamps = []
+            stamps, keyframes = [], []
             for packet in container.demux(stream):
                 if packet.size:
                     stamps.append(packet.pts if packet.pts is not None else packet.dts)
+                    if packet.is_keyframe:
+                        keyframes.append(stamps[-1])
                 if len(stamps) > _MAX_FRAMES_SCANNED:
                     raise ImageError("the video has too many frames", param, "video_too_long")
             if None in stamps:
                 raise ImageError("the video's frames have no timestamps", param, "not_a_video")
             stamps.sort()
-            frames = [
-                _frame_at(container, stream, stamps[i], limits, param)
-                for i in sample_indices(len(stamps), limits.max_video_frames)
-            ]
+            wanted = [stamps[i] for i in sample_indices(len(stamps), limits.max_video_frames)]
+            frames = _frames_at(container, stream, wanted, sorted(keyframes), limits, param)
     except ImageError:
         raise
     except Exception as e:  # PyAV raises many types for corrupt or unknown input; all mean the same
@@ -81,16 +82,30 @@ def _decode_container(data: bytes, limits: ImageConfig, param: str | None) -> li
     return [to_rgb(f) for f in frames]
 
 
-def _frame_at(container, stream, pts: int, limits: ImageConfig, param: str | None) -> Image.Image:
-    """The frame shown at `pts`: a seek to the keyframe before it, then decoding up to it, so a
-    long clip costs a group of pictures per sampled frame, never everything up to the last one.
-    Every decoded frame's size is checked: a stream may change size after its header."""
-    container.seek(pts, stream=stream, backward=True, any_frame=False)
-    for frame in container.decode(stream):
-        _check_pixels(frame.width, frame.height, limits, param)
-        if frame.pts is not None and frame.pts >= pts:
-            return frame.to_image()
-    raise ImageError("the video ends before a frame its index lists", param, "not_a_video")
+def _frames_at(
+    container, stream, wanted: list[int], keyframes: list[int], limits: ImageConfig, param: str | None
+) -> list:
+    """The frames shown at the ascending timestamps `wanted`. Decoding seeks to the keyframe
+    before a wanted frame only when that keyframe lies past what was decoded last, and otherwise
+    carries on: a long clip costs a group of pictures per sampled frame, never everything up to
+    the last one, and frames sampled within one group cost that group once. Every decoded
+    frame's size is checked: a stream may change size after its header."""
+    frames, decoded, last = [], None, None
+    for pts in wanted:
+        at = bisect.bisect_right(keyframes, pts)
+        key = keyframes[at - 1] if at else None  # the keyframe a seek to `pts` lands on
+        if decoded is None or last is None or (key is not None and key > last):
+            container.seek(pts, stream=stream, backward=True, any_frame=False)
+            decoded = container.decode(stream)
+        for frame in decoded:
+            _check_pixels(frame.width, frame.height, limits, param)
+            last = frame.pts if frame.pts is not None else last
+            if frame.pts is not None and frame.pts >= pts:
+                frames.append(frame.to_image())
+                break
+        else:
+            raise ImageError("the video ends before a frame its index lists", param, "not_a_video")
+    return frames
 
 
 def _decode_animation(data: bytes, limits: ImageConfig, param: str | None) -> list[Image.Image]:
