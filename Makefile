@@ -3,6 +3,9 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # Installed alone and first: a looser torch requirement pulls several GB of CUDA wheels on CPU hosts.
 TORCH ?= torch==2.13.0
+# What serve_config.yaml admits (admission.max_inflight_requests x the Ingress's num_replicas): the
+# proxy refuses past it before routing (deployments/proxy.py). `llava-serve serve` works it out.
+EDGE_MAX_INFLIGHT ?= 128
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -21,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
 		RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.proxy:middlewares \
+		LLAVA_SERVE_EDGE_MAX_INFLIGHT=$(EDGE_MAX_INFLIGHT) \
 		$(VENV)/bin/serve run serve_config.yaml
 
 lint: install

@@ -24,6 +24,7 @@ AUTH_MODE = "RAY_AUTH_MODE"
 SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Read by Serve's proxy and direct-ingress servers when they start (deployments/proxy.py).
 PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+EDGE_LIMIT = "LLAVA_SERVE_EDGE_MAX_INFLIGHT"  # read by deployments.proxy
 
 
 def token_path() -> Path | None:
@@ -43,16 +44,19 @@ def protect_token_file() -> None:
         logger.info("Ray's token file %s was readable by other users; it is now 0600", path)
 
 
-def prepare_local_cluster(single_machine: bool) -> None:
+def prepare_local_cluster(single_machine: bool, edge_max_inflight: int = 0) -> None:
     """Before Ray is imported, for a cluster of our own: token auth on, a private token, Serve's HTTP
-    front with our header scrub, and with `single_machine` every Ray socket on 127.0.0.1 (Ray
-    reads these settings at import)."""
+    front with our middlewares (refusing past `edge_max_inflight` requests, where it is set), and
+    with `single_machine` every Ray socket on 127.0.0.1 (Ray reads these settings at import; the
+    proxy inherits the environment)."""
     mode = os.environ.setdefault(AUTH_MODE, "token")
     if mode != "token":
         logger.warning("%s=%s: Ray's own endpoints answer anyone who can reach them", AUTH_MODE, mode)
     if single_machine:
         os.environ.setdefault(SINGLE_MACHINE, "0")
     os.environ.setdefault(PROXY_CALLBACK, "deployments.proxy:middlewares")
+    if edge_max_inflight:
+        os.environ.setdefault(EDGE_LIMIT, str(edge_max_inflight))
     if "ray" in sys.modules:  # imported already: its config is re-read, as Ray's own enabling does
         from ray._raylet import Config
 

@@ -130,12 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "serve":
         from deployments.cluster import prepare_local_cluster
 
+        config = app_config(args)
         # Before Ray is imported: it reads these settings once, at import.
         if args.address == "local":
-            prepare_local_cluster(single_machine=args.host in ("127.0.0.1", "localhost", "::1"))
+            single = args.host in ("127.0.0.1", "localhost", "::1")
+            prepare_local_cluster(single_machine=single, edge_max_inflight=config.edge_max_inflight())
         from deployments.launch import serve_until_interrupted  # Ray is imported only here
 
-        config = app_config(args)
         serve_until_interrupted(config, args.host, args.port, args.address, args.timeout_s, announce)
 
 

@@ -465,6 +465,18 @@ class AppConfig(_Strict):
     def _over_defaults(cls, v: Any, info: ValidationInfo) -> Any:
         return {**DEPLOYMENT_DEFAULTS[info.field_name], **v} if isinstance(v, dict) else v
 
+    def edge_max_inflight(self) -> int:
+        """What a Serve proxy in front of every ingress replica lets through at most
+        (`deployments.proxy`, LLAVA_SERVE_EDGE_MAX_INFLIGHT): all their admission slots, at the
+        most replicas the ingress may have; 0 (no limit at the proxy) with admission off or a
+        replica count only Serve knows."""
+        replicas = self.ingress.num_replicas
+        if self.ingress.autoscaling_config is not None:
+            replicas = self.ingress.autoscaling_config.get("max_replicas")
+        if not isinstance(replicas, int):
+            return 0
+        return self.admission.max_inflight_requests * replicas
+
     @model_validator(mode="after")
     def _check_limits(self) -> AppConfig:
         if self.generation.max_tokens > self.generation.max_tokens_limit:

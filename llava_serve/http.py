@@ -168,6 +168,51 @@ class SendTimeout:
         await self.app(scope, watched_receive, timed_send)
 
 
+class EdgeAdmission:
+    """Pure ASGI, in Serve's proxy (`deployments.proxy`): generation requests this proxy holds
+    open are counted, and past `limit` one is refused here with the ingress's own 503, before
+    Serve routes it. A refusal then costs the proxy a header and a count, and never queues behind
+    the admitted requests' work on the ingress replica's loop. As at the ingress, a body that
+    arrives in pieces stops counting until it is in (slow uploads keep no one out). The
+    ingress's admission stays the limit that holds; this one is what this proxy lets through,
+    at most `admission.max_inflight_requests` times the ingress replicas behind it."""
+
+    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int = 1):
+        self.app, self.limit, self.retry_after_s = app, limit, retry_after_s
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith(GUARDED_PATHS):
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.limit:
+            error = Overloaded(
+                f"the server is at capacity ({self.inflight} requests held open by this proxy, "
+                f"its limit LLAVA_SERVE_EDGE_MAX_INFLIGHT); retry later",
+                self.retry_after_s,
+            )
+            await error_response(error)(scope, receive, send)
+            return
+        self.inflight += 1
+        counted = True
+
+        async def counted_receive() -> Message:
+            nonlocal counted
+            message = await receive()
+            if message["type"] == "http.request":
+                arriving = message.get("more_body", False)
+                if arriving == counted:  # stops counting while the body arrives, counts once it is in
+                    counted = not arriving
+                    self.inflight += 1 if counted else -1
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        finally:
+            if counted:
+                self.inflight -= 1
+
+
 def json_body(model: type[BaseModel]) -> dict:
     """An OpenAPI `requestBody` for a route that reads its body raw (see `install` for the schema)."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}

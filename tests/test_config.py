@@ -158,3 +158,15 @@ def test_the_shipped_config_keeps_its_runtime_knobs_out_of_args():
             moved = set(entry["user_config"][section])
             assert moved == (fields or set(AppConfig.model_fields[section].annotation.model_fields))
             assert not moved & set(app["args"].get(section, {}))
+
+
+def test_the_proxy_limit_make_serve_sets_is_what_serve_config_yaml_admits():
+    """`make serve` cannot run our code to work the number out, so it is written in the Makefile;
+    this keeps it equal to the config's (admission.max_inflight_requests x Ingress replicas)."""
+    (line,) = [x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("EDGE_MAX_INFLIGHT")]
+    config = AppConfig.model_validate(_app_args(ROOT / "serve_config.yaml"))
+    assert int(line.split("=")[-1]) == config.edge_max_inflight() == 128
+    autoscaling = {"min_replicas": 1, "max_replicas": 3}
+    scaled = AppConfig.model_validate({"ingress": {"autoscaling_config": autoscaling}})
+    assert scaled.edge_max_inflight() == 3 * 128
+    assert AppConfig.model_validate({"admission": {"max_inflight_requests": 0}}).edge_max_inflight() == 0

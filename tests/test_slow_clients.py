@@ -1,5 +1,6 @@
-"""Slow clients against a real uvicorn on loopback: uploads that trickle and readers that stop
-reading hold nothing another request needs."""
+"""Slow clients and crowds against a real uvicorn on loopback: uploads that trickle and readers
+that stop reading hold nothing another request needs, and the proxy's edge refuses past its limit
+before the app sees anything."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fastapi import FastAPI
 
 from llava_serve.admission import Admission
 from llava_serve.config import AdmissionConfig, LimitsConfig
-from llava_serve.http import RequestGuard, SendTimeout
+from llava_serve.http import EdgeAdmission, RequestGuard, SendTimeout
 from llava_serve.loadgen import trickle_body
 
 
@@ -130,3 +131,42 @@ async def test_a_reader_that_keeps_reading_is_never_dropped():
     ):
         r = await client.get(url, timeout=30)
     assert r.status_code == 200 and len(r.content) == 50 * 65536
+
+
+async def test_the_edge_refuses_past_its_limit_before_the_app_and_counts_no_arriving_body():
+    entered, arriving, release = [], set(), asyncio.Event()
+
+    async def held(scope, receive, send):  # reads its whole body, then waits to answer
+        while (await receive()).get("more_body", False):
+            arriving.add(id(scope))
+        entered.append(scope["path"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    edge = EdgeAdmission(held, limit=2, retry_after_s=3)
+    chat = "/v1/chat/completions"
+    async with serving(edge) as url, httpx.AsyncClient() as client:
+        first = [asyncio.ensure_future(client.post(url + chat, content=b"{}", timeout=10)) for _ in range(2)]
+        while len(entered) < 2:
+            await asyncio.sleep(0.01)
+        refused = await client.post(url + chat, content=b"{}", timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+        error = refused.json()["error"]
+        assert error["type"] == "overloaded_error" and "LLAVA_SERVE_EDGE_MAX_INFLIGHT" in error["message"]
+        assert len(entered) == 2  # the app never saw it
+        release.set()
+        assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
+        stop = asyncio.Event()
+        tricklers = [asyncio.ensure_future(trickle(url, stop)) for _ in range(3)]
+        try:  # three bodies arriving, more than the limit: none of them counts
+            for _ in range(200):
+                if len(arriving) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(arriving) == 3 and edge.inflight == 0, "an arriving body was counted"
+            assert (await client.post(url + chat, content=b"{}", timeout=10)).status_code == 200
+        finally:
+            stop.set()
+            await asyncio.gather(*tricklers, return_exceptions=True)
+    assert edge.inflight == 0

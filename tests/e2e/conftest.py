@@ -59,7 +59,8 @@ def serve_url(tiny_dir):
     from deployments.app import build
     from deployments.cluster import prepare_local_cluster
 
-    prepare_local_cluster(single_machine=False)  # as `llava-serve serve` prepares its own cluster
+    # As `llava-serve serve` prepares its own cluster (the proxy's edge limit from the config: 128).
+    prepare_local_cluster(single_machine=False, edge_max_inflight=app_config(tiny_dir).edge_max_inflight())
     # The proxy drops a reader that stopped after 2 s of one write waiting (30 by default), so
     # that the test of it takes seconds; no other test holds a write that long.
     os.environ["LLAVA_SERVE_SEND_TIMEOUT_S"] = "2"

@@ -326,3 +326,28 @@ async def test_a_client_that_stops_reading_mid_stream_is_dropped_and_frees_its_s
     assert seen.startswith(b"HTTP/1.1 200") and b"data: {" in seen, seen[:300]
     assert b"data: [DONE]" not in seen  # dropped, not finished
     print(f"\na reader that stopped was dropped {held:.1f}s into its stream, after {len(seen)} bytes")
+
+
+async def test_a_burst_past_the_limit_is_refused_at_the_proxy_before_it_is_routed(serve_url):
+    """200 streams at once against 128 admission slots: every 503 comes from the proxy's edge
+    (conftest sets its limit to the config's 128, as `llava-serve serve` does), so no refusal
+    waits on the ingress replica's loop behind the admitted streams' work, and every admitted
+    stream completes."""
+    import asyncio
+    import json
+
+    body = {"messages": [user("Talk.")], "max_tokens": 32, "stream": True}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, str]:
+        async with client.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=120) as r:
+            return r.status_code, (await r.aread()).decode()
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None)) as client:
+        results = await asyncio.gather(*(one(client) for _ in range(200)))
+    refused = [json.loads(text)["error"] for status, text in results if status == 503]
+    complete = [text for status, text in results if status == 200 and text.rstrip().endswith("[DONE]")]
+    assert len(refused) + len(complete) == 200, [r for r in results if r[0] not in (200, 503)][:3]
+    assert refused and all(
+        e["type"] == "overloaded_error" and "LLAVA_SERVE_EDGE_MAX_INFLIGHT" in e["message"] for e in refused
+    ), refused[:3]
+    assert len(complete) >= 128
