@@ -9,7 +9,13 @@ request's status and latency, and what the flood itself got back:
 
 - `slow-bodies`: 200 connections that promise a 10 kB body and send a byte every 0.2 s;
 - `hard-grammars`: 6 schemas, each a different anyOf of 600 or 700 objects (0.5-1 s of
-  llguidance work apiece; the 700-branch ones are past its row limit).
+  llguidance work apiece; the 700-branch ones are past its row limit);
+- `validation`: 3 bodies of a million tiny messages (30 MB each), one after another;
+- `upscale`: 6 requests with a 20000x1 PNG of ~100 bytes, which a processor scales up to the
+  tower's height on its short edge.
+
+It also reports the peak resident memory of each Serve replica with its child processes (the
+decode workers), from /proc, so the server must run on this machine.
 
 Run it on two commits to compare them; the JSON keeps the commit each ran on.
 """
@@ -18,7 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
+import os
+import re
 import sys
 import threading
 import time
@@ -107,6 +117,73 @@ def hard_grammars(url: str):
     return run, stop, results
 
 
+def validation_flood(url: str, count: int = 3):
+    body = b'{"messages":[' + b",".join([b'{"role":"user","content":"x"}'] * 1_000_000) + b"]}"
+    return _posts(url, [body] * count)
+
+
+def upscale(url: str, count: int = 6):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20000, 1), (200, 10, 10)).save(buf, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    part = {"type": "image_url", "image_url": {"url": uri}}
+    body = {**NORMAL, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]}
+    return _posts(url, [json.dumps(body).encode()] * count)
+
+
+def _posts(url: str, bodies: list[bytes]):
+    """One after another, each answer's status kept."""
+    stop, results = threading.Event(), []
+
+    def run():
+        for body in bodies:
+            if stop.is_set():
+                return
+            try:
+                r = httpx.post(
+                    f"{url}/v1/chat/completions",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=300,
+                )
+                results.append(str(r.status_code))
+            except httpx.HTTPError as e:
+                results.append(type(e).__name__)
+
+    return run, stop, results
+
+
+def replica_peak_mib() -> dict[str, float]:
+    """Each Serve deployment's peak resident memory on this machine (VmHWM, MiB), its replicas'
+    processes and their children summed."""
+    parent, name = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent[pid] = f.read().rsplit(")", 1)[1].split()[1]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if found := re.match(r"ray::ServeReplica:[^:]+:(\w+)", title):
+            name[pid] = found.group(1)
+    peaks: dict[str, float] = {}
+    for pid in parent:
+        owner, hops = pid, 0
+        while owner not in name and owner in parent and hops < 8:
+            owner, hops = parent[owner], hops + 1
+        if owner in name:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                continue
+            peaks[name[owner]] = peaks.get(name[owner], 0.0) + kb / 1024
+    return {k: round(v, 1) for k, v in sorted(peaks.items())}
+
+
 def measure(url: str, flood=None) -> dict:
     """The stream's gaps and the normal request, alone (`flood` None) or beside the flood, which
     starts at the stream's first chunk; the normal request goes 2 s into the flood."""
@@ -141,25 +218,35 @@ def measure(url: str, flood=None) -> dict:
         "normal_status": status,
         "normal_s": round(seconds, 2),
         "flood_got": counts,
+        "peak_mib": replica_peak_mib(),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--scenarios", nargs="+", default=["slow-bodies", "hard-grammars"])
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["slow-bodies", "hard-grammars", "validation", "upscale"]
+    )
     parser.add_argument("--out", default="benchmarks/results/perimeter.json")
     args = parser.parse_args()
-    floods = {"slow-bodies": slow_bodies, "hard-grammars": hard_grammars}
+    floods = {
+        "slow-bodies": slow_bodies,
+        "hard-grammars": hard_grammars,
+        "validation": validation_flood,
+        "upscale": upscale,
+    }
     results = {}
-    print(f"{'scenario':<16}{'side':<8}{'gap p50':>9}{'gap p99':>9}{'normal':>8}{'its s':>7}  flood got")
+    head = f"{'scenario':<16}{'side':<8}{'gap p50':>9}{'gap p99':>9}{'normal':>8}{'its s':>7}"
+    print(f"{head}  flood got; peak MiB")
     for name in args.scenarios:
         for side, flood in (("alone", None), ("flood", floods[name](args.url))):
             row = measure(args.url, flood)
             results[f"{name}/{side}"] = row
             print(
                 f"{name:<16}{side:<8}{row['stream_gap_p50_ms']:>9}{row['stream_gap_p99_ms']:>9}"
-                f"{row['normal_status']:>8}{row['normal_s']:>7}  {json.dumps(row['flood_got'])}"
+                f"{row['normal_status']:>8}{row['normal_s']:>7}  {json.dumps(row['flood_got'])}; "
+                f"{json.dumps(row['peak_mib'])}"
             )
     save(results, args)
 
