@@ -31,5 +31,15 @@ def middlewares() -> list[Middleware]:
         chain.append(Middleware(SendTimeout, timeout_s=send_timeout))
     edge_limit = int(os.environ.get(EDGE_LIMIT, "0"))
     if edge_limit > 0:
-        chain.append(Middleware(EdgeAdmission, limit=edge_limit))
+        chain.append(Middleware(EdgeAdmission, limit=edge_limit, on_refused=_refusal_counter()))
     return chain
+
+
+def _refusal_counter():
+    from ray.util import metrics  # the proxy is a Ray actor, not a Serve replica
+
+    refused = metrics.Counter(
+        "llava_edge_refusals_total",
+        "Generation requests Serve's proxy refused past LLAVA_SERVE_EDGE_MAX_INFLIGHT.",
+    )
+    return refused.inc

@@ -51,7 +51,7 @@ PUBLIC_MODEL_PATHS = frozenset({"/v1/models", "/openapi.json"})
 def error_response(error: BaseException, request_id: str | None = None) -> JSONResponse:
     """The one mapping from an exception to an HTTP status and OpenAI error body."""
     typed = unwrap(error)
-    if typed.status_code >= 500:
+    if typed.status_code >= 500 and not isinstance(typed, Overloaded):  # refusals are counted, not logged
         logger.error("request %s failed: %r", request_id, error)
     body = typed.to_body()
     if request_id and typed.status_code >= 500:
@@ -177,8 +177,11 @@ class EdgeAdmission:
     ingress's admission stays the limit that holds; this one is what this proxy lets through,
     at most `admission.max_inflight_requests` times the ingress replicas behind it."""
 
-    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int = 1):
+    def __init__(
+        self, app: ASGIApp, limit: int, retry_after_s: int = 1, on_refused: Callable[[], None] = lambda: None
+    ):
         self.app, self.limit, self.retry_after_s = app, limit, retry_after_s
+        self.on_refused = on_refused  # the proxy counts them (a metric); nothing behind it sees them
         self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -192,6 +195,7 @@ class EdgeAdmission:
                 self.retry_after_s,
             )
             await error_response(error)(scope, receive, send)
+            self.on_refused()
             return
         self.inflight += 1
         counted = True

@@ -144,7 +144,8 @@ async def test_the_edge_refuses_past_its_limit_before_the_app_and_counts_no_arri
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    edge = EdgeAdmission(held, limit=2, retry_after_s=3)
+    refusals = []
+    edge = EdgeAdmission(held, limit=2, retry_after_s=3, on_refused=lambda: refusals.append(1))
     chat = "/v1/chat/completions"
     async with serving(edge) as url, httpx.AsyncClient() as client:
         first = [asyncio.ensure_future(client.post(url + chat, content=b"{}", timeout=10)) for _ in range(2)]
@@ -154,7 +155,7 @@ async def test_the_edge_refuses_past_its_limit_before_the_app_and_counts_no_arri
         assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
         error = refused.json()["error"]
         assert error["type"] == "overloaded_error" and "LLAVA_SERVE_EDGE_MAX_INFLIGHT" in error["message"]
-        assert len(entered) == 2  # the app never saw it
+        assert len(entered) == 2 and len(refusals) == 1  # the app never saw it; the proxy counted it
         release.set()
         assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
         stop = asyncio.Event()

@@ -90,15 +90,16 @@ def test_a_gif_of_thousands_of_frames_costs_only_its_first(serve_url):
 
 
 def test_a_jpeg_of_thousands_of_scans_is_stopped_at_the_decode_deadline(serve_url):
-    """A 360 kB progressive JPEG that takes libjpeg about 40 s: its worker is killed at
-    images.decode_timeout_s (10 s), the caller gets a 400 naming it, a text request beside it is
-    answered meanwhile, and the next image is served by a fresh worker."""
+    """A 620 kB progressive JPEG of 10 000 repeated scans (5000 take libjpeg 42 s here): its
+    worker is killed at images.decode_timeout_s (10 s), the caller gets a 400 naming it, a text
+    request beside it is answered meanwhile, and the next image is served by a fresh worker."""
     beside = []
     text = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     worker = threading.Thread(target=lambda: (time.sleep(2), beside.append(post(serve_url, text))))
     worker.start()
     start = time.monotonic()
-    r = post(serve_url, image_request(inline(many_scan_jpeg(), "image/jpeg"), max_tokens=4), timeout=60)
+    jpeg = inline(many_scan_jpeg(repeats=10_000), "image/jpeg")  # past the deadline on a fast machine too
+    r = post(serve_url, image_request(jpeg, max_tokens=4), timeout=60)
     took = time.monotonic() - start
     worker.join()
     error = assert_4xx(r, IMAGE_PARAM, "images.decode_timeout_s")

@@ -328,7 +328,7 @@ async def test_a_client_that_stops_reading_mid_stream_is_dropped_and_frees_its_s
     print(f"\na reader that stopped was dropped {held:.1f}s into its stream, after {len(seen)} bytes")
 
 
-async def test_a_burst_past_the_limit_is_refused_at_the_proxy_before_it_is_routed(serve_url):
+async def test_a_burst_past_the_limit_is_refused_at_the_proxy_before_it_is_routed(serve_url, metrics_url):
     """200 streams at once against 128 admission slots: every 503 comes from the proxy's edge
     (conftest sets its limit to the config's 128, as `llava-serve serve` does), so no refusal
     waits on the ingress replica's loop behind the admitted streams' work, and every admitted
@@ -336,7 +336,8 @@ async def test_a_burst_past_the_limit_is_refused_at_the_proxy_before_it_is_route
     import asyncio
     import json
 
-    body = {"messages": [user("Talk.")], "max_tokens": 32, "stream": True}
+    # Long enough that 128 are open at once while the rest arrive, on a fast machine too.
+    body = {"messages": [user("Talk.")], "max_tokens": 100, "stream": True}
 
     async def one(client: httpx.AsyncClient) -> tuple[int, str]:
         async with client.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=120) as r:
@@ -351,3 +352,7 @@ async def test_a_burst_past_the_limit_is_refused_at_the_proxy_before_it_is_route
         e["type"] == "overloaded_error" and "LLAVA_SERVE_EDGE_MAX_INFLIGHT" in e["message"] for e in refused
     ), refused[:3]
     assert len(complete) >= 128
+    deadline = time.monotonic() + 60  # the proxy's count of them reaches Prometheus
+    while "ray_llava_edge_refusals_total" not in httpx.get(metrics_url, timeout=10).text:
+        assert time.monotonic() < deadline, "the proxy's refusals were never exported"
+        await asyncio.sleep(1)
