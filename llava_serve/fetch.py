@@ -19,13 +19,12 @@ import os
 import ssl
 import time
 import typing
-from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
 import httpx
-from cachetools import LRUCache
+from cachetools import LRUCache, TLRUCache
 
 from llava_serve.config import ImageConfig
 from llava_serve.errors import ImageError
@@ -88,14 +87,23 @@ class ResponseCache:
 
     Only a 200 with `Cache-Control: max-age` (or `s-maxage`) > 0 and none of `no-store`,
     `no-cache` or `private` is kept (this is a cache shared by every caller), for at most
-    `max_ttl_s`, in an LRU bounded by bytes. `Expires` and validators are not used.
+    `max_ttl_s`, in cachetools' time-aware LRU bounded by bytes. `Expires` and validators are not
+    used.
     """
 
     def __init__(self, max_bytes: int, max_ttl_s: float):
         self.max_bytes = max_bytes
         self.max_ttl_s = max_ttl_s
-        self.entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self.bytes = 0
+        # Each value is (seconds to keep, body): the cache works out when it expires.
+        self.entries: TLRUCache[str, tuple[float, bytes]] = TLRUCache(
+            maxsize=max_bytes,
+            ttu=lambda _url, value, now: now + value[0],
+            getsizeof=lambda value: len(value[1]),
+        )
+
+    @property
+    def bytes(self) -> int:
+        return int(self.entries.currsize)
 
     @staticmethod
     def ttl(cache_control: str | None) -> float:
@@ -109,30 +117,14 @@ class ResponseCache:
         return float(age) if age.isdigit() else 0.0
 
     def get(self, url: str) -> bytes | None:
-        entry = self.entries.get(url)
-        if entry is None:
-            return None
-        expires, body = entry
-        if time.monotonic() >= expires:
-            self._drop(url)
-            return None
-        self.entries.move_to_end(url)
-        return body
+        entry = self.entries.get(url)  # None once expired
+        return None if entry is None else entry[1]
 
     def put(self, url: str, body: bytes, cache_control: str | None) -> None:
         ttl = min(self.ttl(cache_control), self.max_ttl_s)
         if ttl <= 0 or len(body) > self.max_bytes:
             return
-        if url in self.entries:
-            self._drop(url)
-        self.entries[url] = (time.monotonic() + ttl, body)
-        self.bytes += len(body)
-        while self.bytes > self.max_bytes:
-            self._drop(next(iter(self.entries)))
-
-    def _drop(self, url: str) -> None:
-        _, body = self.entries.pop(url)
-        self.bytes -= len(body)
+        self.entries[url] = (ttl, body)  # evicts the least recently used until it fits
 
 
 class PinnedBackend(httpcore.AsyncNetworkBackend):

@@ -55,6 +55,10 @@ def common_length(a: tuple, b: tuple) -> int:
 
 
 class PrefixCache:
+    """The entries in least-recently-used order, under a byte and an entry bound. An ordered dict
+    rather than cachetools' LRUCache: a lookup reads every entry to find the longest shared
+    prefix, and LRUCache's reads each count as a use, so the scan would reorder them all."""
+
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.entries: OrderedDict[int, Entry] = OrderedDict()

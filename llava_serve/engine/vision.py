@@ -3,9 +3,12 @@ turn, a retry) skips the tower."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
+from cachetools import LRUCache
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class VisionCache:
@@ -13,10 +16,13 @@ class VisionCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.bytes = 0
+        self.entries: LRUCache[str, torch.Tensor] = LRUCache(maxsize=max_bytes, getsizeof=_nbytes)
         self.hits = 0
         self.misses = 0
+
+    @property
+    def bytes(self) -> int:
+        return int(self.entries.currsize)
 
     def get(self, key: str) -> torch.Tensor | None:
         value = self.entries.get(key)
@@ -24,15 +30,9 @@ class VisionCache:
             self.misses += 1
             return None
         self.hits += 1
-        self.entries.move_to_end(key)
         return value
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes or key in self.entries:
+        if _nbytes(value) > self.max_bytes or key in self.entries:
             return
-        self.entries[key] = value
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        self.entries[key] = value  # evicts the least recently used until it fits
