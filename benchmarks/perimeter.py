@@ -27,7 +27,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import re
 import sys
 import threading
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -100,21 +100,12 @@ def slow_bodies(url: str, count: int = 200):
 
 
 def hard_grammars(url: str):
-    stop, results = threading.Event(), []
-
-    def run():
-        for k, n in enumerate([600, 700] * 3):
-            branches = [{"type": "object", "properties": {f"k{i}_{n}_{k}": {"const": i}}} for i in range(n)]
-            fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": branches}}}
-            body = {**NORMAL, "max_tokens": 3, "response_format": fmt}
-            try:
-                results.append(
-                    str(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code)
-                )
-            except httpx.HTTPError as e:
-                results.append(type(e).__name__)
-
-    return run, stop, results
+    bodies = []
+    for k, n in enumerate([600, 700] * 3):
+        branches = [{"type": "object", "properties": {f"k{i}_{n}_{k}": {"const": i}}} for i in range(n)]
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": branches}}}
+        bodies.append(json.dumps({**NORMAL, "max_tokens": 3, "response_format": fmt}).encode())
+    return _posts(url, bodies)
 
 
 def validation_flood(url: str, count: int = 3):
@@ -157,30 +148,23 @@ def _posts(url: str, bodies: list[bytes]):
 
 def replica_peak_mib() -> dict[str, float]:
     """Each Serve deployment's peak resident memory on this machine (VmHWM, MiB), its replicas'
-    processes and their children summed."""
-    parent, name = {}, {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent[pid] = f.read().rsplit(")", 1)[1].split()[1]
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if found := re.match(r"ray::ServeReplica:[^:]+:(\w+)", title):
-            name[pid] = found.group(1)
+    processes and their children summed (psutil finds them; the peak is only in /proc)."""
     peaks: dict[str, float] = {}
-    for pid in parent:
-        owner, hops = pid, 0
-        while owner not in name and owner in parent and hops < 8:
-            owner, hops = parent[owner], hops + 1
-        if owner in name:
+    for replica in psutil.process_iter(["cmdline"]):
+        found = re.match(r"ray::ServeReplica:[^:]+:(\w+)", (replica.info["cmdline"] or [""])[0])
+        if not found:
+            continue
+        try:
+            tree = [replica, *replica.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for process in tree:
             try:
-                with open(f"/proc/{pid}/status") as f:
+                with open(f"/proc/{process.pid}/status") as f:
                     kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
             except (OSError, StopIteration):
                 continue
-            peaks[name[owner]] = peaks.get(name[owner], 0.0) + kb / 1024
+            peaks[found.group(1)] = peaks.get(found.group(1), 0.0) + kb / 1024
     return {k: round(v, 1) for k, v in sorted(peaks.items())}
 
 

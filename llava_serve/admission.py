@@ -10,13 +10,15 @@ from llava_serve.errors import Overloaded
 
 
 class Admission:
-    """Counts the requests one ingress replica works on; past the limit, an immediate 503.
+    """Counts the requests one ingress replica (or one Serve proxy, `http.EdgeAdmission`) works
+    on; past the limit, an immediate 503 naming `knob`, the setting that limit comes from.
 
     The count covers a request from before its body is parsed until its last byte is sent,
     so a refusal costs next to nothing and an admitted request keeps its slot while it streams.
     """
 
-    def __init__(self, config: AdmissionConfig):
+    def __init__(self, config: AdmissionConfig, knob: str = "admission.max_inflight_requests"):
+        self.knob = knob
         self.configure(config)
         self.inflight = 0
         self.receiving = 0  # bodies still arriving, which hold no slot
@@ -39,7 +41,7 @@ class Admission:
         if self.limit and self.inflight >= self.limit:
             raise Overloaded(
                 f"the server is at capacity ({self.inflight} requests in flight, the limit is "
-                f"{self.limit}); retry later",
+                f"{self.limit}, {self.knob}); retry later",
                 self.retry_after_s,
             )
         self.inflight += 1
@@ -87,6 +89,12 @@ class Slot:
         if self.held:
             self.held = False
             self._admission.leave()
+
+    def hold(self) -> None:
+        """Count the request again without checking the limit: it was admitted already."""
+        if not self.held:
+            self.held = True
+            self._admission.inflight += 1
 
     @contextlib.contextmanager
     def lent(self) -> Iterator[None]:

@@ -26,7 +26,7 @@ from llava_serve import bounds
 from llava_serve.admission import Admission, Slot
 from llava_serve.auth import ApiKeys, HostCheck
 from llava_serve.chat import invalid_from_validation
-from llava_serve.config import LimitsConfig
+from llava_serve.config import AdmissionConfig, LimitsConfig
 from llava_serve.errors import (
     BodyTimeout,
     InvalidRequest,
@@ -169,52 +169,51 @@ class SendTimeout:
 
 
 class EdgeAdmission:
-    """Pure ASGI, in Serve's proxy (`deployments.proxy`): generation requests this proxy holds
-    open are counted, and past `limit` one is refused here with the ingress's own 503, before
-    Serve routes it. A refusal then costs the proxy a header and a count, and never queues behind
-    the admitted requests' work on the ingress replica's loop. As at the ingress, a body that
-    arrives in pieces stops counting until it is in (slow uploads keep no one out). The
-    ingress's admission stays the limit that holds; this one is what this proxy lets through,
-    at most `admission.max_inflight_requests` times the ingress replicas behind it."""
+    """Pure ASGI, in Serve's proxy (`deployments.proxy`): the ingress's `Admission`, counting the
+    generation requests this proxy holds open, so that past `limit` one is refused here with the
+    ingress's own 503, before Serve routes it. A refusal then costs the proxy a header and a
+    count, and never queues behind the admitted requests' work on the ingress replica's loop. As
+    at the ingress, a body that arrives in pieces stops counting until it is in (slow uploads
+    keep no one out); it then counts again unchecked, since the ingress behind decides. The
+    ingress's admission stays the limit that holds; this one is what this proxy lets through, at
+    most `admission.max_inflight_requests` times the ingress replicas behind it."""
 
     def __init__(
         self, app: ASGIApp, limit: int, retry_after_s: int = 1, on_refused: Callable[[], None] = lambda: None
     ):
-        self.app, self.limit, self.retry_after_s = app, limit, retry_after_s
+        self.app = app
+        config = AdmissionConfig(max_inflight_requests=limit, retry_after_s=retry_after_s, max_receiving=0)
+        self.admission = Admission(config, knob="LLAVA_SERVE_EDGE_MAX_INFLIGHT at this proxy")
         self.on_refused = on_refused  # the proxy counts them (a metric); nothing behind it sees them
-        self.inflight = 0
+
+    @property
+    def inflight(self) -> int:
+        return self.admission.inflight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].endswith(GUARDED_PATHS):
             await self.app(scope, receive, send)
             return
-        if self.inflight >= self.limit:
-            error = Overloaded(
-                f"the server is at capacity ({self.inflight} requests held open by this proxy, "
-                f"its limit LLAVA_SERVE_EDGE_MAX_INFLIGHT); retry later",
-                self.retry_after_s,
-            )
-            await error_response(error)(scope, receive, send)
+        try:
+            slot = self.admission.take()
+        except Overloaded as e:
+            await error_response(e)(scope, receive, send)
             self.on_refused()
             return
-        self.inflight += 1
-        counted = True
 
         async def counted_receive() -> Message:
-            nonlocal counted
             message = await receive()
             if message["type"] == "http.request":
-                arriving = message.get("more_body", False)
-                if arriving == counted:  # stops counting while the body arrives, counts once it is in
-                    counted = not arriving
-                    self.inflight += 1 if counted else -1
+                if message.get("more_body", False):
+                    slot.release()
+                else:
+                    slot.hold()
             return message
 
         try:
             await self.app(scope, counted_receive, send)
         finally:
-            if counted:
-                self.inflight -= 1
+            slot.release()
 
 
 def json_body(model: type[BaseModel]) -> dict:

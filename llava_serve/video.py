@@ -94,7 +94,7 @@ def _frames_at(
     for pts in wanted:
         at = bisect.bisect_right(keyframes, pts)
         key = keyframes[at - 1] if at else None  # the keyframe a seek to `pts` lands on
-        if decoded is None or last is None or (key is not None and key > last):
+        if last is None or (key is not None and key > last):  # nothing decoded yet, or past it
             container.seek(pts, stream=stream, backward=True, any_frame=False)
             decoded = container.decode(stream)
         for frame in decoded:

@@ -7,16 +7,12 @@ import torch
 from cachetools import LRUCache
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class VisionCache:
     """LRU of projected vision-tower outputs, keyed by the preprocessor's content hash, bounded in bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.entries: LRUCache[str, torch.Tensor] = LRUCache(maxsize=max_bytes, getsizeof=_nbytes)
+        self.entries: LRUCache[str, torch.Tensor] = LRUCache(maxsize=max_bytes, getsizeof=lambda t: t.nbytes)
         self.hits = 0
         self.misses = 0
 
@@ -33,6 +29,6 @@ class VisionCache:
         return value
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        if _nbytes(value) > self.max_bytes or key in self.entries:
+        if value.nbytes > self.max_bytes or key in self.entries:
             return
         self.entries[key] = value  # evicts the least recently used until it fits

@@ -4,14 +4,19 @@ server carries on."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import re
+import socket
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from PIL import Image
 from ray import serve
+from transformers import AutoTokenizer
 
 from tests.conftest import data_uri, encode, random_image
 from tests.e2e.test_hostile import IMAGE_PARAM, assert_4xx, post
@@ -278,13 +283,6 @@ async def test_a_client_that_stops_reading_mid_stream_is_dropped_and_frees_its_s
     small window and segment size, so the server's buffers fill after some tens of kilobytes of
     logprob-heavy chunks rather than megabytes. Its end-of-sequence token is banned, so the answer would
     run its full 2000 tokens (a minute or more here) if nobody dropped it."""
-    import asyncio
-    import json
-    import socket
-    from urllib.parse import urlsplit
-
-    from transformers import AutoTokenizer
-
     eos = AutoTokenizer.from_pretrained(tiny_dir).eos_token_id
     model = serve.get_deployment_handle("LlavaModel", "llava")
     body = {
@@ -333,9 +331,6 @@ async def test_a_burst_past_the_limit_is_refused_at_the_proxy_before_it_is_route
     (conftest sets its limit to the config's 128, as `llava-serve serve` does), so no refusal
     waits on the ingress replica's loop behind the admitted streams' work, and every admitted
     stream completes."""
-    import asyncio
-    import json
-
     # Long enough that 128 are open at once while the rest arrive, on a fast machine too.
     body = {"messages": [user("Talk.")], "max_tokens": 100, "stream": True}
 
