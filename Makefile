@@ -9,7 +9,7 @@ EDGE_MAX_INFLIGHT ?= 128
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install serve test lint bench
+.PHONY: install serve test test-fast lint bench
 
 install: $(VENV)/.installed
 
@@ -30,9 +30,15 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
+# The whole suite, as CI runs it.
 test: lint
 	$(PY) -m pytest -q
 
+# Everything but tests/e2e/ (no Ray cluster): a few minutes.
+test-fast: lint
+	$(PY) -m pytest -q -m "not e2e"
+
 bench: install
-	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/serve.py sweep

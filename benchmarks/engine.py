@@ -1,39 +1,51 @@
-"""Engine vs the thread-per-request streamer baseline, side by side in one run, through Ray Serve.
+"""The engine in this process, without Serve around it: each side a config overlay, in one run.
 
-    python benchmarks/engine.py                      # small preset, concurrency 1 4 16 32
-    python benchmarks/engine.py --preset tiny --concurrency 1 4 --max-tokens 16   # a quick look
+    python benchmarks/engine.py decode        # image requests at concurrency 1 4 16 32: v1 settings vs v2
+    python benchmarks/engine.py text          # ~600-token text prompts at concurrency 16
+    python benchmarks/engine.py followup --preset small-336   # a follow-up turn about the same image
+    python benchmarks/engine.py structured    # 16 rows decoding, 0 vs 8 of them under a JSON schema
+    python benchmarks/engine.py tiles --model tiny-next       # TTFT of a 1-tile vs a 5-tile image
+    python benchmarks/engine.py decode --side "v2=" --side 'budget 100={"max_stream_messages_per_s": 100}'
 
-Both systems are deployed side by side as the same kind of Serve deployment (one replica, the
-same CPUs), take turns at each concurrency level, and are driven through
-`handle.options(stream=True).generate.remote(...)` with the same pre-tokenized prompts and
-preprocessed images (each request a fresh image), greedy decoding, the same `max_tokens`.
-Reported per concurrency: aggregate output tokens/s, TTFT p50/p99, time per output token
-(TPOT) p50/p99, and the model replica's event-loop lag p99 (a 10 ms ticker in the replica).
-Prints a table and writes JSON. Ratios are what to read: the machines are noisy.
+A side is `NAME=JSON`: `engine.*` settings laid over the defaults (`v1 settings` is the engine as
+v1 scheduled: whole prompts in one step, no prefix cache, every stream on its own clock). Every
+side's engine is loaded once, in this process, on the same weights; the sides take turns on the
+same requests, the order rotated each round, so drift in the machine's speed lands on all. TTFT
+is the first output with a token at the consumer of `Engine.stream`; TPOT is (last - first) /
+(tokens - 1); loop lag is how late a 10 ms timer on this process's event loop (the one the engine
+steps from) woke while the side ran. Prints a table, writes JSON with the commit it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
+import json
 import os
 import statistics
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+import torch
 from PIL import Image
 
-from benchmarks.report import pct, save
-from llava_serve import checkpoint, images
-from llava_serve.config import AppConfig
+from benchmarks.report import pct, save, table
+from llava_serve.api.messages import to_template_messages
+from llava_serve.api.protocol import ChatMessage
+from llava_serve.config import EngineConfig, ImageConfig, ModelConfig
+from llava_serve.engine import Engine
 from llava_serve.engine.sampling import SamplingParams
-from llava_serve.prompts import PromptBuilder, to_template_messages
-from llava_serve.protocol import ChatMessage
+from llava_serve.inputs import images
+from llava_serve.inputs.prompts import PromptBuilder
+from llava_serve.models import checkpoint, tiny
+from llava_serve.structured.spec import OutputFormat
 
 QUESTIONS = [
     "What is in this image?",
@@ -41,204 +53,395 @@ QUESTIONS = [
     "Is there an animal here?",
     "What colours dominate?",
 ]
+WORDS = [
+    "the",
+    "a",
+    "river",
+    "mountain",
+    "city",
+    "light",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "over",
+    "under",
+    "near",
+    "far",
+    "old",
+    "new",
+]
+V1_SETTINGS = {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0, "max_stream_messages_per_s": 0}
+DEFAULT_SIDES = {"v1 settings": V1_SETTINGS, "v2": {}}
+FIRST = ChatMessage(
+    role="user",
+    content=[{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "Describe it."}],
+)
+AGAIN = ChatMessage(role="user", content="What colour is the largest thing in it?")
 
 
-def make_inputs(config: AppConfig, n: int, max_tokens: int, seed: int = 0):
-    """`n` distinct (prompt, image) pairs, preprocessed exactly as the serving path does."""
-    adapter = checkpoint.load_adapter(config.model)
-    builder = PromptBuilder(adapter, checkpoint.context_length(config.model))
-    rng = np.random.RandomState(seed)
-    out = []
-    for i in range(n):
-        pic = Image.fromarray(
-            rng.randint(0, 256, (rng.randint(60, 300), rng.randint(60, 300), 3), dtype=np.uint8)
-        )
-        prepared = images.prepare(_png(pic), adapter, config.images)
+class LoopLag:
+    """A ticker that sleeps 10 ms and records how much later than asked it woke."""
+
+    def __init__(self):
+        self.samples: deque[float] = deque(maxlen=100_000)
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.samples.append(max(0.0, time.perf_counter() - t0 - 0.01) * 1000)
+
+    def take_p99(self) -> float:
+        p99 = round(pct(list(self.samples), 0.99), 1)
+        self.samples.clear()
+        return p99
+
+
+class Bench:
+    """The checkpoint's prompt builder and adapter, and one engine per side on its weights."""
+
+    def __init__(self, args):
+        arch = "llava_next" if args.model == "tiny-next" else "llava"
+        self.model = ModelConfig(name=str(tiny.ensure(args.preset, arch=arch)))
+        self.adapter = checkpoint.load_adapter(self.model)
+        self.builder = PromptBuilder(self.adapter, checkpoint.context_length(self.model))
+        base = {"max_batch_size": args.batch, "max_queue": 4096}
+        self.engines = {
+            name: Engine.load(self.model, EngineConfig(**base, **overlay))
+            for name, overlay in args.sides.items()
+        }
+
+    def image_request(self, rng: np.random.RandomState, question: str, max_tokens: int, base_only=False):
+        pixels = rng.randint(0, 256, (rng.randint(60, 300), rng.randint(60, 300), 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG")
+        image = images.prepare(buf.getvalue(), self.adapter, ImageConfig(), None, base_only)
         msg = ChatMessage(
             role="user",
-            content=[
-                {"type": "image_url", "image_url": {"url": "x"}},
-                {"type": "text", "text": QUESTIONS[i % 4]},
-            ],
+            content=[{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": question}],
         )
-        out.append((builder.build(to_template_messages([msg]), max_tokens, [prepared.num_tokens]), prepared))
-    return out
+        return self.builder.build(to_template_messages([msg]), max_tokens, [image.num_tokens]).input_ids, [
+            image
+        ]
+
+    def text_request(self, rng: np.random.RandomState, words: int, max_tokens: int):
+        text = " ".join(rng.choice(WORDS, words)) + ". Summarize."
+        msgs = to_template_messages([ChatMessage(role="user", content=text)])
+        return self.builder.build(msgs, max_tokens, []).input_ids, []
+
+    async def close(self) -> None:
+        for engine in self.engines.values():
+            await engine.shutdown()
 
 
-def _png(image: Image.Image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
-async def one_request(handle, prompt, images: list, params) -> dict:
-    """One streamed request through a handle: TTFT (first token at the caller), time per output
-    token after it, tokens and the answer's text."""
+async def one(engine: Engine, ids: list[int], imgs: list, params: SamplingParams) -> dict:
     t0 = time.perf_counter()
     first = last = None
-    tokens = 0
-    text = ""
-    async for out in handle.options(stream=True).generate.remote(prompt, params, *images):
-        now = time.perf_counter()
+    tokens, text = 0, ""
+    async for out in engine.generate(ids, imgs, params):
         if out.completion_tokens > tokens:
-            first = first or now
-            last = now
-        tokens = out.completion_tokens
-        text += out.text
+            last = time.perf_counter()
+            first = first or last
+        tokens, text = out.completion_tokens, text + out.text
     return {"ttft": first - t0, "tpot": (last - first) / max(1, tokens - 1), "tokens": tokens, "text": text}
 
 
-async def run_level(handle, inputs, concurrency: int, n_requests: int, params) -> dict:
-    await handle.loop_lag.remote(reset=True)
+async def closed(engine: Engine, reqs: list, concurrency: int, params: SamplingParams) -> dict:
     sem = asyncio.Semaphore(concurrency)
 
-    async def bounded(i):
+    async def bounded(req):
         async with sem:
-            prompt, image = inputs[i]
-            return await one_request(handle, prompt, [image], params)
+            return await one(engine, *req, params)
 
     t0 = time.perf_counter()
-    results = await asyncio.gather(*[bounded(i) for i in range(n_requests)])
+    results = await asyncio.gather(*[bounded(r) for r in reqs])
     wall = time.perf_counter() - t0
-    lag = await handle.loop_lag.remote(reset=True)
-    ttft = [r["ttft"] * 1000 for r in results]
-    tpot = [r["tpot"] * 1000 for r in results]
+    ttft, tpot = [r["ttft"] * 1000 for r in results], [r["tpot"] * 1000 for r in results]
     return {
         "concurrency": concurrency,
-        "requests": n_requests,
-        "tokens": sum(r["tokens"] for r in results),
-        "wall_s": round(wall, 2),
+        "requests": len(reqs),
         "tok_s": round(sum(r["tokens"] for r in results) / wall, 1),
-        "ttft_p50_ms": round(pct(ttft, 0.5), 1),
-        "ttft_p99_ms": round(pct(ttft, 0.99), 1),
+        "ttft_p50_ms": round(pct(ttft, 0.5)),
+        "ttft_p99_ms": round(pct(ttft, 0.99)),
         "tpot_p50_ms": round(pct(tpot, 0.5), 1),
         "tpot_p99_ms": round(pct(tpot, 0.99), 1),
-        "loop_lag_p99_ms": lag["p99"],
-        "loop_lag_max_ms": lag["max"],
     }
 
 
-async def image_cache_ttft(handle, inputs, params, repeats: int = 5) -> dict:
-    """TTFT of a first sight of an image (miss) vs the same image again (hit), one at a time."""
-    misses, hits = [], []
-    for prompt, image in inputs[:repeats]:
-        misses.append((await one_request(handle, prompt, [image], params))["ttft"] * 1000)
-        hits.append((await one_request(handle, prompt, [image], params))["ttft"] * 1000)
-    return {
-        "miss_ttft_ms": round(statistics.median(misses), 1),
-        "hit_ttft_ms": round(statistics.median(hits), 1),
-    }
+def rotated(names: list[str], r: int) -> list[str]:
+    k = r % len(names)
+    return names[k:] + names[:k]
 
 
-def deploy(kind: str, config: AppConfig):
-    from ray import serve
+def ratio_rows(results: dict, key: str, cells) -> list[list]:
+    """Each side's runs in order, with `key` against the first side's."""
+    names = list(results["sides"])
+    rows = []
+    for i in range(len(results["sides"][names[0]])):
+        base = results["sides"][names[0]][i][key]
+        for name in names:
+            x = results["sides"][name][i]
+            rows.append([name, *cells(x), f"{x[key] / base:.2f}x"])
+    return rows
 
-    if kind == "engine":
-        from deployments.model import LlavaModel as cls
-    elif kind == "batch":
-        from benchmarks.baseline_batch import BatchedModel as cls
-    else:
-        from benchmarks.baseline_streamer import StreamerModel as cls
-    app = cls.options(**config.llava_model.to_serve_options()).bind(config)
-    return serve.run(app, name=f"bench-{kind}", route_prefix=None)
+
+# -- workloads --------------------------------------------------------------------------------
 
 
-async def bench(args) -> dict:
-    import ray
-    from ray import serve
-
-    config = AppConfig.model_validate(
-        {
-            "model": {"name": "tiny", "tiny_preset": args.preset},
-            "engine": {"max_batch_size": max(args.concurrency), "max_queue": 1024}
-            | ({} if args.stream_interval_s is None else {"stream_interval_s": args.stream_interval_s}),
-            "llava_model": {"num_cpus": args.model_cpus, "max_ongoing_requests": 1024},
-        }
-    )
-    checkpoint.resolve_path(config.model)  # build the checkpoint before timing anything
+async def decode(args, bench: Bench, lag: LoopLag) -> dict:
+    """Image requests (each a fresh image) at each concurrency, greedy, `--max-tokens` each."""
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    ray.init(num_cpus=len(args.systems) * args.model_cpus + 1, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8299})
-    results: dict = {"preset": args.preset, "max_tokens": args.max_tokens, "systems": {}}
-    sizes = [max(args.min_requests, c * args.requests_per_slot) for c in args.concurrency]
-    # Every request carries an image neither system has seen, so the engine's vision cache
-    # never helps it here; the cache gets its own measurement below.
-    inputs = make_inputs(config, sum(sizes) + 2, args.max_tokens, seed=1)
-    handles = {kind: deploy(kind, config) for kind in args.systems}
-    for kind, handle in handles.items():
-        await asyncio.gather(*[one_request(handle, p, [im], params) for p, im in inputs[-2:]])  # warm-up
-        results["systems"][kind] = {"levels": []}
-    start = 0
-    for c, n in zip(args.concurrency, sizes, strict=True):
-        # Both systems stay deployed and take turns level by level, so drift in the machine's
-        # speed lands on both rather than on whichever ran second.
-        for kind, handle in handles.items():
-            level = await run_level(handle, inputs[start : start + n], c, n, params)
-            results["systems"][kind]["levels"].append(level)
-            print(f"  {kind:8s} c={c:<3d} {level}", flush=True)
-        start += n
-    if "engine" in handles:
-        fresh = make_inputs(config, 5, args.max_tokens, seed=7)
-        results["systems"]["engine"]["image_cache"] = await image_cache_ttft(handles["engine"], fresh, params)
-    for kind in handles:
-        serve.delete(f"bench-{kind}")
-    serve.shutdown()
-    ray.shutdown()
+    rng = np.random.RandomState(args.seed)
+    results: dict = {"sides": {name: [] for name in bench.engines}}
+    for engine in bench.engines.values():
+        await closed(engine, [bench.image_request(rng, "Hi", 4) for _ in range(2)], 2, params)
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            n = max(10, 2 * c)
+            reqs = [bench.image_request(rng, QUESTIONS[i % 4], args.max_tokens) for i in range(n)]
+            for name in rotated(list(bench.engines), r):
+                lag.take_p99()
+                level = await closed(bench.engines[name], reqs, c, params) | {"round": r + 1}
+                level["loop_lag_p99_ms"] = lag.take_p99()
+                results["sides"][name].append(level)
+                print(f"  round {r + 1} {name}: {level}", flush=True)
+    rows = ratio_rows(
+        results,
+        "tok_s",
+        lambda x: [
+            x["round"],
+            f"{x['concurrency']} ({x['requests']})",
+            x["tok_s"],
+            f"{x['ttft_p50_ms']} / {x['ttft_p99_ms']}",
+            f"{x['tpot_p50_ms']} / {x['tpot_p99_ms']}",
+            x["loop_lag_p99_ms"],
+        ],
+    )
+    headers = ["side", "round", "concurrency (requests)", "tok/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms"]
+    results["table"] = table([*headers, "loop lag p99 ms", "tok/s vs first side"], rows)
     return results
 
 
-def table(results: dict) -> str:
-    base = {lv["concurrency"]: lv for lv in results["systems"]["baseline"]["levels"]}
+async def text(args, bench: Bench, lag: LoopLag) -> dict:
+    """32 distinct text prompts of `--words` words (~2 tokens each) at concurrency 16, 64 tokens."""
+    params = SamplingParams(max_tokens=64, temperature=0.0)
+    rng = np.random.RandomState(args.seed)
+    results: dict = {"sides": {name: [] for name in bench.engines}}
+    for engine in bench.engines.values():
+        await closed(engine, [bench.text_request(rng, 8, 4)], 1, params)
+    for r in range(args.rounds):
+        reqs = [bench.text_request(rng, args.words, 64) for _ in range(32)]
+        for name in rotated(list(bench.engines), r):
+            level = await closed(bench.engines[name], reqs, 16, params) | {"round": r + 1}
+            level["prompt_tokens"] = len(reqs[0][0])
+            results["sides"][name].append(level)
+            print(f"  round {r + 1} {name}: {level}", flush=True)
+    rows = ratio_rows(
+        results,
+        "ttft_p50_ms",
+        lambda x: [
+            x["round"],
+            x["prompt_tokens"],
+            x["tok_s"],
+            f"{x['ttft_p50_ms']} / {x['ttft_p99_ms']}",
+            x["tpot_p50_ms"],
+        ],
+    )
+    headers = ["side", "round", "prompt tokens", "tok/s", "TTFT p50 / p99 ms", "TPOT p50 ms"]
+    results["table"] = table([*headers, "TTFT p50 vs first side"], rows)
+    return results
+
+
+async def followup(args, bench: Bench, lag: LoopLag) -> dict:
+    """A first turn about a fresh image, then, once it has finished, the follow-up a chat client
+    sends (the first message, the answer it got, a new question), one at a time: TTFT of each."""
+    params = SamplingParams(max_tokens=48, temperature=0.0)
+    rng = np.random.RandomState(args.seed)
+    results: dict = {"sides": {name: [] for name in bench.engines}}
+    for r in range(args.rounds):
+        for name in rotated(list(bench.engines), r):
+            engine, first, second, reused, positions = bench.engines[name], [], [], 0, 0
+            for _ in range(args.turns):  # each side sees images it has not seen
+                ids, imgs = bench.image_request(rng, "Describe it.", 48)
+                answer = await one(engine, ids, imgs, params)
+                first.append(answer["ttft"] * 1000)
+                history = [FIRST, ChatMessage(role="assistant", content=answer["text"]), AGAIN]
+                again = bench.builder.build(to_template_messages(history), 48, [i.num_tokens for i in imgs])
+                hits = engine.stats()["prefix_cache_hit_tokens"]
+                second.append((await one(engine, again.input_ids, imgs, params))["ttft"] * 1000)
+                reused += engine.stats()["prefix_cache_hit_tokens"] - hits
+                positions += len(again.input_ids)
+            level = {
+                "round": r + 1,
+                "first_turn_ttft_ms": round(statistics.median(first), 1),
+                "follow_up_ttft_ms": round(statistics.median(second), 1),
+                "ratio": round(statistics.median(second) / statistics.median(first), 2),
+                "reused": f"{reused} / {positions}",  # follow-up positions whose KV came from the cache
+            }
+            results["sides"][name].append(level)
+            print(f"  round {r + 1} {name}: {level}", flush=True)
     rows = [
-        "| concurrency | system | tok/s | ratio | TTFT p50 / p99 ms | TPOT p50 / p99 ms | loop lag p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        [name, x["round"], x["first_turn_ttft_ms"], x["follow_up_ttft_ms"], f"{x['ratio']}x", x["reused"]]
+        for name, levels in results["sides"].items()
+        for x in levels
     ]
-    for kind in results["systems"]:
-        for lv in results["systems"][kind]["levels"]:
-            ratio = lv["tok_s"] / base[lv["concurrency"]]["tok_s"]
+    headers = ["side", "round", "first turn TTFT ms", "follow-up TTFT ms", "follow-up / first"]
+    results["table"] = table([*headers, "follow-up positions reused"], rows)
+    return results
+
+
+def receipt(items: int) -> dict:
+    """A receipt whose item list cannot close before `items` items (each takes several tokens)."""
+    item = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+            "taxed": {"type": "boolean"},
+        },
+        "required": ["name", "qty", "taxed"],
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "currency": {"enum": ["EUR", "USD"]},
+            "items": {"type": "array", "items": item, "minItems": items},
+        },
+        "required": ["currency", "items"],
+    }
+
+
+async def structured(args, bench: Bench, lag: LoopLag) -> dict:
+    """`--batch` rows decoding `--max-tokens` each (end-of-sequence biased away), 0 and then
+    `--constrained` of them under a schema that cannot end sooner: the decode step's time."""
+
+    async def step_ms(engine: Engine, params: list[SamplingParams]) -> float:
+        runs = await asyncio.gather(
+            *[one(engine, ids, [], p) for (ids, _), p in zip(prompts, params, strict=True)]
+        )
+        assert all(r["tokens"] == args.max_tokens for r in runs), "a row ended early"
+        return statistics.median(r["tpot"] for r in runs) * 1000
+
+    rng = np.random.RandomState(args.seed)
+    prompts = [bench.text_request(rng, 6, args.max_tokens) for _ in range(args.batch)]
+    results: dict = {"sides": {}}
+    rows = []
+    for name, engine in bench.engines.items():
+        no_eos = tuple((eos, -100.0) for eos in engine.eos_ids)
+        fmt = OutputFormat.from_schema(receipt(args.max_tokens), "response_format")
+        free = SamplingParams(args.max_tokens, temperature=1.0, seed=0, logit_bias=no_eos)
+        bound = SamplingParams(args.max_tokens, temperature=1.0, seed=0, logit_bias=no_eos, output=fmt)
+        mixes = {
+            "0 constrained": [free] * args.batch,
+            f"{args.constrained} constrained": [bound] * args.constrained
+            + [free] * (args.batch - args.constrained),
+        }
+        await step_ms(engine, mixes[f"{args.constrained} constrained"])  # warm up, compile the schema
+        times: dict[str, list[float]] = {mix: [] for mix in mixes}
+        for r in range(args.rounds):
+            for mix in rotated(list(mixes), r):
+                times[mix].append(await step_ms(engine, mixes[mix]))
+        base = statistics.median(times["0 constrained"])
+        results["sides"][name] = times
+        for mix, samples in times.items():
+            median = statistics.median(samples)
             rows.append(
-                f"| {lv['concurrency']} | {kind} | {lv['tok_s']} | {ratio:.2f}x | "
-                f"{lv['ttft_p50_ms']} / {lv['ttft_p99_ms']} | {lv['tpot_p50_ms']} / {lv['tpot_p99_ms']} | "
-                f"{lv['loop_lag_p99_ms']} |"
+                [
+                    name,
+                    mix,
+                    f"{median:.1f}",
+                    f"{min(samples):.1f} / {max(samples):.1f}",
+                    f"{median / base:.3f}x",
+                ]
             )
-    cache = results["systems"].get("engine", {}).get("image_cache")
-    if cache:
-        miss, hit = cache["miss_ttft_ms"], cache["hit_ttft_ms"]
-        rows.append(f"\nimage cache (engine, c=1): TTFT miss {miss} ms, hit {hit} ms")
-    return "\n".join(rows)
+    results["table"] = table(["side", "rows", "step ms (median)", "min / max", "vs free"], rows)
+    return results
+
+
+async def tiles(args, bench: Bench, lag: LoopLag) -> dict:
+    """On an anyres checkpoint (`--model tiny-next`): the prompt tokens an image becomes at each
+    detail, and TTFT of the same-sized image as 1 tile (detail low) and as 5 (base + 2x2)."""
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    rng = np.random.RandomState(args.seed)
+
+    async def ttft(engine: Engine, base_only: bool) -> float:
+        start = time.perf_counter()  # the image's preprocessing is part of what more tiles cost
+        ids, imgs = bench.image_request(rng, "Hi", 4, base_only)
+        await one(engine, ids, imgs, params)
+        return (time.perf_counter() - start) * 1000
+
+    results: dict = {"sides": {}}
+    rows = []
+    for name, engine in bench.engines.items():
+        await ttft(engine, False)
+        times: dict[str, list[float]] = {"1 tile (detail low)": [], "5 tiles (detail high)": []}
+        for _ in range(args.rounds):
+            times["1 tile (detail low)"].append(await ttft(engine, True))
+            times["5 tiles (detail high)"].append(await ttft(engine, False))
+        base = statistics.median(times["1 tile (detail low)"])
+        results["sides"][name] = times
+        for label, samples in times.items():
+            median = statistics.median(samples)
+            rows.append([name, label, f"{median:.1f}", f"{pct(samples, 0.9):.1f}", f"{median / base:.2f}x"])
+    results["table"] = table(["side", "image", "TTFT ms (median)", "p90", "vs 1 tile"], rows)
+    return results
+
+
+WORKLOADS = {"decode": decode, "text": text, "followup": followup, "structured": structured, "tiles": tiles}
+ONE_SIDE = {"structured", "tiles"}  # sides differ within the workload
+
+
+def sides(specs: list[str] | None, workload: str) -> dict[str, dict]:
+    if not specs:
+        return {"v2": {}} if workload in ONE_SIDE else dict(DEFAULT_SIDES)
+    out = {}
+    for spec in specs:
+        name, _, overlay = spec.partition("=")
+        out[name] = V1_SETTINGS if name == "v1 settings" and not overlay else json.loads(overlay or "{}")
+    return out
+
+
+async def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    bench = Bench(args)
+    lag = LoopLag()
+    try:
+        return await WORKLOADS[args.workload](args, bench, lag)
+    finally:
+        await bench.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="small", choices=["tiny", "small"])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument(
-        "--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency"
+        "--side", action="append", help='NAME=JSON of engine.* settings ("v1 settings" alone: v1)'
     )
-    parser.add_argument("--min-requests", type=int, default=10)
+    parser.add_argument("--preset", default="small", choices=sorted(tiny.PRESETS))
     parser.add_argument(
-        "--model-cpus", type=int, default=2, help="num_cpus of the model replica (both systems)"
+        "--model", default="tiny", choices=["tiny", "tiny-next"], help="tiny-next: LLaVA-NeXT"
     )
-    parser.add_argument(
-        "--systems",
-        nargs="+",
-        default=["baseline", "batch", "engine"],
-        choices=["baseline", "batch", "engine"],
-        help="baseline: the documented thread + TextIteratorStreamer pattern; batch: the documented "
-        "@serve.batch streaming pattern; engine: llava-serve's model deployment",
-    )
-    parser.add_argument(
-        "--stream-interval-s", type=float, default=None, help="the engine's engine.stream_interval_s"
-    )
-    parser.add_argument("--out", default="benchmarks/results/engine.json")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32], help="decode")
+    parser.add_argument("--max-tokens", type=int, default=64, help="decode, structured")
+    parser.add_argument("--words", type=int, default=280, help="text: words per prompt (~2 tokens each)")
+    parser.add_argument("--turns", type=int, default=4, help="followup: conversations per side a round")
+    parser.add_argument("--constrained", type=int, default=8, help="structured: rows under the schema")
+    parser.add_argument("--batch", type=int, default=16, help="engine.max_batch_size")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/engine-WORKLOAD.json")
     args = parser.parse_args()
-    results = asyncio.run(bench(args))
-    print(table(results))
+    args.out = args.out or f"benchmarks/results/engine-{args.workload}.json"
+    args.sides = sides(args.side, args.workload)
+    if args.workload == "tiles" and args.model == "tiny":
+        args.model = "tiny-next"  # the tiling is what it measures
+    results = asyncio.run(run(args))
+    print(results["table"])
     save(results, args)
 
 

@@ -21,43 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.probes import WholeRunner
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.kv_cache import v1_runner_class
+from benchmarks.micro.kv_cache import v1_runner_class
 from benchmarks.report import save
-from llava_serve.engine.runner import ModelRunner
-
-SHAPES = {
-    # llava-hf/llava-1.5-7b-hf: Vicuna-7B and CLIP ViT-L/14 at 336 px.
-    "7b": {
-        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
-        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       image_size=336, patch_size=14, projection_dim=768),
-    },
-    "small": {
-        "text": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                     num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096),
-        "vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                       image_size=112, patch_size=14, projection_dim=256),
-    },
-}  # fmt: skip
-
-
-def build(shape: str, device: torch.device, dtype: torch.dtype):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    dims = SHAPES[shape]
-    config = LlavaConfig(
-        text_config=LlamaConfig(**dims["text"], bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=CLIPVisionConfig(**dims["vision"]),
-        image_token_index=32000,
-    )
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    return model.eval()
+from tests.support.shapes import SHAPES, build
 
 
 def bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -91,7 +63,7 @@ def decode_time(runner, rows: int, prompt_len: int, steps: int, device: torch.de
     """Median seconds per decode step of `rows` rows after their prompts."""
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 32000, (prompt_len,), generator=gen).tolist() for _ in range(rows)]
-    prefill = getattr(runner, "prefill_whole", None) or runner.prefill  # v2 or v1
+    prefill = getattr(runner, "prefill_whole", None) or runner.prefill  # v2 (WholeRunner) or v1
     logits = prefill(list(range(rows)), [(p, []) for p in prompts])
     runner.commit(logits.argmax(-1).tolist())
     times = []
@@ -121,7 +93,7 @@ def main(args: argparse.Namespace) -> dict:
     floor_ms = weights / bw * 1e3
     sides = {
         "v1 DynamicCache": lambda: v1_runner_class(args.v1_commit)(model, 0),
-        "v2 slot KV": lambda: ModelRunner(model, 0, slots=32, max_len=1024),
+        "v2 slot KV": lambda: WholeRunner(model, 0, slots=32, max_len=1024),
     }
     out: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.report import save
 from llava_serve.config import AppConfig
-from llava_serve.loadgen import closed_loop, random_png
+from tests.support.load import closed_loop, random_png
 
 IMAGE_HOST = "127.0.0.2"
 
@@ -115,7 +115,7 @@ async def run(args) -> dict:
     from ray.cluster_utils import Cluster
 
     from deployments.app import build
-    from llava_serve import tiny
+    from llava_serve.models import tiny
 
     tiny_dir = str(tiny.ensure("tiny"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"cpu_node": 1}})

@@ -39,7 +39,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import pct, save
-from llava_serve.loadgen import trickle_body
+from tests.support.load import trickle_body
 
 STREAM = {
     "messages": [{"role": "user", "content": "Talk."}],

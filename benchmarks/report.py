@@ -1,6 +1,6 @@
-"""What every benchmark shares: percentiles, a median timer, and at the end keeping the run's
-arguments with its results in JSON. Imports nothing of `llava_serve`, so a benchmark running
-another tree can use it."""
+"""What every benchmark shares: percentiles, a median timer, a Markdown table, and at the end
+keeping the run's arguments with its results in JSON. Imports nothing of `llava_serve`, so a
+benchmark running another tree can use it."""
 
 from __future__ import annotations
 
@@ -14,11 +14,16 @@ from pathlib import Path
 
 
 def pct(values: list[float], q: float) -> float:
-    """The q-quantile of `values` (nearest rank); NaN when there are none."""
-    if not values:
-        return float("nan")
-    data = sorted(values)
-    return data[min(len(data) - 1, int(q * len(data)))]
+    """The q-quantile of `values` (the standard library's, inclusive); NaN when there are none."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table, as the README and docs/performance.md show results."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join([*lines, *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

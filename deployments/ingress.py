@@ -11,17 +11,17 @@ from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.metrics import IngressMetrics
-from llava_serve import http, playground, process
-from llava_serve.admission import Admission
-from llava_serve.auth import ApiKeys, HostCheck, load_keys
-from llava_serve.chat import ChatService
-from llava_serve.checkpoint import takes_video
+from deployments.metrics import IngressMetrics, rss_bytes
+from llava_serve.api import http, playground
+from llava_serve.api.admission import Admission
+from llava_serve.api.auth import ApiKeys, HostCheck, load_keys
+from llava_serve.api.chat import ChatService
+from llava_serve.api.health import HealthProbe
+from llava_serve.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
+from llava_serve.api.telemetry import RequestRecord
 from llava_serve.config import AppConfig, with_runtime
 from llava_serve.errors import LlavaServeError, NotFound, unwrap
-from llava_serve.health import HealthProbe
-from llava_serve.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
-from llava_serve.telemetry import RequestRecord
+from llava_serve.models.checkpoint import takes_video
 
 # Serve's own logger: lines written through it carry the replica and request id.
 logger = logging.getLogger("ray.serve")
@@ -157,7 +157,7 @@ class Ingress:
         return self.admission.inflight
 
     async def stats(self) -> dict:
-        return {"pid": os.getpid(), "rss_bytes": process.rss_bytes(), "inflight": self.admission.inflight}
+        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "inflight": self.admission.inflight}
 
     # -- telemetry ---------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import ray
 from ray import serve
 
 from deployments.app import build
-from llava_serve.auth import load_keys
+from llava_serve.api.auth import load_keys
 from llava_serve.config import AppConfig
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics through `ray.serve.metrics`; every name and label is listed in the README.
+"""Prometheus metrics through `ray.serve.metrics`; every name and label is listed in docs/operations.md.
 
 Ray exports them (prefixed `ray_`) from each node's metrics agent, with Serve's own
 `deployment`, `replica` and `application` labels added.
@@ -6,9 +6,15 @@ Ray exports them (prefixed `ray_`) from each node's metrics agent, with Serve's 
 
 from __future__ import annotations
 
+import psutil
 from ray.serve import metrics
 
-from llava_serve.telemetry import RequestRecord
+from llava_serve.api.telemetry import RequestRecord
+
+
+def rss_bytes() -> int:
+    """This replica's resident set size now, for its `stats()`."""
+    return int(psutil.Process().memory_info().rss)
 
 
 def _histogram(name: str, description: str, boundaries=None, tags: tuple[str, ...] = ()):

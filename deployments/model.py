@@ -12,16 +12,11 @@ import ray
 import torch
 from ray import serve
 
-from deployments.metrics import EngineMetrics
-from llava_serve import process
+from deployments.metrics import EngineMetrics, rss_bytes
 from llava_serve.config import AppConfig, with_runtime
 from llava_serve.engine import Engine
 from llava_serve.engine.sampling import SamplingParams
-from llava_serve.engine.sequence import ACCEPTED, StepOutput
-from llava_serve.errors import InvalidRequest
-from llava_serve.images import PreparedImage
-from llava_serve.looplag import LoopLagMonitor
-from llava_serve.prompts import PromptInputs
+from llava_serve.types import PreparedImage, PromptInputs, StepOutput
 
 
 async def _resolved(image: PreparedImage) -> PreparedImage:
@@ -39,7 +34,6 @@ class LlavaModel:
         torch.set_num_threads(max(1, math.ceil(config.llava_model.num_cpus)))
         self.config = self.base_config = config  # the app's args; user_config is laid over these
         self.engine = Engine.load(config.model, config.engine)
-        self.lag = LoopLagMonitor()
         self.metrics = EngineMetrics()
         self.engine.on_admit = self.metrics.queue_wait.observe
         self._sampler: asyncio.Task | None = None
@@ -58,26 +52,15 @@ class LlavaModel:
         Images come as separate positional arguments because Serve resolves upstream
         `DeploymentResponse`s only at the top level of the arguments.
         """
-        self.lag.start()
         if self._sampler is None:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
-        if prompt.num_images != len(images):
-            raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
-        images = list(await asyncio.gather(*(_resolved(image) for image in images)))
-        stages = {"tokenize": prompt.tokenize_s}
-        if images:  # fetched and preprocessed in parallel: the request waited for the slowest
-            stages |= {
-                "image_fetch": max(i.fetch_s for i in images),
-                "image_preprocess": max(i.preprocess_s for i in images),
-            }
-        grammar = None if params.output is None else await self.engine.compile(params.output)
-        seq = self.engine.submit(prompt.input_ids, images, params, stages, grammar)
+        resolved = await asyncio.gather(*(_resolved(image) for image in images))
+        outputs = self.engine.serve(prompt, params, list(resolved))
         try:
-            yield ACCEPTED
-            async for out in self.engine.stream(seq):
+            async for out in outputs:
                 yield out
         finally:
-            self.engine.cancel(seq)  # also when the caller left before the stream began
+            await outputs.aclose()  # a caller gone cancels the request (Engine.serve)
 
     async def _sample_metrics(self) -> None:
         while True:
@@ -90,14 +73,7 @@ class LlavaModel:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting}
 
     async def stats(self) -> dict:
-        return {**self.engine.stats(), "rss_bytes": process.rss_bytes(), "pid": os.getpid()}
-
-    async def loop_lag(self, reset: bool = False) -> dict:
-        """Percentiles of this replica's event-loop lag (ms), from a 10 ms ticker."""
-        stats = self.lag.percentiles_ms()
-        if reset:
-            self.lag.reset()
-        return stats
+        return {**self.engine.stats(), "rss_bytes": rss_bytes(), "pid": os.getpid()}
 
     async def check_health(self) -> None:
         self.engine.check_health()

@@ -18,7 +18,7 @@ import os
 from starlette.middleware import Middleware
 
 from deployments.cluster import EDGE_LIMIT
-from llava_serve.http import ClientHeaderScrub, EdgeAdmission, SendTimeout
+from llava_serve.api.http import ClientHeaderScrub, EdgeAdmission, SendTimeout
 
 # The proxy runs no app code and reads no app config: its knobs come from the environment.
 SEND_TIMEOUT_ENV = "LLAVA_SERVE_SEND_TIMEOUT_S"

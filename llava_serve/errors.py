@@ -1,4 +1,4 @@
-"""The error taxonomy: raised anywhere, mapped to HTTP once (`llava_serve.http`).
+"""The error taxonomy: raised anywhere, mapped to HTTP once (`llava_serve.api.http`).
 
 Each class carries the OpenAI error `type`, the HTTP status, and optionally the request
 field (`param`) it is about, so the mapping is data, not a chain of `except` clauses.

@@ -18,18 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from llava_serve import checkpoint
 from llava_serve.config import EngineConfig, ModelConfig
 from llava_serve.engine.detok import TokenBytes
 from llava_serve.engine.kvcache import SlotKV, gpu_kv_budget, slot_length
 from llava_serve.engine.prefix import PrefixCache, prefix_key
 from llava_serve.engine.runner import Chunk, ModelRunner
 from llava_serve.engine.sampling import SamplingParams, sample_batch, sample_row
-from llava_serve.engine.sequence import Sequence, StepOutput
+from llava_serve.engine.sequence import Sequence
 from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded, Unavailable
-from llava_serve.images import PreparedImage
+from llava_serve.models import checkpoint
 from llava_serve.structured.grammar import Grammar, GrammarCompiler, MaskBuffer
 from llava_serve.structured.spec import OutputFormat
+from llava_serve.types import ACCEPTED, PreparedImage, PromptInputs, StepOutput
 
 logger = logging.getLogger(__name__)
 Result = StepOutput | LlavaServeError
@@ -83,9 +83,6 @@ class Engine:
         self.last_step_end = time.monotonic()
         # Called with each admitted request's queue wait (s); the deployment points it at a metric.
         self.on_admit: Callable[[float], None] | None = None
-        # Test-only: rewrites a step's logits ([rows, vocab], rows in `seqs` order) before
-        # sampling, to inject the failures a real model can produce (e.g. NaN in one row).
-        self.logits_hook: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def load(cls, model: ModelConfig, config: EngineConfig) -> Engine:
@@ -260,13 +257,40 @@ class Engine:
         self._wake.set()
 
     async def generate(
-        self, input_ids: list[int], images: list[PreparedImage], params: SamplingParams
+        self,
+        input_ids: list[int],
+        images: list[PreparedImage],
+        params: SamplingParams,
+        stages: dict[str, float] | None = None,
     ) -> AsyncIterator[StepOutput]:
         """Compile the output format if any, submit and stream in one call."""
         grammar = None if params.output is None else await self.compile(params.output)
-        seq = self.submit(input_ids, images, params, grammar=grammar)
+        seq = self.submit(input_ids, images, params, stages, grammar)
         async for out in self.stream(seq):
             yield out
+
+    async def serve(
+        self, prompt: PromptInputs, params: SamplingParams, images: list[PreparedImage]
+    ) -> AsyncIterator[StepOutput]:
+        """One request as the model replica serves it: `ACCEPTED` once it passed every check and
+        is queued (so its caller knows a retry would repeat work), then its outputs. Each stage
+        it already went through (tokenize; each image's fetch and preprocess) goes on its record."""
+        if prompt.num_images != len(images):
+            raise InvalidRequest(f"prompt has {prompt.num_images} image slots for {len(images)} images")
+        stages = {"tokenize": prompt.tokenize_s}
+        if images:  # fetched and preprocessed in parallel: the request waited for the slowest
+            stages |= {
+                "image_fetch": max(i.fetch_s for i in images),
+                "image_preprocess": max(i.preprocess_s for i in images),
+            }
+        grammar = None if params.output is None else await self.compile(params.output)
+        seq = self.submit(prompt.input_ids, images, params, stages, grammar)
+        try:
+            yield ACCEPTED
+            async for out in self.stream(seq):
+                yield out
+        finally:
+            self.cancel(seq)  # also when the caller left before the stream began
 
     def check_health(self) -> None:
         """Raise if the step loop has died or is wedged (work pending, no step for too long)."""
@@ -550,8 +574,6 @@ class Engine:
         """Each row's next token, sampled for all rows together; the tokens and which rows had
         finite logits come back to the host in one copy. A row whose logits are not finite, or
         whose penalties or sampling fail, fails that request alone."""
-        if self.logits_hook is not None:
-            logits = self.logits_hook(seqs, logits)
         finite = torch.isfinite(logits).all(-1)  # checked on the model's own logits, read below
         # Constrained rows' masks are filled and applied together; free rows are not touched.
         constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]

@@ -2,7 +2,7 @@
 
 On CPU the product is always taken turned round (`llava_serve.engine.linear.turned`): the weight
 is [vocab, hidden], wide and short (32000 x 512 in the small preset), and MKL runs `nn.Linear`'s
-form 1.2-6x slower at every decode batch size (`benchmarks/head.py`); on two cores that was a
+form 1.2-6x slower at every decode batch size (`benchmarks/micro/head.py`); on two cores that was a
 third of a decode step. On CUDA, cuBLAS takes either form at full speed, so the module's own
 `Linear` runs there.
 """

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 # Rows up to which the turned form runs. A decode step of the small preset on two cores
-# (`benchmarks/head.py`): 1.4-1.8x faster at 1-4 rows, 1.04-1.17x at 5-8, slower from 12.
+# (`benchmarks/micro/head.py`): 1.4-1.8x faster at 1-4 rows, 1.04-1.17x at 5-8, slower from 12.
 MAX_TURNED_ROWS = 8
 
 _state = threading.local()

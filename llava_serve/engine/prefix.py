@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_serve.images import PreparedImage
+from llava_serve.types import PreparedImage
 
 # A lookup compares the new prompt with every entry, position by position until they differ.
 MAX_ENTRIES = 256

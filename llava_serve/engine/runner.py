@@ -23,7 +23,7 @@ from llava_serve.engine.kvcache import SlotKV, WritePlan
 from llava_serve.engine.linear import turned_linears, wrap_linears
 from llava_serve.engine.vision import VisionCache
 from llava_serve.errors import EngineError, InvalidRequest
-from llava_serve.images import PreparedImage
+from llava_serve.types import PreparedImage
 
 
 @dataclass
@@ -76,7 +76,6 @@ class ModelRunner:
         self.batch: Batch | None = None
         # Slots holding a prompt being written (not decoding yet): slot -> tokens written.
         self.staged: dict[int, int] = {}
-        self._whole: list[tuple[int, int]] = []  # (seq_id, slot) of `prefill_whole`, for `commit`
 
     @property
     def vocab_size(self) -> int:
@@ -343,30 +342,6 @@ class ModelRunner:
         )
         return displaced
 
-    def prefill_whole(self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]):
-        """Whole prompts in one pass into fresh slots; `commit` with their first tokens makes them
-        decoding rows. A failure gives the slots back and leaves the decoding rows as they were."""
-        slots: list[int] = []
-        try:
-            embeds = [self.embed(ids, images) for ids, images in prompts]
-            slots = [self.take_slot() for _ in prompts]
-            logits = self.prefill([Chunk(s, 0, e) for s, e in zip(slots, embeds, strict=True)])
-        except Exception:
-            for s in slots:
-                self.release(s)
-            raise
-        self._whole = list(zip(seq_ids, slots, strict=True))
-        return logits
-
-    def commit(self, first_tokens: list[int]) -> None:
-        """Join the rows of the last `prefill_whole`, with their first sampled tokens."""
-        seq_ids, slots = [sid for sid, _ in self._whole], [slot for _, slot in self._whole]
-        self._whole = []
-        for i, token in enumerate(first_tokens):
-            displaced = self.join(slots[i], seq_ids[i], token)
-            if displaced is not None:  # a later row of this prefill moved up into slots[i]
-                slots = [slots[i] if slot == displaced else slot for slot in slots]
-
     def _additive(self, sees: torch.Tensor) -> torch.Tensor:
         """A boolean [rows, queries, keys] visibility as the 4D additive mask attention takes."""
         blocked = torch.finfo(self.dtype).min
@@ -435,4 +410,3 @@ class ModelRunner:
         unknown state."""
         self.batch = None
         self.staged.clear()
-        self._whole = []

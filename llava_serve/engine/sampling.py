@@ -9,8 +9,8 @@ import torch
 
 from llava_serve.config import GenerationConfig
 from llava_serve.errors import InvalidRequest
-from llava_serve.protocol import GREEDY_BELOW
 from llava_serve.structured.spec import OutputFormat
+from llava_serve.types import GREEDY_BELOW
 
 
 @dataclass(frozen=True)

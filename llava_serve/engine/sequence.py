@@ -17,68 +17,10 @@ from llava_serve.engine.sampling import (
     make_generator,
     sample_row,
 )
-from llava_serve.images import PreparedImage
 from llava_serve.structured.grammar import Grammar
+from llava_serve.types import PreparedImage, SampledLogprob, StepOutput
 
 _ids = itertools.count()
-
-
-@dataclass(frozen=True)
-class SampledLogprob:
-    """A sampled token's log-probability under the model, and the most likely alternatives.
-
-    `token` is the text this token added to the answer (so the tokens of an answer concatenate
-    to its text; empty while a multi-byte character is incomplete), `bytes` the token's own
-    bytes. The alternatives are (decoded text, bytes, log-probability).
-    """
-
-    token: str
-    bytes: bytes
-    logprob: float
-    top: tuple[tuple[str, bytes, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one request produced since its last output: one step's token, or several when its
-    consumer fell behind and they were sent together. `text` may be empty while held back;
-    `logprobs` has an entry per token when they were asked for."""
-
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: tuple[SampledLogprob, ...] = ()
-    # Seconds per stage before the first token (image_fetch, image_preprocess, tokenize, queue,
-    # vision_encode, prefill); on the first output only.
-    stages: dict[str, float] | None = None
-
-    @property
-    def token_id(self) -> int:
-        """The latest token: the next step's input."""
-        return self.token_ids[-1]
-
-    @property
-    def accepted(self) -> bool:
-        """The marker a stream starts with once the engine has queued the request."""
-        return self.completion_tokens == 0
-
-    def __add__(self, later: StepOutput) -> StepOutput:
-        """This output followed by `later`, as one."""
-        return StepOutput(
-            self.token_ids + later.token_ids,
-            self.text + later.text,
-            later.finish_reason,
-            later.prompt_tokens,
-            later.completion_tokens,
-            self.logprobs + later.logprobs,
-            self.stages or later.stages,
-        )
-
-
-# Sent first on the model deployment's stream: the request passed every check and is queued.
-ACCEPTED = StepOutput(token_ids=(), text="", finish_reason=None, prompt_tokens=0, completion_tokens=0)
 
 
 @dataclass(eq=False)

@@ -1,7 +1,7 @@
 """Grammar-constrained decoding with llguidance: compile a format once, mask each step's logits.
 
 llguidance over xgrammar, measured on this project's 2-core CI machine with a 32 000-token
-vocabulary (`benchmarks/grammar_mask.py`): a JSON-schema grammar compiles in 12-18 ms against
+vocabulary (`benchmarks/micro/grammar_mask.py`): a JSON-schema grammar compiles in 12-18 ms against
 xgrammar's 119-144 ms, the per-step mask costs about 0.1 ms a row for both, and llguidance has
 no dependencies beyond its wheel. A compiled matcher is kept per format (keyed by the schema's
 hash) and each request gets a copy, which costs microseconds. Every grammar is built under explicit

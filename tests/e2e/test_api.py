@@ -10,8 +10,9 @@ import openai
 import pytest
 from ray import serve
 
-from tests.conftest import data_uri, random_image
-from tests.reference import hf_greedy, image_request
+from tests.support.client import image_request
+from tests.support.media import data_uri, random_image
+from tests.support.oracle import hf_greedy
 
 LONG = 1500  # output tokens: far more than a test waits for (greedy "Talk." runs past it)
 

@@ -17,9 +17,9 @@ from ray import serve
 
 from deployments.app import build
 from llava_serve.config import AppConfig
-from tests.conftest import data_uri, random_image
-from tests.e2e.conftest import app_config
-from tests.reference import image_request
+from tests.support.client import image_request
+from tests.support.cluster import app_config
+from tests.support.media import data_uri, random_image
 
 KEYS = {"yaml": "sk-yaml-0123", "env": "sk-env-4567", "file": "sk-file-89ab"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

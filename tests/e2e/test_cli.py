@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.conftest import free_port
-from tests.e2e.raycheck import assert_ray_is_closed
+from tests.support.cluster import free_port
+from tests.support.raycheck import assert_ray_is_closed
 
 
 def test_llava_serve_serve_tiny_answers_and_stops_cleanly(tiny_dir, tmp_path):

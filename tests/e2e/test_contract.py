@@ -9,8 +9,9 @@ import openai
 import pytest
 from ray import serve
 
-from tests.conftest import data_uri, image_token_count, random_image
-from tests.reference import hf_greedy, image_request, render
+from tests.support.client import image_request
+from tests.support.media import data_uri, random_image
+from tests.support.oracle import hf_greedy, image_token_count, render
 
 HISTORY = [
     {"role": "developer", "content": "Answer briefly."},

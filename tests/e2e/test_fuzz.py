@@ -12,9 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
-from tests.conftest import encode, random_image
-from tests.e2e.test_hostile import ok_request, png_bomb
-from tests.reference import image_request
+from tests.support.client import image_request, ok_request
+from tests.support.media import encode, png_bomb, random_image
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SEEDS = [encode(random_image(7, (24, 24)), fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP")]

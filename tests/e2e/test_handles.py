@@ -5,8 +5,9 @@ from ray import serve
 
 from deployments.captioner import Captioner, caption_request
 from llava_serve.errors import ImageError
-from tests.conftest import data_uri, random_image
-from tests.reference import hf_greedy, image_request
+from tests.support.client import image_request
+from tests.support.media import data_uri, random_image
+from tests.support.oracle import hf_greedy
 
 
 @pytest.fixture(scope="module")

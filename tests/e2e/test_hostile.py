@@ -4,64 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
-import struct
 import threading
 import time
-import zlib
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from ray import serve
 
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.errors import EngineError
-from llava_serve.images import PreparedImage
-from llava_serve.prompts import PromptInputs
-from tests.conftest import data_uri, encode, random_image
-from tests.hostile_media import many_frame_gif, many_scan_jpeg
-from tests.reference import image_request
-
-IMAGE_PARAM = "messages[0].content[0].image_url.url"
-
-
-def post(serve_url: str, body: dict, **kw) -> httpx.Response:
-    return httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=kw.pop("timeout", 30), **kw)
-
-
-def assert_4xx(r: httpx.Response, param: str | None = ..., fragment: str = "") -> dict:
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["type"] == "invalid_request_error"
-    if param is not ...:
-        assert error["param"] == param, error
-    assert fragment in error["message"], error
-    return error
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A few hundred bytes whose header promises width*height pixels."""
-    data = bytearray(encode(random_image(1, (8, 8))))
-    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    return bytes(data)
-
-
-def animated_gif() -> bytes:
-    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
-    return buf.getvalue()
-
-
-def ok_request(serve_url: str) -> None:
-    r = post(serve_url, image_request(data_uri(random_image(99)), max_tokens=4, temperature=0))
-    assert r.status_code == 200, r.text
+from llava_serve.types import PreparedImage, PromptInputs
+from tests.support.client import IMAGE_PARAM, assert_4xx, image_request, ok_request, post
+from tests.support.hostile_media import many_frame_gif, many_scan_jpeg
+from tests.support.media import animated_gif, data_uri, encode, inline, png_bomb, random_image
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
@@ -72,13 +28,9 @@ def test_each_accepted_format_is_served_by_url(serve_url, image_server, fmt):
 
 
 def test_animated_gif_is_accepted(serve_url, image_server):
-    # That only frame 0 is used is shown on pixels in tests/test_images.py.
+    # That only frame 0 is used is shown on pixels in tests/unit/inputs/test_images.py.
     url = image_server.add("/anim.gif", animated_gif(), "image/gif")
     assert post(serve_url, image_request(url, max_tokens=4)).status_code == 200
-
-
-def inline(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def test_a_gif_of_thousands_of_frames_costs_only_its_first(serve_url):

@@ -7,8 +7,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import data_uri, encode, random_image
-from tests.reference import hf_greedy, image_request
+from tests.support.client import image_request
+from tests.support.media import data_uri, encode, random_image
+from tests.support.oracle import hf_greedy
 
 
 def sse_events(response: httpx.Response) -> list:

@@ -3,8 +3,9 @@
 import openai
 import pytest
 
-from tests.conftest import data_uri, random_image
-from tests.reference import hf_greedy, image_request
+from tests.support.client import image_request
+from tests.support.media import data_uri, random_image
+from tests.support.oracle import hf_greedy
 
 
 @pytest.fixture

@@ -20,14 +20,13 @@ import httpx
 import pytest
 from ray import serve
 
-from benchmarks.burst import burst
 from deployments.app import build
 from llava_serve.config import AppConfig
 from llava_serve.errors import Unavailable
-from llava_serve.loadgen import closed_loop
-from tests.conftest import data_uri, encode, random_image
-from tests.e2e.conftest import app_config
-from tests.reference import image_request
+from tests.support.client import image_request
+from tests.support.cluster import app_config
+from tests.support.load import closed_loop, started_together
+from tests.support.media import data_uri, encode, random_image
 
 STAGES = [
     "image_fetch",
@@ -116,8 +115,8 @@ async def test_300_streams_at_once_each_end_complete_or_as_a_503_that_does_not_w
     "Fast" is checked as a ratio, not a wall-clock bound (the client, the test process and every
     replica share two cores here): a typical refusal must come back sooner than a typical admitted
     stream, which a refusal that queued for an engine slot could not. The absolute figure lives in
-    `benchmarks/burst.py` against `make serve`."""
-    results = await burst(serve_url, 300, max_tokens=4)
+    `benchmarks/serve.py burst` against `make serve`."""
+    results = await started_together(f"{serve_url}/v1/chat/completions", 300, max_tokens=4)
     kinds = [kind for kind, _, _ in results]
     assert kinds.count("other") == 0, [got for kind, _, got in results if kind == "other"]
     assert kinds.count("complete") >= 128, kinds
@@ -342,7 +341,7 @@ def _session_dir() -> str:
 
 
 async def test_load_with_cancellations_loses_no_request(serve_url):
-    """The CI-sized version of benchmarks/load.py: every request ends cleanly, one way or another."""
+    """The CI-sized version of `benchmarks/serve.py load`: every request ends cleanly, one way or another."""
     report = await closed_loop(serve_url, n=60, concurrency=16, cancel_fraction=0.1, max_tokens=(2, 24))
     summary = report.summary()
     assert summary["lost"] == 0, summary["lost_details"]

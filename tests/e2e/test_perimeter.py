@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import socket
+import statistics
 import time
 from urllib.parse import urlsplit
 
@@ -18,14 +19,8 @@ from PIL import Image
 from ray import serve
 from transformers import AutoTokenizer
 
-from tests.conftest import data_uri, encode, random_image
-from tests.e2e.test_hostile import IMAGE_PARAM, assert_4xx, post
-from tests.reference import image_request
-
-
-def still_serves(serve_url: str) -> None:
-    r = post(serve_url, image_request(data_uri(random_image(5)), "Hi", max_tokens=2))
-    assert r.status_code == 200, r.text
+from tests.support.client import IMAGE_PARAM, assert_4xx, image_request, post, still_serves, stream_gaps
+from tests.support.media import data_uri, encode, random_image
 
 
 @pytest.mark.parametrize(
@@ -176,41 +171,6 @@ def test_bodies_past_a_shape_limit_are_refused_naming_it(serve_url, body, status
     assert f"limits.{knob}" in r.json()["error"]["message"]
 
 
-def stream_gaps(serve_url: str, during=None, max_tokens: int = 120) -> list[float]:
-    """Seconds between the chunks of one running stream, while `during()` runs beside it; the
-    stream must end with [DONE]."""
-    import threading
-
-    body = {"messages": [user("Talk.")], "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    gaps, last, worker, failed, done = [], None, None, [], False
-
-    def run():
-        try:
-            during()
-        except BaseException as e:  # raised again below, on the test's own thread
-            failed.append(e)
-
-    with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            done = done or line == "data: [DONE]"
-            if not line.startswith("data: {"):
-                continue
-            assert '"error"' not in line, line
-            now = time.monotonic()
-            if last is None and during is not None:
-                worker = threading.Thread(target=run)
-                worker.start()
-            elif last is not None:
-                gaps.append(now - last)
-            last = now
-    if worker is not None:
-        worker.join()
-    if failed:
-        raise failed[0]
-    assert done, "the stream ended without [DONE]"
-    return gaps
-
-
 def test_a_flood_of_pathological_bodies_leaves_a_running_stream_s_cadence_alone(serve_url):
     """A 30 MB body of a million messages took the ingress loop seconds to parse and validate
     when FastAPI did it there; now it is counted as it arrives and refused after its first
@@ -230,9 +190,6 @@ def test_a_flood_of_pathological_bodies_leaves_a_running_stream_s_cadence_alone(
                 statuses.append(r.status_code)
 
         return send
-
-    def p99(gaps: list[float]) -> float:
-        return sorted(gaps)[int(0.99 * (len(gaps) - 1))]
 
     alone = p99(stream_gaps(serve_url))
     transport = p99(stream_gaps(serve_url, during=sender(control)))
@@ -265,9 +222,6 @@ def test_hard_grammars_arriving_leave_a_running_stream_s_cadence_alone(serve_url
             }
             r = post(serve_url, body)
             results.append((r.status_code, r.json()["error"]["message"] if r.status_code != 200 else ""))
-
-    def p99(gaps: list[float]) -> float:
-        return sorted(gaps)[int(0.99 * (len(gaps) - 1))]
 
     alone = p99(stream_gaps(serve_url))
     beside = p99(stream_gaps(serve_url, during=arrivals))
@@ -351,3 +305,7 @@ async def test_a_burst_past_the_limit_is_refused_at_the_proxy_before_it_is_route
     while "ray_llava_edge_refusals_total" not in httpx.get(metrics_url, timeout=10).text:
         assert time.monotonic() < deadline, "the proxy's refusals were never exported"
         await asyncio.sleep(1)
+
+
+def p99(gaps: list[float]) -> float:
+    return statistics.quantiles(gaps, n=100, method="inclusive")[98]

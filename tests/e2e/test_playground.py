@@ -11,7 +11,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.conftest import encode, random_image
+from tests.support.media import encode, random_image
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

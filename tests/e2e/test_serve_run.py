@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.e2e.raycheck import assert_ray_is_closed
-from tests.e2e.test_perimeter import stream_gaps
+from tests.support.client import stream_gaps
+from tests.support.raycheck import assert_ray_is_closed
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "http://127.0.0.1:8000"  # what serve_config.yaml binds

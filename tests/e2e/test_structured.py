@@ -15,8 +15,8 @@ import pytest
 from pydantic import BaseModel, Field
 from ray import serve
 
-from tests import schemas
-from tests.conftest import data_uri, random_image
+from tests.support import schemas
+from tests.support.media import data_uri, random_image
 
 IMAGE = data_uri(random_image(7))
 

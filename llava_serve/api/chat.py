@@ -1,0 +1,358 @@
+"""Chat completions, independent of transport: validated request in, OpenAI objects out.
+
+The service knows nothing of Ray or HTTP. It is given a `Backend` whose calls may return
+futures of any kind (Ray's `DeploymentResponse`s in production): image and prompt results are
+passed to `generate` unresolved, so preprocessing runs in parallel and the model call starts
+as soon as its inputs are ready, without a round trip through the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple, Protocol
+
+from pydantic import ValidationError
+
+from llava_serve.api import bounds
+from llava_serve.api.formats import output_format, tool_call_format
+from llava_serve.api.messages import MediaSource, media_sources, to_template_messages
+from llava_serve.api.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    FunctionCall,
+    FunctionCallDelta,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+    new_completion_id,
+    now,
+)
+from llava_serve.api.telemetry import RequestRecord, source_kind
+from llava_serve.config import AppConfig, LimitsConfig
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.errors import EngineError, ImageError, InvalidRequest, ModelNotFound, Unavailable, unwrap
+from llava_serve.inputs.fetch import check_data_uri
+from llava_serve.structured.spec import OutputFormat
+from llava_serve.structured.tools import CallUpdate, ToolCallReader
+from llava_serve.types import SampledLogprob, StepOutput, TemplateMessage
+
+logger = logging.getLogger(__name__)
+_RETRIES = 3  # of a request whose replica died before its first token
+
+
+class Backend(Protocol):
+    """Where the work happens. `prepare_image` returns a cancellable awaitable `PreparedImage` (its pixels
+    may stay a reference the model resolves); `tokenize` and `generate` take what they are given
+    unresolved. `generate` streams `ACCEPTED` first, once the engine has queued the request,
+    then the request's outputs."""
+
+    def prepare_image(self, source: MediaSource, num_images: int) -> Any: ...
+    def tokenize(self, messages: list[TemplateMessage], max_tokens: int, media_tokens: list[int]) -> Any: ...
+    def generate(
+        self, prompt: Any, params: SamplingParams, images: list[Any]
+    ) -> AsyncIterator[StepOutput]: ...
+
+
+def parse_request(body: Any, limits: LimitsConfig | None = None) -> ChatCompletionRequest:
+    """Validate a request body (raw bytes from HTTP, or a dict from a handle) against `limits`
+    first, then the request model, naming the first offending field in the error."""
+    if isinstance(body, ChatCompletionRequest):
+        return body
+    limits = limits or LimitsConfig()
+    if isinstance(body, bytes | bytearray):
+        body = bounds.decode_body(body)
+    bounds.check_shape(body, limits)
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise invalid_from_validation(e) from None
+
+
+def invalid_from_validation(e: ValidationError | Any) -> InvalidRequest:
+    """The most specific validation error as an `InvalidRequest` naming its field.
+
+    For a field that takes a union (`content`: a string or a list of parts) pydantic reports
+    one error per member; the deepest one is what the caller got wrong, and when none goes
+    deeper than the union itself, the caller is told every shape that would have been valid.
+    """
+    errors = e.errors()
+    depth = max(len(err.get("loc", ())) for err in errors)
+    deepest = [err for err in errors if len(err.get("loc", ())) == depth]
+    path = field_path(deepest[0].get("loc", ()))
+    same_field = [err for err in deepest if field_path(err.get("loc", ())) == path]
+    message = " or ".join(dict.fromkeys(err.get("msg", "invalid value") for err in same_field))
+    return InvalidRequest(f"{path or 'request'}: {message}", path or None)
+
+
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def field_path(loc: tuple) -> str:
+    """`('messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url')` ->
+    `messages[0].content[1].image_url.url`: pydantic's union member and tag markers dropped."""
+    out, skip_tag = "", False
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        if part == "body" and not out:
+            continue  # FastAPI's prefix
+        if "[" in part or part in _UNION_MEMBERS:
+            skip_tag = "tagged-union" in part
+            continue
+        if skip_tag:  # the discriminator value of a tagged union, not a field
+            skip_tag = False
+            continue
+        out += f".{part}" if out else part
+    return out
+
+
+class ParsedRequest(NamedTuple):
+    request: ChatCompletionRequest
+    output: OutputFormat | None
+
+
+class ChatService:
+    def __init__(self, config: AppConfig, backend: Backend, takes_video: bool):
+        self.config = config
+        self.backend = backend
+        self.takes_video = takes_video
+        self.model_names = {config.model.public_name, config.model.name}
+
+    async def _start(
+        self, request: ChatCompletionRequest, output: OutputFormat | None, record: RequestRecord | None
+    ) -> AsyncIterator[StepOutput]:
+        if request.model is not None and request.model not in self.model_names:
+            raise ModelNotFound(
+                f"model {request.model!r} is not served here; this server serves "
+                f"{self.config.model.public_name!r}"
+            )
+        sources = media_sources(request.messages)
+        if record is not None:
+            record.image_sources = [source_kind(s.url) for s in sources]
+        limit = self.config.images.max_images_per_request
+        if len(sources) > limit:
+            raise InvalidRequest(f"request has {len(sources)} images; the limit is {limit}", "messages")
+        videos = [s for s in sources if s.kind == "video"]
+        if videos and not self.takes_video:  # before anything is fetched
+            raise ImageError(
+                "this model does not take video (video_url parts)", videos[0].param, "video_not_supported"
+            )
+        params = SamplingParams.resolve(
+            self.config.generation,
+            max_tokens=request.requested_max_tokens(),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stop=request.stop_list(),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
+            logit_bias=request.logit_bias,
+            output=output,
+        )
+        for source in sources:
+            if source.url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
+                limits = self.config.images if source.kind == "image" else self.config.images.for_video()
+                check_data_uri(source.url, limits, source.param)
+        # Every fetch starts at once; how many tokens each image becomes (its size and detail
+        # decide, on anyres models) is known when it is preprocessed, and the prompt is
+        # tokenized as soon as all are. The tokenizer gets the text and those counts, never pixels.
+        pending = [self.backend.prepare_image(source, len(sources)) for source in sources]
+        try:
+            images = list(await asyncio.gather(*pending)) if pending else []
+        except BaseException as e:
+            # One image failed (or the caller left): the others' fetches and decodes are not worth
+            # finishing. A Serve response cancels its call in the replica.
+            for call in pending:
+                call.cancel()
+            if isinstance(e, Exception):
+                raise unwrap(e) from e
+            raise
+        counts = [image.num_tokens for image in images]
+        prompt = self.backend.tokenize(to_template_messages(request.messages), params.max_tokens, counts)
+        outputs = _typed(self.backend.generate(prompt, params, images))
+        return outputs if record is None else _recorded(outputs, record)
+
+    async def _begin(
+        self, request: ChatCompletionRequest, output: OutputFormat | None, record: RequestRecord | None
+    ) -> AsyncIterator[StepOutput]:
+        """Start generation and wait until the engine has queued it, so errors up to then
+        (validation, images, prompt length, overload) raise here, while a transport can still
+        answer with a status code. Until then nothing has been sent or sampled, so a request that
+        lost its replica (a preprocessor or the model died under it) is retried, a little later
+        each time: the router needs a moment to stop choosing the dead replica."""
+        retries = 0
+        while True:
+            try:
+                outputs = await self._start(request, output, record)
+                if not (await anext(outputs)).accepted:  # a contract check that survives `python -O`
+                    raise EngineError("the model's stream did not start with its acceptance marker")
+                return outputs
+            except Unavailable:
+                if retries == _RETRIES:
+                    raise
+                retries += 1
+                logger.warning("a replica died before the first token; retry %d of %d", retries, _RETRIES)
+                await asyncio.sleep(0.2 * retries)
+
+    async def parse(self, body: Any) -> ParsedRequest:
+        """The request and the format its answer must take, worked out on a thread: bodies are
+        checked against the limits first, but a large one still takes milliseconds to parse and a
+        schema to check, and the loop has streams to relay meanwhile."""
+        if isinstance(body, ParsedRequest):
+            return body
+
+        def work() -> ParsedRequest:
+            request = parse_request(body, self.config.limits)
+            return ParsedRequest(request, output_format(request))
+
+        return await asyncio.to_thread(work)
+
+    async def complete(self, body: Any, record: RequestRecord | None = None) -> ChatCompletion:
+        """A whole (non-streamed) chat completion; `record`, if given, is filled as it runs."""
+        request, output = await self.parse(body)
+        outputs = await self._begin(request, output, record)
+        text, logprobs, last = [], [], None
+        async for out in outputs:
+            text.append(out.text)
+            logprobs += out.logprobs
+            last = out
+        message, finish = AssistantMessage(content="".join(text)), last.finish_reason
+        if request.forces_tool_call():
+            message, finish = _tool_call_message(request, message.content, finish)
+        choice = Choice(
+            message=message,
+            finish_reason=finish,
+            logprobs=_logprobs(logprobs) if request.logprobs else None,
+        )
+        return ChatCompletion(
+            id=new_completion_id(),
+            created=now(),
+            model=self.config.model.public_name,
+            choices=[choice],
+            usage=_usage(last),
+        )
+
+    async def stream(
+        self, body: Any, record: RequestRecord | None = None
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """Chunks in OpenAI's streaming shape. The first (the assistant role) comes once the engine
+        has queued the request; errors before that raise on the first `anext`, so a transport can
+        still answer them with a status code instead of a broken stream."""
+        request, output = await self.parse(body)
+        outputs = await self._begin(request, output, record)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        cid, created, model = new_completion_id(), now(), self.config.model.public_name
+
+        pending: list = []  # logprobs of tokens whose text is still held back
+
+        def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
+            logprobs = _logprobs(pending) if request.logprobs and pending else None
+            pending.clear()
+            choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
+            return ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice])
+
+        calls = _tool_call_reader(request)
+        yield chunk(Delta(role="assistant") if calls else Delta(role="assistant", content=""))
+        last = None
+        async for out in outputs:
+            last = out
+            pending += out.logprobs
+            if calls is not None:
+                if (delta := calls.feed(out.text)) is not None:
+                    yield chunk(_call_delta(delta))
+            elif out.text:
+                yield chunk(Delta(content=out.text))
+        finish = last.finish_reason
+        if calls is not None:
+            if (delta := calls.finish(finish == "stop")) is not None:
+                yield chunk(_call_delta(delta))
+            finish = "tool_calls" if finish == "stop" and calls.name is not None else finish
+        yield chunk(Delta(), finish)
+        if include_usage:
+            yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=_usage(last))
+
+
+def _tool_call_reader(request: ChatCompletionRequest) -> ToolCallReader | None:
+    call = tool_call_format(request)
+    return None if call is None else ToolCallReader(call)
+
+
+def _tool_call_message(
+    request: ChatCompletionRequest, text: str, finish: str | None
+) -> tuple[AssistantMessage, str | None]:
+    """A forced call's answer as `tool_calls`; finish_reason "tool_calls" once the call is complete
+    ("length" when max_tokens cut it, its arguments then incomplete)."""
+    reader = _tool_call_reader(request)
+    reader.feed(text)
+    reader.finish(finish == "stop")
+    if reader.name is None:  # cut before the function's name was complete: no call to report
+        return AssistantMessage(content=None), finish
+    call = ToolCall(id=reader.call_id, function=FunctionCall(name=reader.name, arguments=reader.arguments))
+    return AssistantMessage(content=None, tool_calls=[call]), "tool_calls" if finish == "stop" else finish
+
+
+def _call_delta(delta: CallUpdate) -> Delta:
+    head = delta.name is not None
+    return Delta(
+        tool_calls=[
+            ToolCallDelta(
+                id=delta.call_id,
+                type="function" if head else None,
+                function=FunctionCallDelta(name=delta.name, arguments=delta.arguments),
+            )
+        ]
+    )
+
+
+async def _typed(outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput]:
+    """Re-raise whatever the backend raised as our typed error (Ray wraps remote exceptions)."""
+    try:
+        async for out in outputs:
+            yield out
+    except Exception as e:
+        raise unwrap(e) from e
+
+
+async def _recorded(outputs: AsyncIterator[StepOutput], record: RequestRecord) -> AsyncIterator[StepOutput]:
+    async for out in outputs:
+        record.token(out.completion_tokens, out.prompt_tokens)
+        record.stages.update(out.stages or {})
+        record.finish_reason = out.finish_reason
+        yield out
+
+
+def _logprobs(entries: list[SampledLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=list(e.bytes),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(b)) for t, b, lp in e.top],
+            )
+            for e in entries
+        ]
+    )
+
+
+def _usage(last: StepOutput) -> Usage:
+    return Usage(
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        total_tokens=last.prompt_tokens + last.completion_tokens,
+    )
