@@ -41,4 +41,4 @@ test-fast: lint
 	$(PY) -m pytest -q -m "not e2e"
 
 bench: install
-	$(PY) benchmarks/serve.py sweep
+	$(PY) benchmarks/serve.py sweep --rounds 2

@@ -22,8 +22,6 @@ the `RawStreamer` is polled with a zero timeout as `consume_streamer` expects (t
 `RawStreamer()` has none, so each `get` would block the replica's event loop until a token came).
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import io

@@ -21,14 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support.probes import WholeRunner
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
 from benchmarks.micro.kv_cache import v1_runner_class
 from benchmarks.report import save
+from tests.support.probes import WholeRunner
 from tests.support.shapes import SHAPES, build
 
 

@@ -113,6 +113,8 @@ async def stream(client: httpx.AsyncClient, side: Side, req: dict, model: str | 
     start, chunks, tokens, ok = time.perf_counter(), [], req["max_tokens"], False
     if side.protocol == "openai":
         async with client.stream("POST", side.url, json=openai_body(req, model)) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{side.name}: {r.status_code} {(await r.aread())[:300]!r}")
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
                     ok = r.status_code == 200
@@ -124,6 +126,8 @@ async def stream(client: httpx.AsyncClient, side: Side, req: dict, model: str | 
                         chunks.append(time.perf_counter())
     else:
         async with client.stream("POST", side.url, json=req) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{side.name}: {r.status_code} {(await r.aread())[:300]!r}")
             async for text in r.aiter_text():
                 if text:
                     chunks.append(time.perf_counter())

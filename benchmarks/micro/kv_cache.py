@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support.probes import WholeRunner
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
@@ -31,6 +29,7 @@ from benchmarks.micro.engine_v1 import kv_bytes
 from benchmarks.report import save
 from llava_serve.config import ModelConfig
 from llava_serve.models import checkpoint, tiny
+from tests.support.probes import WholeRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +41,10 @@ def v1_runner_class(commit: str):
         text=True,
         check=True,
     ).stdout
+    # Its one import of a moved module: `PreparedImage` lives in `llava_serve.types` now.
+    source = source.replace(
+        "from llava_serve.images import PreparedImage", "from llava_serve.types import PreparedImage"
+    )
     path = Path("/tmp") / f"llava_runner_v1_{commit}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("llava_runner_v1", path)

@@ -58,10 +58,15 @@ def _weights(tiny_dir: str):
     return LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
 
 
+def fresh_model(tiny_dir: str):
+    """A copy of the tiny model, whose weights are loaded once per session: a runner wraps its
+    model's modules, so each engine gets its own and nothing leaks between tests."""
+    return copy.deepcopy(_weights(tiny_dir))
+
+
 def build_engine(tiny_dir, processor, config: EngineConfig) -> Engine:
-    """An engine around a fresh copy of the tiny model, loaded once per session (the runner wraps
-    the model's modules: each engine has its own, so nothing leaks between tests)."""
-    model = copy.deepcopy(_weights(tiny_dir))
+    """An engine around a fresh copy of the tiny model."""
+    model = fresh_model(tiny_dir)
     return ProbedEngine(
         ModelRunner(model, 1 << 24), processor.tokenizer, [model.config.text_config.eos_token_id], config
     )

@@ -22,7 +22,7 @@ from llava_serve.errors import EngineError, InvalidRequest, Overloaded, Unavaila
 from llava_serve.inputs import images
 from llava_serve.inputs.prompts import PromptBuilder
 from llava_serve.models import load_adapter
-from tests.support.engines import build_engine, collect
+from tests.support.engines import build_engine, collect, fresh_model
 from tests.support.media import encode, random_image
 from tests.support.oracle import greedy_ids, greedy_logits, reference_inputs
 from tests.support.probes import ProbedEngine
@@ -85,9 +85,7 @@ async def test_cancelled_request_leaves_the_batch_at_the_next_step(engine, cases
 
 
 async def test_full_queue_is_overloaded(tiny_dir, processor, cases):
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    model = fresh_model(tiny_dir)
     eng = ProbedEngine(
         ModelRunner(model, 0), processor.tokenizer, [2], EngineConfig(max_batch_size=1, max_queue=1)
     )
@@ -190,9 +188,7 @@ async def test_logprobs_are_the_models_distribution(engine, cases, hf_model):
 async def test_health_check_fails_when_the_loop_is_wedged_or_dead(tiny_dir, processor, cases):
     import threading
 
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    model = fresh_model(tiny_dir)
     eng = Engine(
         ModelRunner(model, 1 << 20),
         processor.tokenizer,
@@ -275,9 +271,7 @@ async def test_a_failed_prefill_is_retried_one_by_one_without_advancing_anyone_t
 
 async def one_running_one_waiting(tiny_dir, processor, cases):
     """An engine of one row: a long request decoding, another waiting for the row."""
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    model = fresh_model(tiny_dir)
     eng = ProbedEngine(
         ModelRunner(model, 0), processor.tokenizer, [2], EngineConfig(max_batch_size=1, max_queue=8)
     )

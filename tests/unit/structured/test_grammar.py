@@ -15,7 +15,7 @@ from llava_serve.config import EngineConfig
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.errors import InvalidRequest
 from llava_serve.structured.grammar import JSON_OPTIONS, GrammarCompiler
-from llava_serve.structured.spec import JSON_OBJECT, OutputFormat, ToolCallFormat, check_schema, closed
+from llava_serve.structured.spec import JSON_OBJECT, OutputFormat, ToolCallFormat
 from llava_serve.structured.tools import ToolCallReader, call_format
 from tests.support import schemas
 from tests.support.engines import Case, build_engine, collect
@@ -48,35 +48,6 @@ async def answer(engine, case, fmt, **params) -> tuple[str, str]:
 
 
 # -- formats ---------------------------------------------------------------------------------
-
-
-def test_objects_that_declare_properties_get_no_others():
-    schema = {
-        "type": "object",
-        "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}},
-        "$defs": {"open": {"type": "object", "additionalProperties": True, "properties": {}}},
-        "examples": [{"properties": {"x": 1}}],
-    }
-    tight = closed(schema)
-    assert tight["additionalProperties"] is False
-    assert tight["properties"]["a"]["additionalProperties"] is False
-    assert tight["$defs"]["open"]["additionalProperties"] is True  # the caller said so
-    assert tight["examples"] == schema["examples"]  # data, not a schema
-    assert "additionalProperties" not in schema  # the caller's dict is left alone
-
-
-@pytest.mark.parametrize(
-    ("schema", "names"),
-    [
-        ({"type": "objectx"}, "objectx"),
-        ({"type": "object", "required": "a"}, "required"),
-        ([1], "must be an object"),
-    ],
-)
-def test_a_schema_that_is_not_json_schema_is_refused_naming_the_problem(schema, names):
-    with pytest.raises(InvalidRequest) as info:
-        check_schema(schema, "response_format.json_schema.schema")
-    assert names in info.value.message and info.value.param == "response_format.json_schema.schema"
 
 
 @pytest.mark.parametrize(
@@ -301,21 +272,3 @@ async def test_a_forced_call_streams_its_name_then_its_arguments(engine, cases):
         jsonschema.validate(json.loads(arguments), schemas.WEATHER)
     full = "".join(o.text for o in outs)
     assert json.loads(full) == {"name": reader.name, "arguments": json.loads(arguments)}
-
-
-def test_reading_a_call_piece_by_piece_equals_reading_it_whole():
-    text = '{"name":"get_weather","arguments":{"city":"Oslo \\"N\\"","unit":"celsius"}}'
-    fmt = call_format(
-        {"get_weather": schemas.WEATHER, "other": None}, ToolCallFormat(("get_weather", "other"), True)
-    ).tool_call
-    for size in (1, 3, 7, len(text)):
-        reader = ToolCallReader(fmt)
-        deltas = [reader.feed(text[i : i + size]) for i in range(0, len(text), size)]
-        deltas.append(reader.finish(complete=True))
-        assert reader.name == "get_weather"
-        assert "".join(d.arguments for d in deltas if d) == json.dumps(
-            json.loads(text)["arguments"], separators=(",", ":")
-        )
-    cut = ToolCallReader(fmt)
-    cut.feed('{"name":"get_wea')
-    assert cut.finish(complete=False) is None and cut.name is None
