@@ -17,7 +17,17 @@ from llava_serve.api.admission import Admission
 from llava_serve.api.auth import ApiKeys, HostCheck, load_keys
 from llava_serve.api.chat import ChatService
 from llava_serve.api.health import HealthProbe
-from llava_serve.api.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, now
+from llava_serve.api.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    now,
+)
 from llava_serve.api.telemetry import RequestRecord
 from llava_serve.config import AppConfig, with_runtime
 from llava_serve.errors import LlavaServeError, NotFound, unwrap
@@ -34,7 +44,7 @@ app = FastAPI(
     docs_url=None,
     redoc_url=None,
 )
-http.install(app, body_models=(ChatCompletionRequest,))
+http.install(app, body_models=(ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
 
 
 class HandleBackend:
@@ -48,8 +58,20 @@ class HandleBackend:
     def prepare_image(self, source, num_images):
         return self.preprocessor.remote(source.url, source.param, source.detail, num_images, source.kind)
 
-    def tokenize(self, messages, max_tokens, media_tokens):
-        return self.tokenizer.remote(messages, max_tokens, media_tokens)
+    def tokenize(self, messages, max_tokens, media_tokens, add_generation_prompt=True):
+        return self.tokenizer.remote(messages, max_tokens, media_tokens, add_generation_prompt)
+
+    def encode(self, text, add_special_tokens):
+        return self.tokenizer.encode.remote(text, add_special_tokens)
+
+    def decode(self, ids):
+        return self.tokenizer.decode.remote(ids)
+
+    def pieces(self, ids):
+        return self.tokenizer.pieces.remote(ids)
+
+    def context_length(self):
+        return self.tokenizer.context_length.remote()
 
     def generate(self, prompt, params, images):
         return self.model.remote(prompt, params, *images)
@@ -115,6 +137,24 @@ class Ingress:
                 return await self.service.complete(parsed, record)
         chunks = self._tracked_stream(self.service.stream(parsed, record), record)
         return await http.event_stream(chunks, record.request_id, self.config.http.sse_keepalive_s)
+
+    @app.post(
+        "/tokenize",
+        response_model=TokenizeResponse,
+        openapi_extra={"requestBody": http.json_body(TokenizeRequest)},
+    )
+    async def tokenize(self, request: Request):
+        """vLLM's /tokenize: a prompt, or chat messages with their images counted as the model does."""
+        return await self.service.tokenize(await request.body())
+
+    @app.post(
+        "/detokenize",
+        response_model=DetokenizeResponse,
+        openapi_extra={"requestBody": http.json_body(DetokenizeRequest)},
+    )
+    async def detokenize(self, request: Request):
+        """vLLM's /detokenize."""
+        return await self.service.detokenize(await request.body())
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self) -> HTMLResponse:

@@ -93,9 +93,28 @@ class PromptTokenizer:
         )
 
     async def __call__(
-        self, messages: list[TemplateMessage], max_tokens: int, media_tokens: list[int]
+        self,
+        messages: list[TemplateMessage],
+        max_tokens: int,
+        media_tokens: list[int],
+        add_generation_prompt: bool = True,
     ) -> PromptInputs:
-        return await asyncio.to_thread(self.builder.build, messages, max_tokens, media_tokens)
+        return await asyncio.to_thread(
+            self.builder.build, messages, max_tokens, media_tokens, add_generation_prompt
+        )
+
+    # /tokenize and /detokenize (the ingress's routes; vLLM's shapes).
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return await asyncio.to_thread(self.builder.encode, text, add_special_tokens)
+
+    async def decode(self, ids: list[int]) -> str:
+        return await asyncio.to_thread(self.builder.decode, ids)
+
+    async def pieces(self, ids: list[int]) -> list[str]:
+        return await asyncio.to_thread(self.builder.pieces, ids)
+
+    async def context_length(self) -> int:
+        return self.builder.context_length
 
     def stats(self) -> dict:
         return {"pid": os.getpid(), "rss_bytes": rss_bytes()}

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from llava_serve.api import bounds
 from llava_serve.api.formats import output_format, tool_call_format
@@ -27,8 +27,12 @@ from llava_serve.api.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
     FunctionCall,
     FunctionCallDelta,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprob,
     ToolCall,
     ToolCallDelta,
@@ -57,23 +61,38 @@ class Backend(Protocol):
     then the request's outputs."""
 
     def prepare_image(self, source: MediaSource, num_images: int) -> Any: ...
-    def tokenize(self, messages: list[TemplateMessage], max_tokens: int, media_tokens: list[int]) -> Any: ...
+    def tokenize(
+        self,
+        messages: list[TemplateMessage],
+        max_tokens: int,
+        media_tokens: list[int],
+        add_generation_prompt: bool = True,
+    ) -> Any: ...
+    # /tokenize and /detokenize: the tokenizer's own encoding of a text, the text of ids, each
+    # id's vocabulary string, and the model's context length.
+    def encode(self, text: str, add_special_tokens: bool) -> Any: ...
+    def decode(self, ids: list[int]) -> Any: ...
+    def pieces(self, ids: list[int]) -> Any: ...
+    def context_length(self) -> Any: ...
     def generate(
         self, prompt: Any, params: SamplingParams, images: list[Any]
     ) -> AsyncIterator[StepOutput]: ...
 
 
-def parse_request(body: Any, limits: LimitsConfig | None = None) -> ChatCompletionRequest:
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_request(body: Any, limits: LimitsConfig | None = None, model: type[M] = ChatCompletionRequest) -> M:
     """Validate a request body (raw bytes from HTTP, or a dict from a handle) against `limits`
     first, then the request model, naming the first offending field in the error."""
-    if isinstance(body, ChatCompletionRequest):
+    if isinstance(body, model):
         return body
     limits = limits or LimitsConfig()
     if isinstance(body, bytes | bytearray):
         body = bounds.decode_body(body)
     bounds.check_shape(body, limits)
     try:
-        return ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as e:
         raise invalid_from_validation(e) from None
 
@@ -129,15 +148,15 @@ class ChatService:
         self.takes_video = takes_video
         self.model_names = {config.model.public_name, config.model.name}
 
-    async def _start(
-        self, request: ChatCompletionRequest, output: OutputFormat | None, record: RequestRecord | None
-    ) -> AsyncIterator[StepOutput]:
-        if request.model is not None and request.model not in self.model_names:
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
             raise ModelNotFound(
-                f"model {request.model!r} is not served here; this server serves "
-                f"{self.config.model.public_name!r}"
+                f"model {model!r} is not served here; this server serves {self.config.model.public_name!r}"
             )
-        sources = media_sources(request.messages)
+
+    async def _media(self, messages: list, record: RequestRecord | None) -> list[Any]:
+        """Every image and video of `messages`, checked, fetched and preprocessed at once."""
+        sources = media_sources(messages)
         if record is not None:
             record.image_sources = [source_kind(s.url) for s in sources]
         limit = self.config.images.max_images_per_request
@@ -148,6 +167,29 @@ class ChatService:
             raise ImageError(
                 "this model does not take video (video_url parts)", videos[0].param, "video_not_supported"
             )
+        for source in sources:
+            if source.url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
+                limits = self.config.images if source.kind == "image" else self.config.images.for_video()
+                check_data_uri(source.url, limits, source.param)
+        # Every fetch starts at once; how many tokens each image becomes (its size and detail
+        # decide, on anyres models) is known when it is preprocessed, and the prompt is
+        # tokenized as soon as all are. The tokenizer gets the text and those counts, never pixels.
+        pending = [self.backend.prepare_image(source, len(sources)) for source in sources]
+        try:
+            return list(await asyncio.gather(*pending)) if pending else []
+        except BaseException as e:
+            # One image failed (or the caller left): the others' fetches and decodes are not worth
+            # finishing. A Serve response cancels its call in the replica.
+            for call in pending:
+                call.cancel()
+            if isinstance(e, Exception):
+                raise unwrap(e) from e
+            raise
+
+    async def _start(
+        self, request: ChatCompletionRequest, output: OutputFormat | None, record: RequestRecord | None
+    ) -> AsyncIterator[StepOutput]:
+        self._check_model(request.model)
         params = SamplingParams.resolve(
             self.config.generation,
             max_tokens=request.requested_max_tokens(),
@@ -163,25 +205,14 @@ class ChatService:
             top_logprobs=request.top_logprobs,
             logit_bias=request.logit_bias,
             output=output,
+            min_p=request.min_p,
+            ignore_eos=request.ignore_eos,
+            min_tokens=request.min_tokens,
+            stop_token_ids=request.stop_token_ids or (),
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            skip_special_tokens=request.skip_special_tokens,
         )
-        for source in sources:
-            if source.url.startswith("data:"):  # refuse an oversized inline image here, not after shipping it
-                limits = self.config.images if source.kind == "image" else self.config.images.for_video()
-                check_data_uri(source.url, limits, source.param)
-        # Every fetch starts at once; how many tokens each image becomes (its size and detail
-        # decide, on anyres models) is known when it is preprocessed, and the prompt is
-        # tokenized as soon as all are. The tokenizer gets the text and those counts, never pixels.
-        pending = [self.backend.prepare_image(source, len(sources)) for source in sources]
-        try:
-            images = list(await asyncio.gather(*pending)) if pending else []
-        except BaseException as e:
-            # One image failed (or the caller left): the others' fetches and decodes are not worth
-            # finishing. A Serve response cancels its call in the replica.
-            for call in pending:
-                call.cancel()
-            if isinstance(e, Exception):
-                raise unwrap(e) from e
-            raise
+        images = await self._media(request.messages, record)
         counts = [image.num_tokens for image in images]
         prompt = self.backend.tokenize(to_template_messages(request.messages), params.max_tokens, counts)
         outputs = _typed(self.backend.generate(prompt, params, images))
@@ -221,6 +252,40 @@ class ChatService:
             return ParsedRequest(request, output_format(request))
 
         return await asyncio.to_thread(work)
+
+    async def tokenize(self, body: Any) -> TokenizeResponse:
+        """vLLM's /tokenize: a prompt as the tokenizer encodes it, or chat messages as the model is
+        given them (their images fetched and preprocessed, so each counts what it will cost)."""
+        request = await asyncio.to_thread(parse_request, body, self.config.limits, TokenizeRequest)
+        self._check_model(request.model)
+        if request.prompt is not None:
+            if len(request.prompt) > self.config.limits.max_text_chars:
+                raise InvalidRequest(
+                    f"prompt is over {self.config.limits.max_text_chars} characters (limits.max_text_chars)",
+                    "prompt",
+                )
+            ids = await _typed_call(
+                self.backend.encode(request.prompt, request.add_special_tokens is not False)
+            )
+        else:
+            images = await self._media(request.messages, None)
+            messages = to_template_messages(request.messages)
+            counts = [image.num_tokens for image in images]
+            prompt = self.backend.tokenize(messages, 0, counts, request.add_generation_prompt)
+            ids = (await _typed_call(prompt)).input_ids
+        strs = await _typed_call(self.backend.pieces(ids)) if request.return_token_strs else None
+        length = await _typed_call(self.backend.context_length())
+        return TokenizeResponse(count=len(ids), max_model_len=length, tokens=ids, token_strs=strs)
+
+    async def detokenize(self, body: Any) -> DetokenizeResponse:
+        """vLLM's /detokenize: the text of token ids, special tokens included."""
+        request = await asyncio.to_thread(parse_request, body, self.config.limits, DetokenizeRequest)
+        self._check_model(request.model)
+        if len(request.tokens) > self.config.limits.max_text_chars:
+            raise InvalidRequest(
+                f"tokens holds over {self.config.limits.max_text_chars} ids (limits.max_text_chars)", "tokens"
+            )
+        return DetokenizeResponse(prompt=await _typed_call(self.backend.decode(request.tokens)))
 
     async def complete(self, body: Any, record: RequestRecord | None = None) -> ChatCompletion:
         """A whole (non-streamed) chat completion; `record`, if given, is filled as it runs."""
@@ -317,6 +382,14 @@ def _call_delta(delta: CallUpdate) -> Delta:
             )
         ]
     )
+
+
+async def _typed_call(call: Any) -> Any:
+    """A backend call's result, with whatever it raised as our typed error (Ray wraps them)."""
+    try:
+        return await call
+    except Exception as e:
+        raise unwrap(e) from e
 
 
 async def _typed(outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput]:

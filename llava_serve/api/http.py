@@ -40,8 +40,9 @@ from llava_serve.errors import (
 
 logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
-# Where the door check applies: the routes that start generation.
-GUARDED_PATHS = ("/v1/chat/completions",)
+# Where the door check applies: the routes that start generation, and those that fetch, decode or
+# tokenize what the caller sends.
+GUARDED_PATHS = ("/v1/chat/completions", "/tokenize", "/detokenize")
 # What answers without an API key: liveness for load balancers, and the playground page (static,
 # it holds nothing; its own calls carry the key the user types into it).
 OPEN_PATHS = frozenset({"/health", "/"})

@@ -177,6 +177,32 @@ class ChatCompletionRequest(_Request):
     )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's sampling extensions, with vLLM's meanings (what its clients and benchmark send).
+    min_p: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Extension (vLLM): drop tokens below min_p x the likeliest's probability.",
+    )
+    ignore_eos: bool | None = Field(
+        None, description="Extension (vLLM): end-of-sequence does not end the answer; it runs to max_tokens."
+    )
+    min_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Extension (vLLM): no end-of-sequence, stop token or stop string before this many.",
+    )
+    stop_token_ids: list[int] | None = Field(
+        None,
+        max_length=64,
+        description="Extension (vLLM): token ids that end the answer as end-of-sequence does.",
+    )
+    include_stop_str_in_output: bool | None = Field(
+        None, description="Extension (vLLM): the stop string or stop token that ended the answer stays in it."
+    )
+    skip_special_tokens: bool | None = Field(
+        None, description="Extension (vLLM): leave special tokens out of the text (default true)."
+    )
     n: Literal[1] = Field(1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -379,6 +405,45 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize body, in vLLM's shape: a `prompt` (tokenized as the tokenizer does), or chat
+    `messages`, whose ids are what the model is given for them, each image's placeholder
+    expanded to the tokens the model counts for it."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = Field(
+        None, description="For a prompt: the tokenizer's BOS/EOS around it (default true). Messages: ignored."
+    )
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize body, in vLLM's shape."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -191,6 +191,10 @@ class Engine:
             raise EngineError("the engine has stopped; this replica is being replaced")
         if (grammar is None) != (params.output is None):
             raise ValueError("a grammar goes with params.output, and only with it")
+        if any(not 0 <= token < self.runner.vocab_size for token in params.stop_token_ids):
+            raise InvalidRequest(
+                f"stop_token_ids names a token id outside 0..{self.runner.vocab_size - 1}", "stop_token_ids"
+            )
         if any(not 0 <= token < self.runner.vocab_size for token, _ in params.logit_bias):
             raise InvalidRequest(
                 f"logit_bias names a token id outside 0..{self.runner.vocab_size - 1}", "logit_bias"

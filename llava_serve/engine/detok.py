@@ -23,17 +23,18 @@ class IncrementalDetokenizer:
     ids: list[int] = field(default_factory=list)
     prefix_offset: int = 0
     read_offset: int = 0
+    skip_special_tokens: bool = True
 
     @classmethod
-    def after_prompt(cls, tokenizer, prompt_ids: list[int]) -> IncrementalDetokenizer:
+    def after_prompt(
+        cls, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True
+    ) -> IncrementalDetokenizer:
         ids = list(prompt_ids[-_PROMPT_CONTEXT:])
-        return cls(tokenizer, ids, 0, len(ids))
+        return cls(tokenizer, ids, 0, len(ids), skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix, full = self._window()
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""
         self.prefix_offset = self.read_offset
@@ -42,11 +43,15 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end: whatever was held back, an incomplete character included (as U+FFFD)."""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix, full = self._window()
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]
+
+    def _window(self) -> tuple[str, str]:
+        """The text already read of the window, and the whole window's."""
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        return prefix, decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class StopMatcher:
     """Holds back text that could be the start of a stop string; truncates at a full match."""
 
     stops: tuple[str, ...]
+    include: bool = False  # the stop string stays in the text (vLLM's include_stop_str_in_output)
     pending: str = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -61,9 +67,10 @@ class StopMatcher:
         if not self.stops:
             return text, False
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, len(s)) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, length = min(hits)
+            out, self.pending = self.pending[: at + (length if self.include else 0)], ""
             return out, True
         hold = 0
         for s in self.stops:

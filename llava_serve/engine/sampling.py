@@ -29,6 +29,13 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # The format the answer must match (a JSON schema, a tool call), enforced by a grammar.
     output: OutputFormat | None = None
+    # vLLM's extensions, with vLLM's meanings.
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    ignore_eos: bool = False  # end-of-sequence does not end the answer; it runs to max_tokens
+    min_tokens: int = 0  # neither end-of-sequence, stop_token_ids nor stop strings end it sooner
+    stop_token_ids: tuple[int, ...] = ()  # these tokens end the answer as end-of-sequence does
+    include_stop_str_in_output: bool = False  # the stop string or token that ended it stays in the text
+    skip_special_tokens: bool = True  # special tokens the model writes are left out of the text
 
     @property
     def greedy(self) -> bool:
@@ -56,6 +63,12 @@ class SamplingParams:
         top_logprobs: int | None = None,
         logit_bias: dict[str, float] | None = None,
         output: OutputFormat | None = None,
+        min_p: float | None = None,
+        ignore_eos: bool | None = None,
+        min_tokens: int | None = None,
+        stop_token_ids: list[int] | tuple[int, ...] = (),
+        include_stop_str_in_output: bool | None = None,
+        skip_special_tokens: bool | None = None,
     ) -> SamplingParams:
         """Fill what the request left out from config defaults, and enforce the ceilings."""
         max_tokens = defaults.max_tokens if max_tokens is None else max_tokens
@@ -63,6 +76,10 @@ class SamplingParams:
             raise InvalidRequest(
                 f"max_tokens is {max_tokens}, over this server's limit of {defaults.max_tokens_limit}",
                 "max_tokens",
+            )
+        if (min_tokens or 0) > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({min_tokens}) is more than max_tokens ({max_tokens})", "min_tokens"
             )
         return cls(
             max_tokens=max_tokens,
@@ -78,6 +95,12 @@ class SamplingParams:
             top_logprobs=top_logprobs or 0,
             logit_bias=tuple((int(k), float(v)) for k, v in (logit_bias or {}).items()),
             output=output,
+            min_p=min_p or 0.0,
+            ignore_eos=bool(ignore_eos),
+            min_tokens=min_tokens or 0,
+            stop_token_ids=tuple(stop_token_ids),
+            include_stop_str_in_output=bool(include_stop_str_in_output),
+            skip_special_tokens=True if skip_special_tokens is None else skip_special_tokens,
         )
 
 
@@ -126,7 +149,7 @@ def sample_batch(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> torch.Tensor:
     """The next token of every row of `logits` [rows, vocab], as HF's warpers would pick them
-    (temperature, then top-k, then top-p), in a few batched operations; stays on the device, so
+    (temperature, then top-k, top-p and min-p), in a few batched operations; stays on the device, so
     a step reads all its tokens back in one copy.
 
     Sampled rows draw with the Gumbel-max trick, argmax(probs / E) with E ~ Exp(1) drawn from the
@@ -155,6 +178,10 @@ def sample_batch(
         drop = probs.cumsum(-1) - probs >= top_p[:, None]
         drop[:, 0] = False
         x = x.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    if any(p.min_p > 0.0 for p in chosen):  # as transformers' MinPLogitsWarper, after top-p
+        min_p = torch.tensor([p.min_p for p in chosen], device=device)
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     noise = torch.stack(
         [torch.empty(vocab, device=device).exponential_(generator=generators[i]) for i in sampled]
     )

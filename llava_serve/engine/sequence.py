@@ -52,7 +52,7 @@ class Sequence:
     _prompt: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.stop = StopMatcher(self.params.stop)
+        self.stop = StopMatcher(self.params.stop, self.params.include_stop_str_in_output)
 
     @classmethod
     def create(
@@ -71,7 +71,7 @@ class Sequence:
             images=list(images),
             params=params,
             eos_ids=frozenset(eos_ids),
-            detok=IncrementalDetokenizer.after_prompt(tokenizer, input_ids),
+            detok=IncrementalDetokenizer.after_prompt(tokenizer, input_ids, params.skip_special_tokens),
             generator=make_generator(params, device),
             token_bytes=token_bytes,
             grammar=grammar,
@@ -104,6 +104,11 @@ class Sequence:
             scores = apply_penalties(logits, self.params, self._prompt_tensor(logits.device), self.generated)
         if self.params.logit_bias:
             scores = apply_logit_bias(scores, self.params.logit_bias)
+        if self.num_generated < self.params.min_tokens:  # nothing may end the answer yet
+            ends = [*self.eos_ids, *self.params.stop_token_ids]
+            scores = scores.index_fill(
+                0, torch.tensor(ends, dtype=torch.long, device=scores.device), float("-inf")
+            )
         return scores
 
     def accept(self, token: int, logits: torch.Tensor) -> StepOutput:
@@ -114,15 +119,27 @@ class Sequence:
         if self.grammar is not None:
             self.grammar.accept(token)
         self.generated.append(token)
-        eos = token in self.eos_ids
+        params = self.params
+        may_end = self.num_generated >= params.min_tokens
+        eos = may_end and not params.ignore_eos and token in self.eos_ids
+        # A stop token ends the answer as end-of-sequence does; its text stays out unless asked for.
+        stop_token = may_end and not eos and token in params.stop_token_ids
         # A complete grammar allows nothing more: the answer ends with this token.
-        complete = not eos and self.grammar is not None and self.grammar.done
-        out_of_room = not (eos or complete) and self.num_generated >= self.params.max_tokens
-        new = self.detok.flush() if eos else self.detok.push(token)
-        if out_of_room or complete:
+        complete = not (eos or stop_token) and self.grammar is not None and self.grammar.done
+        ends = eos or stop_token or complete
+        out_of_room = not ends and self.num_generated >= params.max_tokens
+        if eos or (stop_token and not params.include_stop_str_in_output):
+            new = self.detok.flush()
+        else:
+            new = self.detok.push(token)
+        if out_of_room or complete or stop_token:
             new += self.detok.flush()
-        logprob = self._logprob(logits, token, new) if self.params.logprobs else None
-        text, hit = self.stop.feed(new)
+        logprob = self._logprob(logits, token, new) if params.logprobs else None
+        if may_end:
+            text, hit = self.stop.feed(new)
+        else:  # vLLM's min_tokens: no stop string counts before it
+            text, hit = new, False
+        eos = eos or stop_token
         finish = "stop" if hit or eos or complete else "length" if out_of_room else None
         if finish is not None and not hit:
             text += self.stop.flush()

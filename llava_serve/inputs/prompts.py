@@ -76,18 +76,25 @@ class PromptBuilder:
         at = next(i for i in range(len(with_specials)) if with_specials[i : i + len(bare)] == bare)
         self._prefix, self._suffix = with_specials[:at], with_specials[at + len(bare) :]
 
-    def render(self, messages: list[TemplateMessage]) -> str:
+    def render(self, messages: list[TemplateMessage], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
             raise InvalidRequest("this checkpoint has no chat template", "model")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
             )
         except Exception as e:  # checkpoint templates raise their own errors for shapes they refuse
             raise InvalidRequest(f"the chat template cannot render these messages: {e}", "messages") from e
 
     def build(
-        self, messages: list[TemplateMessage], max_tokens: int, media_tokens: list[int]
+        self,
+        messages: list[TemplateMessage],
+        max_tokens: int,
+        media_tokens: list[int],
+        add_generation_prompt: bool = True,
     ) -> PromptInputs:
         """Token ids for `messages`, each image's or video's placeholder expanded to its count in
         `media_tokens` (in the order of the parts; from its adapter), checked to leave room for
@@ -116,7 +123,7 @@ class PromptBuilder:
             kind: [n for k, n in zip(kinds, media_tokens, strict=True) if k == kind]
             for kind in ("image", "video")
         }
-        ids, placed = self._tokenize(self.render(marked), texts, counts)
+        ids, placed = self._tokenize(self.render(marked, add_generation_prompt), texts, counts)
         if placed != len(kinds):
             raise InvalidRequest(
                 f"the chat template placed {placed} images and videos but the messages carry {len(kinds)}; "
@@ -130,6 +137,25 @@ class PromptBuilder:
                 f"length of {self.context_length}"
             )
         return PromptInputs(ids, placed, time.monotonic() - start)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`text` as the tokenizer itself encodes it (special-token strings match), for /tokenize."""
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` as the tokenizer decodes them, special tokens included, for /detokenize."""
+        self._check_ids(ids)
+        return self.tokenizer.decode(ids)
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each id's vocabulary string."""
+        self._check_ids(ids)
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
+    def _check_ids(self, ids: list[int]) -> None:
+        size = len(self.tokenizer)
+        if any(not 0 <= i < size for i in ids):
+            raise InvalidRequest(f"tokens holds an id outside the vocabulary (0..{size - 1})", "tokens")
 
     def _tokenize(
         self, rendered: str, texts: list[str], counts: dict[str, list[int]]

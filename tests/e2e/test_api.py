@@ -199,3 +199,30 @@ def test_openapi_schema_describes_the_real_models(serve_url):
     route = schema["paths"]["/v1/chat/completions"]["post"]
     ok = route["responses"]["200"]["content"]["application/json"]["schema"]
     assert ok["$ref"].endswith("/ChatCompletion")
+
+
+def test_vllm_s_sampling_extensions_pass_through_the_openai_client(client, tiny_dir):
+    """What vLLM's clients and `vllm bench serve` send, through `extra_body` as they send it."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_dir).eos_token_id
+    ask = {"model": "llava-tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+    forced = {"logit_bias": {str(eos): 100}}  # the answer would end at its first token
+    short = client.chat.completions.create(**ask, max_tokens=6, **forced)
+    assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (1, "stop")
+    extra = {
+        "ignore_eos": True,
+        "min_p": 0.1,
+        "skip_special_tokens": True,
+        "include_stop_str_in_output": False,
+    }
+    full = client.chat.completions.create(**ask, max_tokens=6, **forced, extra_body=extra)
+    assert (full.usage.completion_tokens, full.choices[0].finish_reason) == (6, "length")
+    held = client.chat.completions.create(**ask, max_tokens=6, **forced, extra_body={"min_tokens": 4})
+    assert held.usage.completion_tokens == 5  # four tokens, then the end of sequence
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**ask, max_tokens=2, extra_body={"min_tokens": 3})
+    assert info.value.body["param"] == "min_tokens"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**ask, max_tokens=2, extra_body={"stop_token_ids": [-1]})
+    assert info.value.body["param"] == "stop_token_ids"

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.support.client import image_request
 from tests.support.media import data_uri, encode, random_image
-from tests.support.oracle import hf_greedy
+from tests.support.oracle import hf_greedy, reference_inputs
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -137,3 +137,44 @@ def test_models_and_health(serve_url):
 def test_client_request_id_is_echoed(serve_url):
     r = httpx.get(f"{serve_url}/health", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "fragment"),
+    [
+        ("POST", "/v1/embeddings", 404, "no route POST /v1/embeddings"),
+        ("GET", "/v1/nothing/here", 404, "no route GET /v1/nothing/here"),
+        ("GET", "/v1/chat/completions", 405, "Method Not Allowed"),
+    ],
+)
+def test_unknown_paths_and_methods_answer_in_openai_s_error_shape(serve_url, method, path, status, fragment):
+    r = httpx.request(method, f"{serve_url}{path}", json={}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_tokenize_and_detokenize_in_vllm_s_shapes(serve_url, processor):
+    image = random_image(12, (60, 40))
+    body = image_request(data_uri(image), "What is it?")
+    r = httpx.post(
+        f"{serve_url}/tokenize", json={"model": "llava-tiny", "messages": body["messages"]}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    out = r.json()
+    expected = reference_inputs(processor, body["messages"], [image])["input_ids"][0].tolist()
+    assert out == {
+        "count": len(expected),
+        "max_model_len": out["max_model_len"],
+        "tokens": expected,
+        "token_strs": None,
+    }
+    prompt = {"prompt": "Hello there", "return_token_strs": True}
+    out = httpx.post(f"{serve_url}/tokenize", json=prompt, timeout=30).json()
+    assert out["tokens"] == processor.tokenizer("Hello there")["input_ids"]
+    assert out["token_strs"] == processor.tokenizer.convert_ids_to_tokens(out["tokens"])
+    back = httpx.post(f"{serve_url}/detokenize", json={"tokens": out["tokens"]}, timeout=30)
+    assert back.json() == {"prompt": processor.tokenizer.decode(out["tokens"])}
+    bad = httpx.post(f"{serve_url}/detokenize", json={"tokens": [10**7]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"

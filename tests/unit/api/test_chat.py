@@ -6,6 +6,7 @@ builder, engine), in the roles the Serve deployments play in production.
 
 import asyncio
 import copy
+import json
 
 import pytest
 
@@ -13,12 +14,12 @@ from llava_serve.api.chat import ChatService
 from llava_serve.config import AppConfig, EngineConfig
 from llava_serve.engine import Engine
 from llava_serve.engine.runner import ModelRunner
-from llava_serve.errors import Unavailable
+from llava_serve.errors import LlavaServeError, Unavailable
 from llava_serve.inputs.media import MediaPreparer
 from llava_serve.inputs.prompts import PromptBuilder
 from tests.support.client import image_request
 from tests.support.media import data_uri, random_image
-from tests.support.oracle import hf_greedy
+from tests.support.oracle import hf_greedy, reference_inputs
 
 
 class LocalBackend:
@@ -41,13 +42,29 @@ class LocalBackend:
         args = (source.url, source.param, source.detail, num_images, source.kind)
         return asyncio.ensure_future(self.media.prepare(*args))
 
-    def tokenize(self, messages, max_tokens, media_tokens):
+    def tokenize(self, messages, max_tokens, media_tokens, add_generation_prompt=True):
         self.tokenized.append(messages)
-        return asyncio.ensure_future(self._tokenize(messages, max_tokens, media_tokens))
+        return asyncio.ensure_future(
+            self._tokenize(messages, max_tokens, media_tokens, add_generation_prompt)
+        )
 
-    async def _tokenize(self, messages, max_tokens, media_tokens):
+    async def _tokenize(self, messages, max_tokens, media_tokens, add_generation_prompt=True):
         self._die("tokenize")
-        return await asyncio.to_thread(self.builder.build, messages, max_tokens, media_tokens)
+        return await asyncio.to_thread(
+            self.builder.build, messages, max_tokens, media_tokens, add_generation_prompt
+        )
+
+    def encode(self, text, add_special_tokens):
+        return asyncio.to_thread(self.builder.encode, text, add_special_tokens)
+
+    def decode(self, ids):
+        return asyncio.to_thread(self.builder.decode, ids)
+
+    def pieces(self, ids):
+        return asyncio.to_thread(self.builder.pieces, ids)
+
+    async def context_length(self):
+        return self.builder.context_length
 
     async def generate(self, prompt, params, images):
         outputs = self.engine.serve(await prompt, params, list(images))
@@ -125,3 +142,42 @@ async def test_the_tokenizer_gets_text_and_image_slots_never_image_data(service,
     assert messages == [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
     ]
+
+
+async def test_tokenize_counts_a_chat_s_images_as_the_processor_does(service, processor):
+    image = random_image(5, (70, 50))
+    body = image_request(data_uri(image), "What is it?")
+    expected = reference_inputs(processor, body["messages"], [image])["input_ids"][0].tolist()
+    out = await service.tokenize(
+        json.dumps({"messages": body["messages"], "return_token_strs": True}).encode()
+    )
+    assert (out.tokens, out.count) == (expected, len(expected))
+    assert out.token_strs == processor.tokenizer.convert_ids_to_tokens(expected)
+    assert out.max_model_len == 2048
+    assert processor.image_token_id in out.tokens
+
+
+async def test_tokenize_a_prompt_and_detokenize_as_the_tokenizer_does(service, processor):
+    tok = processor.tokenizer
+    text = "Hello </s> wörld"  # a special token's string matches here, as the tokenizer's own encode
+    for add in (True, False):
+        out = await service.tokenize({"prompt": text, "add_special_tokens": add})
+        assert out.tokens == tok(text, add_special_tokens=add)["input_ids"] and out.token_strs is None
+    back = await service.detokenize({"tokens": out.tokens})
+    assert back.prompt == tok.decode(out.tokens)
+
+
+@pytest.mark.parametrize(
+    ("call", "body", "param"),
+    [
+        ("tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, None),
+        ("tokenize", {}, None),
+        ("detokenize", {"tokens": [10**7]}, "tokens"),
+        ("detokenize", {"tokens": [-1]}, "tokens"),
+        ("tokenize", {"prompt": "a", "model": "gpt-4o"}, "model"),
+    ],
+)
+async def test_tokenize_and_detokenize_refuse_what_they_cannot_do_naming_it(service, call, body, param):
+    with pytest.raises(LlavaServeError) as info:
+        await getattr(service, call)(body)
+    assert 400 <= info.value.status_code < 500 and info.value.param == param, info.value.message

@@ -621,3 +621,76 @@ async def test_admission_is_by_free_slots_with_an_optional_token_cap(tiny_dir, p
         assert stats["kv_tokens_capacity"] == eng.runner.kv.slots * eng.runner.kv.max_len
     finally:
         await eng.shutdown()
+
+
+# -- vLLM's sampling extensions ---------------------------------------------------------------
+
+
+async def answer(engine, case, **params) -> tuple[list[int], str, str]:
+    """(token ids, text, finish reason) of one greedy request with `params` over the defaults."""
+    sampling = SamplingParams(**{"max_tokens": case.max_tokens, "temperature": 0.0, **params})
+    outs = [o async for o in engine.generate(case.input_ids, case.images, sampling)]
+    return [t for o in outs for t in o.token_ids], "".join(o.text for o in outs), outs[-1].finish_reason
+
+
+async def test_ignore_eos_runs_to_max_tokens_past_an_end_of_sequence(engine, cases, hf_model):
+    eos = hf_model.config.text_config.eos_token_id
+    forced = ((eos, 100.0),)  # the answer would end at its first token
+    ids, _, finish = await answer(engine, cases[1], logit_bias=forced)
+    assert (ids, finish) == ([eos], "stop")
+    ids, text, finish = await answer(engine, cases[1], logit_bias=forced, ignore_eos=True)
+    assert (ids, text, finish) == ([eos] * cases[1].max_tokens, "", "length")
+
+
+async def test_min_tokens_holds_off_the_end_of_sequence_and_stop_strings(engine, cases, hf_model):
+    eos = hf_model.config.text_config.eos_token_id
+    case = cases[0]
+    ids, _, finish = await answer(engine, case, logit_bias=((eos, 100.0),), min_tokens=5)
+    assert len(ids) == 6 and eos not in ids[:5] and ids[5] == eos and finish == "stop"
+    _, whole, _ = await answer(engine, case)  # `generate`'s greedy text: a stop string from it
+    stop = whole[1:3]
+    _, early, _ = await answer(engine, case, stop=(stop,))
+    assert early == whole[: whole.index(stop)]
+    _, later, _ = await answer(engine, case, stop=(stop,), min_tokens=case.max_tokens)
+    assert later == whole  # a stop string before min_tokens does not count
+
+
+async def test_a_stop_token_ends_the_answer_and_stays_out_unless_asked_for(engine, cases, processor):
+    case = cases[0]
+    stop_at = 3
+    token = case.expected[stop_at]
+    first = case.expected.index(token)  # where the greedy answer first writes it
+    decode = processor.tokenizer.decode
+    ids, text, finish = await answer(engine, case, stop_token_ids=(token,))
+    assert (ids, finish) == (case.expected[: first + 1], "stop")
+    assert text == decode(case.expected[:first], skip_special_tokens=True)
+    _, kept, _ = await answer(engine, case, stop_token_ids=(token,), include_stop_str_in_output=True)
+    assert kept == decode(case.expected[: first + 1], skip_special_tokens=True)
+
+
+async def test_a_stop_string_stays_in_the_answer_when_asked_to(engine, cases):
+    case = cases[0]
+    _, whole, _ = await answer(engine, case)
+    stop = whole[2:5]
+    _, text, finish = await answer(engine, case, stop=(stop,), include_stop_str_in_output=True)
+    assert (text, finish) == (whole[: whole.index(stop) + len(stop)], "stop")
+
+
+async def test_special_tokens_the_model_writes_show_when_not_skipped(engine, cases, processor):
+    image = processor.image_token_id  # a special token of the tiny tokenizer
+    forced = ((image, 100.0),)
+    _, skipped, _ = await answer(engine, cases[1], logit_bias=forced, max_tokens=3)
+    _, shown, _ = await answer(engine, cases[1], logit_bias=forced, max_tokens=3, skip_special_tokens=False)
+    assert (skipped, shown) == ("", processor.image_token * 3)
+
+
+async def test_min_p_of_one_keeps_only_the_likeliest_token_so_sampling_is_greedy(engine, cases):
+    case = cases[0]
+    ids, _, _ = await answer(engine, case, temperature=1.5, seed=7, min_p=1.0)
+    assert ids == case.expected
+
+
+async def test_a_stop_token_outside_the_vocabulary_is_refused_naming_it(engine, cases):
+    with pytest.raises(InvalidRequest) as info:
+        await answer(engine, cases[0], stop_token_ids=(10**8,))
+    assert info.value.param == "stop_token_ids"

@@ -60,3 +60,10 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def test_a_stop_string_stays_in_the_text_when_asked_to():
+    for include, expected in ((False, "one, "), (True, "one, two")):
+        matcher = StopMatcher(("two",), include)
+        out = [matcher.feed(piece) for piece in ("one, t", "wo, three")]
+        assert "".join(text for text, _ in out) == expected and out[-1][1]

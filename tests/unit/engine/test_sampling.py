@@ -120,3 +120,19 @@ def test_the_gumbel_draw_follows_the_softmax():
         torch.tensor([int(sample_batch(logits, params, generator)[0]) for _ in range(20000)]), minlength=4
     )
     assert torch.allclose(counts / 20000, logits[0].softmax(-1), atol=0.02)
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.3])
+def test_min_p_samples_only_what_transformers_keeps(logits, min_p):
+    from transformers import MinPLogitsWarper
+
+    warped = MinPLogitsWarper(min_p)(None, (logits / 1.5)[None].clone())[0]
+    kept = set(warped.isfinite().nonzero().flatten().tolist())
+    got = draws(logits, SamplingParams(max_tokens=1, temperature=1.5, min_p=min_p, seed=2))
+    assert got <= kept and len(got) >= min(len(kept), 2)
+
+
+def test_min_tokens_past_max_tokens_is_refused_naming_it():
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams.resolve(GenerationConfig(), max_tokens=4, min_tokens=5)
+    assert info.value.param == "min_tokens"
