@@ -35,8 +35,14 @@ def media_sources(messages: list[ChatMessage]) -> list[MediaSource]:
 
 
 def to_template_messages(messages: list[ChatMessage]) -> list[TemplateMessage]:
-    """OpenAI parts to the `{"type": "image"}` / `{"type": "text"}` form chat templates expect."""
-    out = []
+    """OpenAI parts to the `{"type": "image"}` / `{"type": "text"}` form chat templates expect.
+
+    LLaVA checkpoints' chat templates have no format for tool calls, so a history that holds them
+    is written in plain text: an assistant turn's calls as `Called <name>(<arguments>).` after
+    its text, each `tool` message as a user turn `Result of <name> (call <id>): <content>`, and
+    consecutive results as one turn (templates that insist on alternating roles accept that)."""
+    names = {call.id: call.function.name for m in messages for call in m.tool_calls or ()}
+    out: list[TemplateMessage] = []
     for message in messages:
         content = [
             {"type": "image"}
@@ -46,5 +52,20 @@ def to_template_messages(messages: list[ChatMessage]) -> list[TemplateMessage]:
             else {"type": "text", "text": part.text}
             for part in message.parts()
         ]
+        if message.tool_calls:
+            calls = " ".join(f"Called {c.function.name}({c.function.arguments})." for c in message.tool_calls)
+            content.append({"type": "text", "text": calls})
+        if message.role == "tool":
+            text = "".join(part["text"] for part in content)
+            name = names.get(message.tool_call_id, "the tool")
+            result = {"type": "text", "text": f"Result of {name} (call {message.tool_call_id}): {text}"}
+            if out and out[-1]["role"] == "user" and out[-1].get("tool_results"):
+                out[-1]["content"].append({"type": "text", "text": "\n"})
+                out[-1]["content"].append(result)
+                continue
+            out.append({"role": "user", "content": [result], "tool_results": True})
+            continue
         out.append({"role": message.role, "content": content})
+    for message in out:
+        message.pop("tool_results", None)
     return out

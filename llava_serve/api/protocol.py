@@ -65,17 +65,35 @@ class VideoPart(_Request):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class HistoryFunction(_Request):
+    model_config = ConfigDict(extra="ignore")  # replayed histories carry what each client kept
+
+    name: str
+    arguments: str
+
+
+class HistoryToolCall(_Request):
+    """A call an assistant turn made, as the official clients replay it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: HistoryFunction
+
+
 class ChatMessage(_Request):
     # `developer` is what the official clients send in place of `system` for newer models.
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = Field(
         None, validate_default=True
     )
     name: str | None = None
-    # What assistant turns in a replayed history carry; accepted so the history validates,
-    # not rendered (the chat templates of LLaVA checkpoints have no place for them).
+    # What assistant turns in a replayed history carry: a refusal is accepted and not rendered;
+    # tool calls, and the `tool` messages answering them, are rendered (`api.messages`).
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[HistoryToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = None  # of a `tool` message: the call it answers
 
     @field_validator("role")
     @classmethod
@@ -88,7 +106,17 @@ class ChatMessage(_Request):
         role = info.data.get("role")
         if v is None and role != "assistant":
             raise ValueError(f"Field required: content is required in {role} messages")
+        if role == "tool" and isinstance(v, list) and any(not isinstance(p, TextPart) for p in v):
+            raise ValueError("a tool message's content is text")
         return v
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         if self.content is None:

@@ -25,6 +25,13 @@ HISTORY = [
     {"role": "assistant", "content": "A dog.", "name": "bot", "refusal": None},
     {"role": "user", "content": "And the colour?", "name": None},
 ]
+# HISTORY as the README says it is written for a template without a tool format: an assistant
+# turn's calls as "Called <name>(<arguments>)." after its text.
+AS_RENDERED = [
+    *HISTORY[:2],
+    {"role": "assistant", "content": "Called look({})."},
+    *HISTORY[3:],
+]
 # Every parameter an SDK may send as null, known or not.
 NULLS = {
     "n": None,
@@ -55,7 +62,7 @@ def client(serve_url):
 def expected_answer(processor, hf_model, max_tokens: int) -> str:
     """HISTORY as transformers sees it (`ChatMessage` reads it as the server does: developer is
     system, null content is no content)."""
-    return hf_greedy(processor, hf_model, HISTORY, [random_image(60)], max_tokens)[0]
+    return hf_greedy(processor, hf_model, AS_RENDERED, [random_image(60)], max_tokens)[0]
 
 
 @pytest.mark.parametrize("stream", [False, True])

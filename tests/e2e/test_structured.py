@@ -17,6 +17,7 @@ from ray import serve
 
 from tests.support import schemas
 from tests.support.media import data_uri, random_image
+from tests.support.oracle import hf_greedy
 
 IMAGE = data_uri(random_image(7))
 
@@ -268,3 +269,46 @@ async def test_handle_calls_take_the_same_formats(serve_url):
     assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["id"].startswith("call_")
     Weather.model_validate_json("".join(d["function"]["arguments"] for d in deltas))
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_the_official_client_s_tool_loop_completes_with_the_result_in_the_prompt(client, processor, hf_model):
+    """A forced call, its result sent back as a `tool` message, and a final answer, in one
+    conversation; the final answer equals `generate` on the history in the README's plain-text
+    form (LLaVA chat templates have no tool format)."""
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    first = client.chat.completions.create(
+        model="llava-tiny", messages=[question], tools=weather_tools(), tool_choice=forced, max_tokens=200
+    )
+    (call,) = first.choices[0].message.tool_calls
+    result = '{"temperature_c": 21}'
+    history = [
+        question,
+        first.choices[0].message,
+        {"role": "tool", "tool_call_id": call.id, "content": result},
+    ]
+    final = client.chat.completions.create(
+        model="llava-tiny",
+        messages=history,
+        tools=weather_tools(),
+        tool_choice="none",
+        max_tokens=8,
+        temperature=0,
+    )
+    as_rendered = [
+        question,
+        {"role": "assistant", "content": f"Called get_weather({call.function.arguments})."},
+        {"role": "user", "content": f"Result of get_weather (call {call.id}): {result}"},
+    ]
+    expected, prompt_tokens = hf_greedy(processor, hf_model, as_rendered, [], 8)
+    assert final.choices[0].message.content == expected
+    assert final.usage.prompt_tokens == prompt_tokens
+
+
+def test_a_tool_message_must_name_the_call_it_answers(serve_url):
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}],
+        "max_tokens": 2,
+    }
+    r = httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and "tool_call_id" in r.json()["error"]["message"], r.text
