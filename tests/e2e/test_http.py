@@ -80,7 +80,7 @@ def test_http_image_url_is_fetched(serve_url, image_server, processor, hf_model)
         (
             {"messages": [{"role": "robot", "content": "hi"}]},
             "messages[0].role",
-            "'system', 'developer', 'user' or 'assistant'",
+            "'system', 'developer', 'user', 'assistant' or 'tool'",
         ),
         (
             {"messages": [{"role": "user", "content": "hi"}], "temperature": 3},
