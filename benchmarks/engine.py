@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.report import pct, save, table
+from benchmarks.report import QUESTIONS, V1_SETTINGS, WORDS, pct, rotated, save, table
 from llava_serve.api.messages import to_template_messages
 from llava_serve.api.protocol import ChatMessage
 from llava_serve.config import EngineConfig, ImageConfig, ModelConfig
@@ -47,31 +47,6 @@ from llava_serve.inputs.prompts import PromptBuilder
 from llava_serve.models import checkpoint, tiny
 from llava_serve.structured.spec import OutputFormat
 
-QUESTIONS = [
-    "What is in this image?",
-    "Describe the picture in detail.",
-    "Is there an animal here?",
-    "What colours dominate?",
-]
-WORDS = [
-    "the",
-    "a",
-    "river",
-    "mountain",
-    "city",
-    "light",
-    "blue",
-    "green",
-    "small",
-    "large",
-    "over",
-    "under",
-    "near",
-    "far",
-    "old",
-    "new",
-]
-V1_SETTINGS = {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0, "max_stream_messages_per_s": 0}
 DEFAULT_SIDES = {"v1 settings": V1_SETTINGS, "v2": {}}
 FIRST = ChatMessage(
     role="user",
@@ -99,6 +74,22 @@ class LoopLag:
         return p99
 
 
+def image_prompt(
+    builder, adapter, rng: np.random.RandomState, question: str, max_tokens: int, base_only=False
+):
+    """(prompt ids, [image]) of a question about a fresh random picture, prepared as the serving
+    path prepares it."""
+    pixels = rng.randint(0, 256, (rng.randint(60, 300), rng.randint(60, 300), 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    image = images.prepare(buf.getvalue(), adapter, ImageConfig(), None, base_only)
+    msg = ChatMessage(
+        role="user",
+        content=[{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": question}],
+    )
+    return builder.build(to_template_messages([msg]), max_tokens, [image.num_tokens]).input_ids, [image]
+
+
 class Bench:
     """The checkpoint's prompt builder and adapter, and one engine per side on its weights."""
 
@@ -114,17 +105,7 @@ class Bench:
         }
 
     def image_request(self, rng: np.random.RandomState, question: str, max_tokens: int, base_only=False):
-        pixels = rng.randint(0, 256, (rng.randint(60, 300), rng.randint(60, 300), 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "PNG")
-        image = images.prepare(buf.getvalue(), self.adapter, ImageConfig(), None, base_only)
-        msg = ChatMessage(
-            role="user",
-            content=[{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": question}],
-        )
-        return self.builder.build(to_template_messages([msg]), max_tokens, [image.num_tokens]).input_ids, [
-            image
-        ]
+        return image_prompt(self.builder, self.adapter, rng, question, max_tokens, base_only)
 
     def text_request(self, rng: np.random.RandomState, words: int, max_tokens: int):
         text = " ".join(rng.choice(WORDS, words)) + ". Summarize."
@@ -168,11 +149,6 @@ async def closed(engine: Engine, reqs: list, concurrency: int, params: SamplingP
         "tpot_p50_ms": round(pct(tpot, 0.5), 1),
         "tpot_p99_ms": round(pct(tpot, 0.99), 1),
     }
-
-
-def rotated(names: list[str], r: int) -> list[str]:
-    k = r % len(names)
-    return names[k:] + names[:k]
 
 
 def ratio_rows(results: dict, key: str, cells) -> list[list]:

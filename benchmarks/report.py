@@ -12,6 +12,41 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# What the drivers ask: the questions of image requests, the words text prompts are made of, and
+# the engine settings that make it schedule as engine v1 did (whole prompts in one step, nothing
+# kept across requests, every stream on its own clock), laid over the defaults.
+QUESTIONS = [
+    "What is in this image?",
+    "Describe the picture in detail.",
+    "Is there an animal here?",
+    "What colours dominate?",
+]
+WORDS = [
+    "the",
+    "a",
+    "river",
+    "mountain",
+    "city",
+    "light",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "over",
+    "under",
+    "near",
+    "far",
+    "old",
+    "new",
+]
+V1_SETTINGS = {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0, "max_stream_messages_per_s": 0}
+
+
+def rotated(sides: list, r: int) -> list:
+    """The sides in turn, starting one later each round, so drift in the machine's speed lands on all."""
+    k = r % len(sides)
+    return sides[k:] + sides[:k]
+
 
 def pct(values: list[float], q: float) -> float:
     """The q-quantile of `values` (the standard library's, inclusive); NaN when there are none."""

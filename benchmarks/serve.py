@@ -37,36 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx
 import yaml
 
-from benchmarks.report import pct, save, table
+from benchmarks.report import QUESTIONS, V1_SETTINGS, WORDS, pct, rotated, save, table
 from tests.support.load import closed_loop, open_loop, random_png, started_together
-
-QUESTIONS = [
-    "What is in this image?",
-    "Describe the picture in detail.",
-    "Is there an animal here?",
-    "What colours dominate?",
-]
-WORDS = [
-    "the",
-    "a",
-    "river",
-    "mountain",
-    "city",
-    "light",
-    "blue",
-    "green",
-    "small",
-    "large",
-    "over",
-    "under",
-    "near",
-    "far",
-    "old",
-    "new",
-]
-# The engine as v1 scheduled: whole prompts in one step, nothing kept across requests, every
-# stream on its own clock (engine.*, laid over the defaults).
-V1_SETTINGS = {"max_step_tokens": 1 << 20, "prefix_cache_bytes": 0, "max_stream_messages_per_s": 0}
 
 
 @dataclass
@@ -187,12 +159,6 @@ async def scheduled(side: Side, plan: list[tuple[float, dict]], model: str | Non
 
         results = await asyncio.gather(*[at(t, r) for t, r in plan])
     return summary(results, time.perf_counter() - t0) | {"offered_s": round(plan[-1][0], 1)}
-
-
-def rotated(sides: list[Side], r: int) -> list[Side]:
-    """The sides in turn, starting one later each round, so drift in the machine's speed lands on all."""
-    k = r % len(sides)
-    return sides[k:] + sides[:k]
 
 
 # -- modes ------------------------------------------------------------------------------------
@@ -348,6 +314,7 @@ DEFAULT_LAUNCH = {
 
 
 def app_config(args, name: str):
+    from deployments.cli import set_path
     from llava_serve.config import AppConfig
 
     tree = {
@@ -357,11 +324,7 @@ def app_config(args, name: str):
     }
     for item in args.set:  # laid over every launched llava-serve side, as `llava-serve serve --set`
         dotted, _, raw = item.partition("=")
-        *path, leaf = dotted.split(".")
-        node = tree
-        for key in path:
-            node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(raw)
+        set_path(tree, dotted, yaml.safe_load(raw))
     return AppConfig.model_validate(tree)
 
 

@@ -24,7 +24,8 @@ SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    """`tree[a][b][c] = value` for `dotted` "a.b.c", making the levels it lacks."""
     *path, leaf = dotted.split(".")
     for key in path:
         tree = tree.setdefault(key, {})
@@ -49,13 +50,13 @@ def _file_args(path: str) -> dict:
 def app_config(args: argparse.Namespace) -> AppConfig:
     """The config file (or every default, as in serve_config.yaml) with the flags laid over it."""
     tree = _file_args(args.config) if args.config else {}
-    _set(tree, "model.name", args.model)
+    set_path(tree, "model.name", args.model)
     for flag, (dotted, _, _) in SERVE_FLAGS.items():
         if getattr(args, flag) is not None:
-            _set(tree, dotted, getattr(args, flag))
+            set_path(tree, dotted, getattr(args, flag))
     for item in args.set:
         dotted, _, raw = item.partition("=")
-        _set(tree, dotted, yaml.safe_load(raw))
+        set_path(tree, dotted, yaml.safe_load(raw))
     if args.api_key:
         auth = tree.setdefault("auth", {})
         auth["api_keys"] = [*auth.get("api_keys", []), *args.api_key]

@@ -156,15 +156,11 @@ def kv_bytes(runner) -> int:
 def write_inputs(n: int, max_tokens: int, path: Path) -> None:
     """`n` requests (a random picture and a question each) as the serving path prepares them,
     written as plain values so that either tree can read them."""
-    import io
-
     import numpy as np
-    from PIL import Image
 
-    from llava_serve.api.messages import to_template_messages
-    from llava_serve.api.protocol import ChatMessage
-    from llava_serve.config import ImageConfig, ModelConfig
-    from llava_serve.inputs import images
+    from benchmarks.engine import image_prompt
+    from benchmarks.report import QUESTIONS
+    from llava_serve.config import ModelConfig
     from llava_serve.inputs.prompts import PromptBuilder
     from llava_serve.models import checkpoint
 
@@ -173,17 +169,8 @@ def write_inputs(n: int, max_tokens: int, path: Path) -> None:
     builder = PromptBuilder(adapter, checkpoint.context_length(model))
     rng, plain = np.random.RandomState(3), []
     for i in range(n):
-        pixels = rng.randint(0, 256, (rng.randint(60, 300), rng.randint(60, 300), 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "PNG")
-        image = images.prepare(buf.getvalue(), adapter, ImageConfig())
-        question = ["What is in this image?", "Describe the picture in detail."][i % 2]
-        msg = ChatMessage(
-            role="user",
-            content=[{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": question}],
-        )
-        prompt = builder.build(to_template_messages([msg]), max_tokens, [image.num_tokens])
-        plain.append((prompt.input_ids, {f.name: getattr(image, f.name) for f in dataclasses.fields(image)}))
+        ids, [image] = image_prompt(builder, adapter, rng, QUESTIONS[i % 2], max_tokens)
+        plain.append((ids, {f.name: getattr(image, f.name) for f in dataclasses.fields(image)}))
     path.write_bytes(pickle.dumps(plain))
 
 

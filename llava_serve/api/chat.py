@@ -147,6 +147,7 @@ class ChatService:
         self.backend = backend
         self.takes_video = takes_video
         self.model_names = {config.model.public_name, config.model.name}
+        self._context_length: int | None = None
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
@@ -264,9 +265,7 @@ class ChatService:
                     f"prompt is over {self.config.limits.max_text_chars} characters (limits.max_text_chars)",
                     "prompt",
                 )
-            ids = await _typed_call(
-                self.backend.encode(request.prompt, request.add_special_tokens is not False)
-            )
+            ids = await _typed_call(self.backend.encode(request.prompt, request.add_special_tokens))
         else:
             images = await self._media(request.messages, None)
             messages = to_template_messages(request.messages)
@@ -274,8 +273,11 @@ class ChatService:
             prompt = self.backend.tokenize(messages, 0, counts, request.add_generation_prompt)
             ids = (await _typed_call(prompt)).input_ids
         strs = await _typed_call(self.backend.pieces(ids)) if request.return_token_strs else None
-        length = await _typed_call(self.backend.context_length())
-        return TokenizeResponse(count=len(ids), max_model_len=length, tokens=ids, token_strs=strs)
+        if self._context_length is None:  # the checkpoint's, asked of the tokenizer once
+            self._context_length = await _typed_call(self.backend.context_length())
+        return TokenizeResponse(
+            count=len(ids), max_model_len=self._context_length, tokens=ids, token_strs=strs
+        )
 
     async def detokenize(self, body: Any) -> DetokenizeResponse:
         """vLLM's /detokenize: the text of token ids, special tokens included."""

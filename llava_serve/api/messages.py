@@ -43,6 +43,7 @@ def to_template_messages(messages: list[ChatMessage]) -> list[TemplateMessage]:
     consecutive results as one turn (templates that insist on alternating roles accept that)."""
     names = {call.id: call.function.name for m in messages for call in m.tool_calls or ()}
     out: list[TemplateMessage] = []
+    results: TemplateMessage | None = None  # the user turn the latest run of tool results went into
     for message in messages:
         content = [
             {"type": "image"}
@@ -52,20 +53,21 @@ def to_template_messages(messages: list[ChatMessage]) -> list[TemplateMessage]:
             else {"type": "text", "text": part.text}
             for part in message.parts()
         ]
-        if message.tool_calls:
-            calls = " ".join(f"Called {c.function.name}({c.function.arguments})." for c in message.tool_calls)
-            content.append({"type": "text", "text": calls})
-        if message.role == "tool":
-            text = "".join(part["text"] for part in content)
-            name = names.get(message.tool_call_id, "the tool")
-            result = {"type": "text", "text": f"Result of {name} (call {message.tool_call_id}): {text}"}
-            if out and out[-1]["role"] == "user" and out[-1].get("tool_results"):
-                out[-1]["content"].append({"type": "text", "text": "\n"})
-                out[-1]["content"].append(result)
-                continue
-            out.append({"role": "user", "content": [result], "tool_results": True})
+        if message.role != "tool":
+            if message.tool_calls:
+                calls = " ".join(
+                    f"Called {c.function.name}({c.function.arguments})." for c in message.tool_calls
+                )
+                content.append({"type": "text", "text": calls})
+            out.append({"role": message.role, "content": content})
+            results = None
             continue
-        out.append({"role": message.role, "content": content})
-    for message in out:
-        message.pop("tool_results", None)
+        text = "".join(part["text"] for part in content)
+        name = names.get(message.tool_call_id, "the tool")
+        result = {"type": "text", "text": f"Result of {name} (call {message.tool_call_id}): {text}"}
+        if results is None:
+            results = {"role": "user", "content": [result]}
+            out.append(results)
+        else:
+            results["content"] += [{"type": "text", "text": "\n"}, result]
     return out

@@ -443,8 +443,8 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_special_tokens: bool | None = Field(
-        None, description="For a prompt: the tokenizer's BOS/EOS around it (default true). Messages: ignored."
+    add_special_tokens: bool = Field(
+        True, description="For a prompt: the tokenizer's BOS/EOS around it. Messages: ignored."
     )
     add_generation_prompt: bool = True
     return_token_strs: bool = False

@@ -261,15 +261,11 @@ class Engine:
         self._wake.set()
 
     async def generate(
-        self,
-        input_ids: list[int],
-        images: list[PreparedImage],
-        params: SamplingParams,
-        stages: dict[str, float] | None = None,
+        self, input_ids: list[int], images: list[PreparedImage], params: SamplingParams
     ) -> AsyncIterator[StepOutput]:
         """Compile the output format if any, submit and stream in one call."""
         grammar = None if params.output is None else await self.compile(params.output)
-        seq = self.submit(input_ids, images, params, stages, grammar)
+        seq = self.submit(input_ids, images, params, grammar=grammar)
         async for out in self.stream(seq):
             yield out
 

@@ -139,8 +139,7 @@ class Sequence:
             text, hit = self.stop.feed(new)
         else:  # vLLM's min_tokens: no stop string counts before it
             text, hit = new, False
-        eos = eos or stop_token
-        finish = "stop" if hit or eos or complete else "length" if out_of_room else None
+        finish = "stop" if hit or ends else "length" if out_of_room else None
         if finish is not None and not hit:
             text += self.stop.flush()
         self.finished = finish is not None
