@@ -150,6 +150,7 @@ class GenerationConfig(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    max_n: int = Field(8, gt=0, description="Most choices (`n`) one request may ask for.")
 
 
 class GrammarLimits(_Strict):

@@ -73,6 +73,7 @@ class StepOutput:
     # Seconds per stage before the first token (image_fetch, image_preprocess, tokenize, queue,
     # vision_encode, prefill); on the first output only.
     stages: dict[str, float] | None = None
+    index: int = 0  # which of the request's `n` choices this is
 
     @property
     def token_id(self) -> int:
@@ -94,6 +95,7 @@ class StepOutput:
             later.completion_tokens,
             self.logprobs + later.logprobs,
             self.stages or later.stages,
+            self.index,
         )
 
 

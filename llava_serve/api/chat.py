@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -212,6 +213,7 @@ class ChatService:
             stop_token_ids=request.stop_token_ids or (),
             include_stop_str_in_output=request.include_stop_str_in_output,
             skip_special_tokens=request.skip_special_tokens,
+            n=request.n,
         )
         images = await self._media(request.messages, record)
         counts = [image.num_tokens for image in images]
@@ -293,65 +295,76 @@ class ChatService:
         """A whole (non-streamed) chat completion; `record`, if given, is filled as it runs."""
         request, output = await self.parse(body)
         outputs = await self._begin(request, output, record)
-        text, logprobs, last = [], [], None
+        text: dict[int, list[str]] = defaultdict(list)
+        logprobs: dict[int, list[SampledLogprob]] = defaultdict(list)
+        last: dict[int, StepOutput] = {}
         async for out in outputs:
-            text.append(out.text)
-            logprobs += out.logprobs
-            last = out
-        message, finish = AssistantMessage(content="".join(text)), last.finish_reason
-        if request.forces_tool_call():
-            message, finish = _tool_call_message(request, message.content, finish)
-        choice = Choice(
-            message=message,
-            finish_reason=finish,
-            logprobs=_logprobs(logprobs) if request.logprobs else None,
-        )
+            text[out.index].append(out.text)
+            logprobs[out.index] += out.logprobs
+            last[out.index] = out
+        choices = []
+        for index in sorted(last):
+            message, finish = AssistantMessage(content="".join(text[index])), last[index].finish_reason
+            if request.forces_tool_call():
+                message, finish = _tool_call_message(request, message.content, finish)
+            logprob = _logprobs(logprobs[index]) if request.logprobs else None
+            choices.append(Choice(index=index, message=message, finish_reason=finish, logprobs=logprob))
         return ChatCompletion(
             id=new_completion_id(),
             created=now(),
             model=self.config.model.public_name,
-            choices=[choice],
-            usage=_usage(last),
+            choices=choices,
+            usage=_usage(last.values()),
         )
 
     async def stream(
         self, body: Any, record: RequestRecord | None = None
     ) -> AsyncIterator[ChatCompletionChunk]:
-        """Chunks in OpenAI's streaming shape. The first (the assistant role) comes once the engine
-        has queued the request; errors before that raise on the first `anext`, so a transport can
-        still answer them with a status code instead of a broken stream."""
+        """Chunks in OpenAI's streaming shape, each choice's with its `index`. The first (the
+        assistant role) comes once the engine has queued the request; errors before that raise on
+        the first `anext`, so a transport can still answer them with a status code instead of a
+        broken stream."""
         request, output = await self.parse(body)
         outputs = await self._begin(request, output, record)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         cid, created, model = new_completion_id(), now(), self.config.model.public_name
+        n = request.n
+        # Per choice: logprobs of tokens whose text is still held back, and a forced call's reader.
+        pending: list[list[SampledLogprob]] = [[] for _ in range(n)]
+        calls = [_tool_call_reader(request) for _ in range(n)]
 
-        pending: list = []  # logprobs of tokens whose text is still held back
-
-        def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
-            logprobs = _logprobs(pending) if request.logprobs and pending else None
-            pending.clear()
-            choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
+        def chunk(index: int, delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
+            logprobs = _logprobs(pending[index]) if request.logprobs and pending[index] else None
+            pending[index].clear()
+            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
             return ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice])
 
-        calls = _tool_call_reader(request)
-        yield chunk(Delta(role="assistant") if calls else Delta(role="assistant", content=""))
-        last = None
+        for index in range(n):
+            yield chunk(
+                index, Delta(role="assistant") if calls[index] else Delta(role="assistant", content="")
+            )
+        last: dict[int, StepOutput] = {}
         async for out in outputs:
-            last = out
-            pending += out.logprobs
-            if calls is not None:
-                if (delta := calls.feed(out.text)) is not None:
-                    yield chunk(_call_delta(delta))
+            i, reader = out.index, calls[out.index]
+            last[i] = out
+            pending[i] += out.logprobs
+            if reader is not None:
+                if (delta := reader.feed(out.text)) is not None:
+                    yield chunk(i, _call_delta(delta))
             elif out.text:
-                yield chunk(Delta(content=out.text))
-        finish = last.finish_reason
-        if calls is not None:
-            if (delta := calls.finish(finish == "stop")) is not None:
-                yield chunk(_call_delta(delta))
-            finish = "tool_calls" if finish == "stop" and calls.name is not None else finish
-        yield chunk(Delta(), finish)
+                yield chunk(i, Delta(content=out.text))
+            if out.finish_reason is None:
+                continue
+            finish = out.finish_reason
+            if reader is not None:
+                if (delta := reader.finish(finish == "stop")) is not None:
+                    yield chunk(i, _call_delta(delta))
+                finish = "tool_calls" if finish == "stop" and reader.name is not None else finish
+            yield chunk(i, Delta(), finish)
         if include_usage:
-            yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=_usage(last))
+            yield ChatCompletionChunk(
+                id=cid, created=created, model=model, choices=[], usage=_usage(last.values())
+            )
 
 
 def _tool_call_reader(request: ChatCompletionRequest) -> ToolCallReader | None:
@@ -404,8 +417,10 @@ async def _typed(outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput
 
 
 async def _recorded(outputs: AsyncIterator[StepOutput], record: RequestRecord) -> AsyncIterator[StepOutput]:
+    produced: dict[int, int] = {}  # completion tokens by choice: the record counts them all
     async for out in outputs:
-        record.token(out.completion_tokens, out.prompt_tokens)
+        produced[out.index] = out.completion_tokens
+        record.token(sum(produced.values()), out.prompt_tokens)
         record.stages.update(out.stages or {})
         record.finish_reason = out.finish_reason
         yield out
@@ -425,9 +440,8 @@ def _logprobs(entries: list[SampledLogprob]) -> ChoiceLogprobs:
     )
 
 
-def _usage(last: StepOutput) -> Usage:
-    return Usage(
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        total_tokens=last.prompt_tokens + last.completion_tokens,
-    )
+def _usage(lasts: Iterable[StepOutput]) -> Usage:
+    """The prompt once, however many choices were generated from it, and every choice's tokens."""
+    lasts = list(lasts)
+    prompt, completion = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

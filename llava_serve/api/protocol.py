@@ -231,7 +231,12 @@ class ChatCompletionRequest(_Request):
     skip_special_tokens: bool | None = Field(
         None, description="Extension (vLLM): leave special tokens out of the text (default true)."
     )
-    n: Literal[1] = Field(1, description="Only one choice per request is supported.")
+    n: int = Field(
+        1,
+        ge=1,
+        description="Answers to generate (up to generation.max_n). They share the prompt's prefill; "
+        "each samples with its own seed, derived from `seed` when one is given.",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

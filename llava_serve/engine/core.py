@@ -79,6 +79,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self.steps = 0
         self.fused_steps = 0  # steps that decoded and prefilled in one forward pass
+        self.prefill_tokens = 0  # prompt positions computed (not copied from a cache or a choice)
         self.cancelled = 0
         self.last_step_end = time.monotonic()
         # Called with each admitted request's queue wait (s); the deployment points it at a metric.
@@ -144,6 +145,7 @@ class Engine:
             "kv_slot_tokens": self.runner.kv.max_len,
             "steps": self.steps,
             "fused_steps": self.fused_steps,
+            "prefill_tokens": self.prefill_tokens,
             "cancelled": self.cancelled,
             "image_cache_hits": cache.hits,
             "image_cache_misses": cache.misses,
@@ -199,13 +201,23 @@ class Engine:
             raise InvalidRequest(
                 f"logit_bias names a token id outside 0..{self.runner.vocab_size - 1}", "logit_bias"
             )
+        if params.n > self.config.max_batch_size:
+            raise InvalidRequest(
+                f"n is {params.n}, more than the engine runs at once "
+                f"(engine.max_batch_size: {self.config.max_batch_size})",
+                "n",
+            )
         seq = Sequence.create(
             input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device, grammar
         )
+        seq.forks = [seq.fork(i, self.token_bytes, self.runner.device) for i in range(1, params.n)]
         seq.stages.update(stages or {})
+        # Each choice holds its own KV: a slot's worth each, and n times the tokens of the batch.
         limits = [(self.runner.kv.max_len, "the tokens of a KV slot (engine.kv_cache_bytes)")]
         if self.config.max_batch_tokens is not None:
-            limits.append((self.config.max_batch_tokens, "the engine's token cap (engine.max_batch_tokens)"))
+            cap = self.config.max_batch_tokens // params.n
+            which = "the engine's token cap (engine.max_batch_tokens)"
+            limits.append((cap, which if params.n == 1 else f"{which} shared by n={params.n} choices"))
         limit, which = min(limits)
         if seq.kv_budget > limit:
             raise InvalidRequest(
@@ -221,26 +233,32 @@ class Engine:
         return seq
 
     async def stream(self, seq: Sequence) -> AsyncIterator[StepOutput]:
-        """A submitted request's outputs; closing the iterator cancels the request.
+        """A submitted request's outputs, every choice's (each output has its `index`); closing the
+        iterator cancels the request.
 
-        The first output goes out at once. After it, a message carries whatever the request
+        The first output goes out at once. After it, a message carries whatever a choice
         produced since the last one (`stream_interval`), or piled up while the consumer was busy:
         every message costs each hop through Serve the same, whatever it carries."""
+        running = {s.index for s in seq.group}
         try:
             sent_at = None
-            while True:
+            while running:
                 out = await seq.outputs.get()
                 if sent_at is not None and out_is_partial(out):
                     await asyncio.sleep(self.stream_interval() - (time.monotonic() - sent_at))
-                while out_is_partial(out) and not seq.outputs.empty():
-                    later = seq.outputs.get_nowait()
-                    out = later if isinstance(later, Exception) else out + later
-                if isinstance(out, Exception):
-                    raise out
-                yield out
+                ready: dict[int, StepOutput] = {}
+                while True:
+                    if isinstance(out, Exception):
+                        raise out
+                    ready[out.index] = ready[out.index] + out if out.index in ready else out
+                    if seq.outputs.empty():
+                        break
+                    out = seq.outputs.get_nowait()
+                for index in sorted(ready):
+                    yield ready[index]
+                    if ready[index].finish_reason is not None:
+                        running.discard(index)
                 sent_at = time.monotonic()
-                if out.finish_reason is not None:
-                    return
         finally:
             self.cancel(seq)
 
@@ -251,10 +269,13 @@ class Engine:
         return floor if budget == 0 else max(floor, len(self._running) / budget)
 
     def cancel(self, seq: Sequence) -> None:
-        """Drop a request that has not finished: from the queue at once, from the batch at the next step."""
-        if seq.finished or seq.cancelled:
+        """Drop a request's choices that have not finished: from the queue at once, from the batch
+        at the next step."""
+        live = [s for s in seq.group if not (s.finished or s.cancelled)]
+        if not live:
             return
-        seq.cancelled = True
+        for member in live:
+            member.cancelled = True
         self.cancelled += 1
         with contextlib.suppress(ValueError):
             self._waiting.remove(seq)  # a cancelled request must not hold a queue slot
@@ -345,7 +366,8 @@ class Engine:
                 self.last_step_end = time.monotonic()  # idle until now: nothing could have stalled
             self._admit()
             decoding = [s for s in self._running.values() if s.joined and not s.cancelled]
-            joining = [s for s in self._running.values() if not s.joined]
+            # A request's other choices join when its prompt is whole (`_fork`), not by computing it.
+            joining = [s for s in self._running.values() if not s.joined and s.fork_of is None]
             if not decoding and not any(not s.cancelled for s in joining):
                 if self.runner.num_rows or self.runner.staged:  # the last were cancelled: free their KV
                     await loop.run_in_executor(self._executor, self._step, [], joining)
@@ -360,23 +382,27 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while slots are free (FIFO), and within
-        `engine.max_batch_tokens` when it is set."""
+        `engine.max_batch_tokens` when it is set. A request's choices come in together."""
         admit: list[Sequence] = []
         cap = self.config.max_batch_tokens
         budget = float("inf") if cap is None else cap - sum(s.kv_budget for s in self._running.values())
-        while self._waiting and len(self._running) + len(admit) < self.config.max_batch_size:
+        rows = len(self._running)
+        while self._waiting:
             seq = self._waiting[0]
             if seq.cancelled:
                 self._waiting.popleft()
                 continue
-            if seq.kv_budget > budget:
+            size = len(seq.group)
+            if rows + size > self.config.max_batch_size or seq.kv_budget * size > budget:
                 break
-            budget -= seq.kv_budget
+            budget -= seq.kv_budget * size
+            rows += size
             admit.append(self._waiting.popleft())
         now = time.monotonic()
         for seq in admit:
-            self._running[seq.seq_id] = seq
-            seq.stages["queue"] = now - seq.created_at
+            for member in seq.group:
+                self._running[member.seq_id] = member
+                member.stages["queue"] = now - seq.created_at
             if self.on_admit is not None:
                 self.on_admit(now - seq.created_at)
 
@@ -400,7 +426,8 @@ class Engine:
             if chunks:
                 outputs += self._prefill(chunks)
         self._remember([seq for seq, out in outputs if isinstance(out, StepOutput) and out.finish_reason])
-        self.runner.keep({s.seq_id for s in decoding + joining if s.joined and not s.finished})
+        joined = decoding + [m for s in joining for m in s.group]  # a request's choices join with it
+        self.runner.keep({s.seq_id for s in joined if s.joined and not s.finished})
         return outputs
 
     def _chunks(
@@ -552,22 +579,46 @@ class Engine:
         whole: list[tuple[Sequence, torch.Tensor]] = []
         for (seq, n), row in zip(plan, logits, strict=True):
             seq.prefilled += n
+            self.prefill_tokens += n
             seq.stages["prefill"] = seq.stages.get("prefill", 0.0) + took
             if seq.prompt_left == 0:
                 whole.append((seq, row))
         if not whole:
             return []
         outs = self._sample([s for s, _ in whole], torch.stack([r for _, r in whole]))
+        rows = {seq.seq_id: row for seq, row in whole}
+        forked: list[tuple[Sequence, Result]] = []
         for seq, out in outs:
             seq.embeds = None  # the slot holds the prompt now
             if isinstance(out, StepOutput):
-                displaced = self.runner.join(seq.slot, seq.seq_id, out.token_id)
-                if displaced is not None:  # the staged prompt it traded places with
-                    moved = next(s for s in self._running.values() if not s.joined and s.slot == displaced)
-                    moved.slot = seq.slot
+                self._joined(seq.slot, self.runner.join(seq.slot, seq.seq_id, out.token_id))
                 seq.joined = True
+                forked += self._fork(seq, rows[seq.seq_id])
             else:
                 self.runner.release(seq.slot)
+        return outs + forked
+
+    def _joined(self, slot: int, displaced: int | None) -> None:
+        """A staged prompt that traded places with a joining row (`ModelRunner.join`) is in `slot` now."""
+        if displaced is not None:
+            moved = next(s for s in self._running.values() if not s.joined and s.slot == displaced)
+            moved.slot = slot
+
+    def _fork(self, seq: Sequence, logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
+        """A request's other choices, its prompt now whole: each samples its first token from the
+        same logits with its own generator and joins with a copy of the prompt's KV, so the
+        prompt is computed once whatever `n` is."""
+        forks = [f for f in seq.forks if not f.cancelled]
+        if not forks:
+            return []
+        # A copy per choice: a grammar's mask is applied to its row in place.
+        outs = self._sample(forks, logits.expand(len(forks), -1).clone())
+        for fork, out in outs:
+            fork.prefilled = seq.prefilled
+            if isinstance(out, StepOutput):
+                slot, displaced = self.runner.fork(seq.seq_id, fork.seq_id, out.token_id, seq.prefilled)
+                self._joined(slot, displaced)
+                fork.joined = True
         return outs
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
@@ -624,6 +675,8 @@ class Engine:
             if isinstance(error, LlavaServeError)
             else EngineError(f"generation failed: {type(error).__name__}")
         )
+        # Choices waiting for a prompt that will not be whole fail with it.
+        seqs = seqs + [f for s in seqs for f in s.forks if not (f.joined or f.finished)]
         for seq in seqs:
             seq.finished = True
         return [(seq, typed) for seq in seqs]

@@ -342,6 +342,17 @@ class ModelRunner:
         )
         return displaced
 
+    def fork(self, source_id: int, seq_id: int, first_token: int, length: int) -> tuple[int, int | None]:
+        """A new decoding row holding a copy of decoding row `source_id`'s first `length` positions
+        (another answer to the same prompt). Returns the slot it was staged in and what `join`
+        returned for it."""
+        n = self.num_rows
+        # Straight into row n when it is free; else staged elsewhere, and `join` trades places.
+        slot = n if n < self.kv.slots and n not in self.staged else self.take_slot()
+        self.kv.move(self.batch.seq_ids.index(source_id), slot, length)
+        self.staged[slot] = length
+        return slot, self.join(slot, seq_id, first_token)
+
     def _additive(self, sees: torch.Tensor) -> torch.Tensor:
         """A boolean [rows, queries, keys] visibility as the 4D additive mask attention takes."""
         blocked = torch.finfo(self.dtype).min

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,6 +37,15 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # these tokens end the answer as end-of-sequence does
     include_stop_str_in_output: bool = False  # the stop string or token that ended it stays in the text
     skip_special_tokens: bool = True  # special tokens the model writes are left out of the text
+    n: int = 1  # answers to the same prompt, sharing its prefill
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice `index` of `n`: its own seed, derived from the request's, so a
+        seeded request's choices differ from each other and each repeats run to run."""
+        if index == 0 or self.seed is None:
+            return self
+        digest = hashlib.blake2b(f"{self.seed}:{index}".encode(), digest_size=8).digest()
+        return replace(self, seed=int.from_bytes(digest) >> 1)
 
     @property
     def greedy(self) -> bool:
@@ -69,6 +79,7 @@ class SamplingParams:
         stop_token_ids: list[int] | tuple[int, ...] = (),
         include_stop_str_in_output: bool | None = None,
         skip_special_tokens: bool | None = None,
+        n: int | None = None,
     ) -> SamplingParams:
         """Fill what the request left out from config defaults, and enforce the ceilings."""
         max_tokens = defaults.max_tokens if max_tokens is None else max_tokens
@@ -81,7 +92,13 @@ class SamplingParams:
             raise InvalidRequest(
                 f"min_tokens ({min_tokens}) is more than max_tokens ({max_tokens})", "min_tokens"
             )
+        n = n or 1
+        if n > defaults.max_n:
+            raise InvalidRequest(
+                f"n is {n}, over this server's limit of {defaults.max_n} (generation.max_n)", "n"
+            )
         return cls(
+            n=n,
             max_tokens=max_tokens,
             temperature=defaults.temperature if temperature is None else temperature,
             top_p=defaults.top_p if top_p is None else top_p,

@@ -48,6 +48,11 @@ class Sequence:
     prefilled: int = 0
     joined: bool = False  # its prompt is whole and it decodes with the batch
     prefix_key: tuple | None = field(default=None, repr=False)  # see `engine.prefix`
+    # A request for `n` answers is `n` sequences: the first computes the prompt, and when its
+    # prompt is whole each other one (`forks`) copies its KV and samples from the same logits.
+    index: int = 0
+    forks: list[Sequence] = field(default_factory=list, repr=False)
+    fork_of: Sequence | None = field(default=None, repr=False)
     stop: StopMatcher = field(init=False)
     _prompt: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -64,6 +69,7 @@ class Sequence:
         eos_ids,
         device,
         grammar: Grammar | None = None,
+        index: int = 0,
     ) -> Sequence:
         tokenizer = token_bytes.tokenizer
         return cls(
@@ -75,7 +81,29 @@ class Sequence:
             generator=make_generator(params, device),
             token_bytes=token_bytes,
             grammar=grammar,
+            index=index,
         )
+
+    def fork(self, index: int, token_bytes: TokenBytes, device) -> Sequence:
+        """Choice `index` of this request: the same prompt, its own seed and grammar state."""
+        fork = Sequence.create(
+            self.input_ids,
+            self.images,
+            self.params.for_choice(index),
+            token_bytes,
+            self.eos_ids,
+            device,
+            None if self.grammar is None else self.grammar.copy(),
+            index,
+        )
+        fork.fork_of = self
+        fork.outputs = self.outputs  # one stream carries every choice
+        return fork
+
+    @property
+    def group(self) -> list[Sequence]:
+        """This request's sequences: itself and its forks."""
+        return [self, *self.forks]
 
     @property
     def kv_budget(self) -> int:
@@ -145,7 +173,9 @@ class Sequence:
         self.finished = finish is not None
         logprobs = () if logprob is None else (logprob,)
         stages = self.stages if self.num_generated == 1 else None
-        return StepOutput((token,), text, finish, len(self.input_ids), self.num_generated, logprobs, stages)
+        return StepOutput(
+            (token,), text, finish, len(self.input_ids), self.num_generated, logprobs, stages, self.index
+        )
 
     def _prompt_tensor(self, device: torch.device) -> torch.Tensor:
         """The prompt's ids as a tensor, built once: the repetition penalty reads it every step."""

@@ -45,6 +45,10 @@ class Grammar:
         # request joins never computes one (for a hard grammar, the slowest mask of all).
         self.first_mask = first_mask
 
+    def copy(self) -> Grammar:
+        """An independent matcher at the same position (another answer to the same request)."""
+        return Grammar(self.matcher.deep_copy(), self.first_mask, self.param)
+
     @property
     def done(self) -> bool:
         """Nothing but the end of the answer may follow."""

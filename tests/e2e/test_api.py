@@ -179,7 +179,7 @@ def test_client_errors_map_to_the_openai_exception_types(client):
         client.chat.completions.create(model="llava-tiny", presence_penalty=3, **ok)
     assert info.value.body["param"] == "presence_penalty"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="llava-tiny", n=2, **ok)
+        client.chat.completions.create(model="llava-tiny", n=0, **ok)
     assert info.value.body["param"] == "n"
 
 

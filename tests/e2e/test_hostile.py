@@ -180,7 +180,7 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}
         ({**user(TEXT), "stop": [""]}, "stop", "non-empty"),
         ({**user(TEXT), "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         ({**user(TEXT), "stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
-        ({**user(TEXT), "n": 3}, "n", "Input should be 1"),
+        ({**user(TEXT), "n": 30}, "n", "limit of 8"),
         (user({"type": "text", "text": "word " * 5000}), "messages", "over the model's context length"),
         ({**user(TEXT), "max_tokens": 4000}, "messages", "max_tokens is 4000"),
     ],

@@ -87,7 +87,7 @@ def test_http_image_url_is_fetched(serve_url, image_server, processor, hf_model)
             "temperature",
             "less than or equal to 2",
         ),
-        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "1"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n", "greater than or equal to 1"),
         ({"messages": [{"role": "user", "content": "hi"}], "functions": []}, "functions", "Extra inputs"),
         (
             {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}},

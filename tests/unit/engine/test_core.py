@@ -5,8 +5,11 @@ reused from finished requests (a follow-up turn, a shared image)."""
 import asyncio
 import contextlib
 import itertools
+import json
 import time
+from dataclasses import replace
 
+import jsonschema
 import pytest
 import torch
 from transformers import AutoConfig
@@ -22,6 +25,8 @@ from llava_serve.errors import EngineError, InvalidRequest, Overloaded, Unavaila
 from llava_serve.inputs import images
 from llava_serve.inputs.prompts import PromptBuilder
 from llava_serve.models import load_adapter
+from llava_serve.structured.spec import OutputFormat
+from tests.support import schemas
 from tests.support.engines import build_engine, collect, fresh_model
 from tests.support.media import encode, random_image
 from tests.support.oracle import greedy_ids, greedy_logits, reference_inputs
@@ -694,3 +699,73 @@ async def test_a_stop_token_outside_the_vocabulary_is_refused_naming_it(engine, 
     with pytest.raises(InvalidRequest) as info:
         await answer(engine, cases[0], stop_token_ids=(10**8,))
     assert info.value.param == "stop_token_ids"
+
+
+# -- n choices ---------------------------------------------------------------------------------
+
+
+async def choices(engine, case, params: SamplingParams) -> dict[int, list[int]]:
+    """Each choice's token ids, by index, from one request's stream."""
+    out: dict[int, list[int]] = {}
+    async for o in engine.generate(case.input_ids, case.images, params):
+        out.setdefault(o.index, []).extend(o.token_ids)
+    return out
+
+
+async def test_greedy_choices_are_identical_and_the_prompt_is_computed_once(engine, cases):
+    case = cases[0]
+    params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0, n=3)
+    got = await choices(engine, case, params)
+    assert got == {i: case.expected for i in range(3)}
+    assert engine.stats()["prefill_tokens"] == len(case.input_ids)
+    assert engine.num_running == 0 and engine.runner.batch is None and not engine.runner.staged
+
+
+async def test_seeded_choices_differ_and_each_is_its_own_seeded_request(engine, cases):
+    """Choice i samples as a lone request with choice i's derived seed would: the forks share the
+    prompt's logits and KV, nothing else."""
+    case = cases[0]
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=7, n=3)
+    busy = asyncio.ensure_future(collect(engine, cases[3]))  # choices among other rows
+    got = await choices(engine, case, params)
+    assert await busy == cases[3].expected
+    assert len({tuple(t) for t in got.values()}) == 3
+    for i in range(3):
+        alone = await collect(engine, case, replace(params, n=1).for_choice(i))
+        assert got[i] == alone
+    assert await choices(engine, case, params) == got
+
+
+async def test_choices_under_a_grammar_each_match_it(engine, cases, processor):
+    case = cases[2]
+    fmt = OutputFormat.from_schema(schemas.PERSON, "response_format")
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=3, n=2, output=fmt)
+    texts: dict[int, str] = {}
+    async for o in engine.generate(case.input_ids, case.images, params):
+        texts[o.index] = texts.get(o.index, "") + o.text
+    assert set(texts) == {0, 1}
+    for text in texts.values():
+        jsonschema.validate(json.loads(text), schemas.PERSON)
+
+
+async def test_cancelling_a_request_for_n_choices_frees_every_slot(engine, cases):
+    case = cases[4]
+    params = SamplingParams(max_tokens=case.max_tokens, temperature=0.0, n=4)
+    stream = engine.generate(case.input_ids, case.images, params)
+    seen = set()
+    async for o in stream:
+        seen.add(o.index)
+        if len(seen) == 4:
+            break
+    await stream.aclose()
+    async with asyncio.timeout(10):
+        while engine.num_running or engine.runner.batch is not None:
+            await asyncio.sleep(0.01)
+    assert await collect(engine, cases[1]) == cases[1].expected
+
+
+async def test_n_over_the_batch_is_refused_naming_it(engine, cases):
+    case = cases[0]
+    with pytest.raises(InvalidRequest) as e:
+        engine.submit(case.input_ids, case.images, SamplingParams(max_tokens=4, n=9))
+    assert e.value.param == "n" and "max_batch_size" in str(e.value)
