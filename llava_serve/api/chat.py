@@ -305,7 +305,7 @@ class ChatService:
         choices = []
         for index in sorted(last):
             message, finish = AssistantMessage(content="".join(text[index])), last[index].finish_reason
-            if request.forces_tool_call():
+            if tool_call_format(request) is not None:
                 message, finish = _tool_call_message(request, message.content, finish)
             logprob = _logprobs(logprobs[index]) if request.logprobs else None
             choices.append(Choice(index=index, message=message, finish_reason=finish, logprobs=logprob))

@@ -244,9 +244,10 @@ class ChatCompletionRequest(_Request):
     tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None,
-        validate_default=True,  # tools without a tool_choice mean 'auto', which is refused
-        description="'required' or a named function constrain the answer to a call; 'auto' (the default "
-        "when tools are given) is refused: LLaVA chat templates have no tool-calling format.",
+        description="'required' or a named function constrain the answer to a call; 'none' is text. "
+        "'auto' (the default when tools are given): a call of one of the tools until a tool result "
+        "follows the last user message, then text (LLaVA chat templates have no tool format, so the "
+        "model cannot choose; this is what lets an agent's call, result, answer loop finish).",
     )
     # One call is made per answer, so parallel calls are never produced whatever this says.
     parallel_tool_calls: bool | None = None
@@ -289,12 +290,6 @@ class ChatCompletionRequest(_Request):
             raise ValueError("a tool choice needs tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(f"function {choice.function.name!r} is not among the tools")
-        if names and choice in (None, "auto"):
-            raise ValueError(
-                "'auto' (the default when tools are given) is not supported: LLaVA chat templates have "
-                "no tool-calling format, so the model cannot choose to call a tool. Pass 'required' or "
-                "{'type': 'function', 'function': {'name': ...}} to force a call, or 'none'"
-            )
         fmt = info.data.get("response_format")
         forced = choice == "required" or isinstance(choice, NamedToolChoice)
         if forced and fmt is not None and fmt.type != "text":
@@ -326,6 +321,13 @@ class ChatCompletionRequest(_Request):
 
     def forces_tool_call(self) -> bool:
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def awaits_tool_call(self) -> bool:
+        """Under `tool_choice` 'auto': no tool result follows the last user message yet."""
+        for message in reversed(self.messages):
+            if message.role in ("user", "tool"):
+                return message.role == "user"
+        return True
 
     def stop_list(self) -> list[str]:
         return _as_list(self.stop)

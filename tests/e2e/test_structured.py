@@ -123,7 +123,6 @@ def test_max_tokens_inside_the_json_is_finish_reason_length(serve_url):
             "tools[f].function.parameters",
             "objectx",
         ),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", "'auto'"),
         (
             {"tools": [{"type": "function", "function": {"name": "f"}}]}
             | {"tool_choice": {"type": "function", "function": {"name": "g"}}},
@@ -303,6 +302,39 @@ def test_the_official_client_s_tool_loop_completes_with_the_result_in_the_prompt
     expected, prompt_tokens = hf_greedy(processor, hf_model, as_rendered, [], 8)
     assert final.choices[0].message.content == expected
     assert final.usage.prompt_tokens == prompt_tokens
+
+
+def test_langchains_agent_calls_its_tool_and_answers_with_the_result(serve_url):
+    """LangChain's agent sends `tool_choice` 'auto' with its tools: the first answer is a call,
+    and once the tool's result is in the conversation the answer is text, so the loop ends."""
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    calls: list[dict] = []
+
+    @tool("get_weather", args_schema=Weather)
+    def get_weather(city: str, unit: str) -> str:
+        """Look up the weather in a city."""
+        calls.append({"city": city, "unit": unit})
+        return "21 degrees"
+
+    llm = ChatOpenAI(
+        base_url=f"{serve_url}/v1",
+        api_key="unused",
+        model="llava-tiny",
+        max_tokens=60,
+        temperature=0,
+        max_retries=0,
+    )
+    agent = create_agent(llm, tools=[get_weather])
+    result = agent.invoke({"messages": [("user", "What is the weather in Oslo?")]})
+    _, called, answered, final = result["messages"]
+    assert isinstance(called, AIMessage) and [c["name"] for c in called.tool_calls] == ["get_weather"]
+    assert len(calls) == 1 and Weather.model_validate(calls[0])
+    assert isinstance(answered, ToolMessage) and answered.content == "21 degrees"
+    assert isinstance(final, AIMessage) and not final.tool_calls and final.content
 
 
 def test_a_tool_message_must_name_the_call_it_answers(serve_url):

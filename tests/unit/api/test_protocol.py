@@ -3,7 +3,9 @@
 import pytest
 
 from llava_serve.api.chat import parse_request
+from llava_serve.api.formats import tool_call_format
 from llava_serve.errors import InvalidRequest
+from llava_serve.structured.spec import ToolCallFormat
 
 USER = {"role": "user", "content": "hi"}
 
@@ -123,8 +125,6 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 @pytest.mark.parametrize(
     ("extra", "param", "says"),
     [
-        ({"tools": [TOOL]}, "tool_choice", "'auto' (the default"),
-        ({"tools": [TOOL], "tool_choice": "auto"}, "tool_choice", "'auto'"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"tools": [TOOL, TOOL], "tool_choice": "required"}, "tools", "unique"),
         (
@@ -153,4 +153,22 @@ def test_formats_and_tools_that_cannot_work_are_refused_naming_the_field(extra, 
 
 def test_tools_with_tool_choice_none_are_plain_text():
     request = parse_request({"messages": [USER], "tools": [TOOL], "tool_choice": "none"})
-    assert not request.forces_tool_call()
+    assert not request.forces_tool_call() and tool_call_format(request) is None
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+ANSWERED = [
+    USER,
+    {"role": "assistant", "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "9C"},
+]
+
+
+@pytest.mark.parametrize("choice", [None, "auto"])
+def test_auto_is_a_call_until_a_tool_result_answers_the_last_user_message(choice):
+    def fmt(messages):
+        return tool_call_format(parse_request({"messages": messages, "tools": [TOOL], "tool_choice": choice}))
+
+    assert fmt([USER]) == ToolCallFormat(("get_weather",), wrapped=True)
+    assert fmt(ANSWERED) is None
+    assert fmt([*ANSWERED, {"role": "assistant", "content": "9C"}, USER]) is not None
