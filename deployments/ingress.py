@@ -28,6 +28,12 @@ from llava_serve.api.protocol import (
     TokenizeResponse,
     now,
 )
+from llava_serve.api.responses import (
+    ResponsesRequest,
+    parse_responses_request,
+    response_events,
+    response_from_completion,
+)
 from llava_serve.api.telemetry import RequestRecord
 from llava_serve.config import AppConfig, with_runtime
 from llava_serve.errors import LlavaServeError, NotFound, unwrap
@@ -44,7 +50,7 @@ app = FastAPI(
     docs_url=None,
     redoc_url=None,
 )
-http.install(app, body_models=(ChatCompletionRequest, TokenizeRequest, DetokenizeRequest))
+http.install(app, body_models=(ChatCompletionRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest))
 
 
 class HandleBackend:
@@ -137,6 +143,21 @@ class Ingress:
                 return await self.service.complete(parsed, record)
         chunks = self._tracked_stream(self.service.stream(parsed, record), record)
         return await http.event_stream(chunks, record.request_id, self.config.http.sse_keepalive_s)
+
+    @app.post("/v1/responses", openapi_extra={"requestBody": http.json_body(ResponsesRequest)})
+    async def responses(self, request: Request):
+        """The Responses API: the same generation as chat completions, in its shapes."""
+        record = RequestRecord(http.request_id(request), None)
+        with self._tracked(record, emit_on_success=False):
+            body = await request.body()
+            wanted, parsed = await asyncio.to_thread(parse_responses_request, body, self.service)
+        record.stream = wanted.stream
+        if not wanted.stream:
+            with self._tracked(record):
+                return response_from_completion(wanted, await self.service.complete(parsed, record))
+        chunks = self._tracked_stream(self.service.stream(parsed, record), record)
+        events = response_events(wanted, chunks)
+        return await http.named_event_stream(events, record.request_id, self.config.http.sse_keepalive_s)
 
     @app.post(
         "/tokenize",

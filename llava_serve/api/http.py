@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 # Where the door check applies: the routes that start generation, and those that fetch, decode or
 # tokenize what the caller sends.
-GUARDED_PATHS = ("/v1/chat/completions", "/tokenize", "/detokenize")
+GUARDED_PATHS = ("/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize")
 # What answers without an API key: liveness for load balancers, and the playground page (static,
 # it holds nothing; its own calls carry the key the user types into it).
 OPEN_PATHS = frozenset({"/health", "/"})
@@ -86,6 +86,36 @@ async def event_stream(
         ping=keepalive_s,
         sep="\n",
         # sse-starlette's default is no-store; no-cache is what OpenAI sends and what proxies expect.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _named_events(first: dict, events: AsyncIterator[dict], request_id: str | None):
+    """Responses API events as SSE, each named by its type; an error after the start becomes
+    an `error` event (the Responses API sends no `[DONE]`)."""
+    yield {"event": first["type"], "data": json.dumps(first)}
+    last = first
+    try:
+        async for event in events:
+            last = event
+            yield {"event": event["type"], "data": json.dumps(event)}
+    except Exception as e:
+        logger.warning("stream %s ended with error: %r", request_id, e)
+        error = unwrap(e).to_body()["error"]
+        body = {"type": "error", "sequence_number": last["sequence_number"] + 1, **error}
+        yield {"event": "error", "data": json.dumps(body)}
+
+
+async def named_event_stream(
+    events: AsyncIterator[dict], request_id: str | None, keepalive_s: float
+) -> EventSourceResponse:
+    """An SSE response of Responses API events; like `event_stream`, errors before the first
+    event still get their status code."""
+    first = await anext(events)
+    return EventSourceResponse(
+        _named_events(first, events, request_id),
+        ping=keepalive_s,
+        sep="\n",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 

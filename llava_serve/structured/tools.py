@@ -29,16 +29,46 @@ def call_format(functions: dict[str, dict | None], call: ToolCallFormat) -> Outp
             check_schema(params, f"tools[{name}].function.parameters")
     if not call.wrapped:
         return OutputFormat.from_schema(functions[call.names[0]] or ANY_OBJECT, "tools", call)
-    alternatives = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": name}, "arguments": params or ANY_OBJECT},
-            "required": ["name", "arguments"],
-        }
-        for name, params in functions.items()
-    ]
+    alternatives, defs = [], {}
+    for name, params in functions.items():
+        arguments, own = _hoisted(name, params or ANY_OBJECT)
+        defs |= own
+        alternatives.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": arguments},
+                "required": ["name", "arguments"],
+            }
+        )
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+    if defs:
+        schema = {**schema, "$defs": defs}
     return OutputFormat.from_schema(schema, "tools", call)
+
+
+def _hoisted(name: str, params: dict) -> tuple[dict, dict]:
+    """A function's parameters nested under the call, and its `$defs` (pydantic's nested models,
+    which the Agents SDK and LangChain send) moved to the root under names of its own: the
+    schema's `#/$defs/X` references point at its root, which is no longer the document's."""
+    own = {**params.get("definitions", {}), **params.get("$defs", {})}
+    if not own:
+        return params, {}
+    prefix = f"{name}__"
+
+    def moved(node):
+        if isinstance(node, dict):
+            out = {k: moved(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                for root in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(root):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(root) :]}"
+            return out
+        if isinstance(node, list):
+            return [moved(v) for v in node]
+        return node
+
+    return moved(params), {prefix + key: moved(value) for key, value in own.items()}
 
 
 @dataclass
