@@ -81,8 +81,12 @@ async def event_stream(
     errors up to then still get their status code; afterwards a comment every `keepalive_s`
     keeps proxies from timing out a request that waits in a queue or in prefill."""
     first = await anext(chunks)
+    return _sse(_events(first, chunks, request_id), keepalive_s)
+
+
+def _sse(frames: AsyncIterator[dict], keepalive_s: float) -> EventSourceResponse:
     return EventSourceResponse(
-        _events(first, chunks, request_id),
+        frames,
         ping=keepalive_s,
         sep="\n",
         # sse-starlette's default is no-store; no-cache is what OpenAI sends and what proxies expect.
@@ -112,12 +116,7 @@ async def named_event_stream(
     """An SSE response of Responses API events; like `event_stream`, errors before the first
     event still get their status code."""
     first = await anext(events)
-    return EventSourceResponse(
-        _named_events(first, events, request_id),
-        ping=keepalive_s,
-        sep="\n",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return _sse(_named_events(first, events, request_id), keepalive_s)
 
 
 # Headers Ray Serve's proxy and direct ingress read as instructions from the client: one disables

@@ -9,7 +9,7 @@ Nothing is stored (`store` is accepted, `previous_response_id` is a 400 that say
 
 from __future__ import annotations
 
-import json
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -18,7 +18,13 @@ from pydantic import ConfigDict, Field, ValidationError
 
 from llava_serve.api.chat import ChatService, ParsedRequest, invalid_from_validation, parse_request
 from llava_serve.api.formats import output_format
-from llava_serve.api.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, _Request
+from llava_serve.api.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    FunctionDefinition,
+    _Request,
+)
 from llava_serve.errors import InvalidRequest
 
 
@@ -60,12 +66,10 @@ class FunctionCallOutputItem(_Request):
     output: str | list[InputText]
 
 
-class FunctionTool(_Request):
+class FunctionTool(FunctionDefinition):
+    """A chat tool's function, flat: the Responses API's shape."""
+
     type: Literal["function"]
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class NamedFunction(_Request):
@@ -285,12 +289,10 @@ async def response_events(
     deltas, its done events, then completed."""
     first = await anext(chunks)  # raises before anything is sent: the caller still answers 4xx
     envelope = _envelope(request, first.model, first.created, _id("resp"))
-    number = 0
+    numbers = itertools.count()
 
     def event(kind: str, **fields) -> dict:
-        nonlocal number
-        number += 1
-        return {"type": kind, "sequence_number": number - 1, **fields}
+        return {"type": kind, "sequence_number": next(numbers), **fields}
 
     yield event("response.created", response=envelope)
     yield event("response.in_progress", response=envelope)
@@ -374,7 +376,3 @@ async def response_events(
     # "incomplete"): the official client's stream helper and the Agents SDK take the final
     # response from that event alone, as vLLM sends it.
     yield event("response.completed", response=final)
-
-
-def dumps(event: dict) -> str:
-    return json.dumps(event, separators=(",", ":"))

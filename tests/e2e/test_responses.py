@@ -1,21 +1,12 @@
 """The Responses API with the official client's `responses.create`, `responses.stream` and
 `responses.parse`, and the OpenAI Agents SDK running an agent with one tool."""
 
-from typing import Literal
-
 import openai
 import pytest
-from pydantic import BaseModel, Field
 
 from tests.support.media import data_uri, random_image
 from tests.support.oracle import hf_greedy
-
-
-class Weather(BaseModel):
-    """Look up the weather in a city."""
-
-    city: str = Field(max_length=10)
-    unit: Literal["celsius", "fahrenheit"]
+from tests.support.schemas import Weather
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from ray import serve
 from tests.support import schemas
 from tests.support.media import data_uri, random_image
 from tests.support.oracle import hf_greedy
+from tests.support.schemas import Weather
 
 IMAGE = data_uri(random_image(7))
 
@@ -154,13 +155,6 @@ class Receipt(BaseModel):
     currency: Literal["EUR", "USD", "JPY"]
 
 
-class Weather(BaseModel):
-    """Look up the weather in a city."""
-
-    city: str = Field(max_length=10)
-    unit: Literal["celsius", "fahrenheit"]
-
-
 @pytest.fixture
 def client(serve_url):
     return openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0)
@@ -234,19 +228,23 @@ def test_a_streamed_tool_call_reassembles_into_the_same_call(client):
     assert (call.function.name, call.function.arguments) == (whole.function.name, whole.function.arguments)
 
 
-@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
-def test_langchain_with_structured_output(serve_url, method):
+def langchain_llm(serve_url: str, max_tokens: int):
+    """LangChain's OpenAI chat model pointed at the server, greedy."""
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(
+    return ChatOpenAI(
         base_url=f"{serve_url}/v1",
         api_key="unused",
         model="llava-tiny",
-        max_tokens=200,
+        max_tokens=max_tokens,
         temperature=0,
         max_retries=0,
     )
-    structured = llm.with_structured_output(Weather, method=method)
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
+def test_langchain_with_structured_output(serve_url, method):
+    structured = langchain_llm(serve_url, max_tokens=200).with_structured_output(Weather, method=method)
     answer = structured.invoke([("user", "What is the weather in Oslo?")])
     assert isinstance(answer, Weather)
 
@@ -310,7 +308,6 @@ def test_langchains_agent_calls_its_tool_and_answers_with_the_result(serve_url):
     from langchain.agents import create_agent
     from langchain_core.messages import AIMessage, ToolMessage
     from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
 
     calls: list[dict] = []
 
@@ -320,15 +317,7 @@ def test_langchains_agent_calls_its_tool_and_answers_with_the_result(serve_url):
         calls.append({"city": city, "unit": unit})
         return "21 degrees"
 
-    llm = ChatOpenAI(
-        base_url=f"{serve_url}/v1",
-        api_key="unused",
-        model="llava-tiny",
-        max_tokens=60,
-        temperature=0,
-        max_retries=0,
-    )
-    agent = create_agent(llm, tools=[get_weather])
+    agent = create_agent(langchain_llm(serve_url, max_tokens=60), tools=[get_weather])
     result = agent.invoke({"messages": [("user", "What is the weather in Oslo?")]})
     _, called, answered, final = result["messages"]
     assert isinstance(called, AIMessage) and [c["name"] for c in called.tool_calls] == ["get_weather"]

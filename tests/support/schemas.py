@@ -2,6 +2,18 @@
 each bounded (maxLength, maxItems, numeric ranges, multipleOf, enums): a random-weight model, unlike
 a trained one, would otherwise go on writing a string or a fraction's digits until max_tokens."""
 
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Weather(BaseModel):
+    """Look up the weather in a city."""
+
+    city: str = Field(max_length=10)
+    unit: Literal["celsius", "fahrenheit"]
+
+
 PERSON = {
     "type": "object",
     "properties": {
