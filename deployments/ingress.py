@@ -54,7 +54,8 @@ http.install(app, body_models=(ChatCompletionRequest, ResponsesRequest, Tokenize
 
 
 class HandleBackend:
-    """`ChatService`'s backend over DeploymentHandles; responses are passed on unawaited."""
+    """`ChatService`'s backend over DeploymentHandles; responses are passed on unawaited, but
+    for the prompt, which the model's router needs to see."""
 
     def __init__(self, preprocessor: DeploymentHandle, tokenizer: DeploymentHandle, model: DeploymentHandle):
         self.preprocessor = preprocessor
@@ -64,8 +65,8 @@ class HandleBackend:
     def prepare_image(self, source, num_images):
         return self.preprocessor.remote(source.url, source.param, source.detail, num_images, source.kind)
 
-    def tokenize(self, messages, max_tokens, media_tokens, add_generation_prompt=True):
-        return self.tokenizer.remote(messages, max_tokens, media_tokens, add_generation_prompt)
+    def tokenize(self, messages, max_tokens, media_tokens, add_generation_prompt=True, media_hashes=None):
+        return self.tokenizer.remote(messages, max_tokens, media_tokens, add_generation_prompt, media_hashes)
 
     def encode(self, text, add_special_tokens):
         return self.tokenizer.encode.remote(text, add_special_tokens)
@@ -79,8 +80,18 @@ class HandleBackend:
     def context_length(self):
         return self.tokenizer.context_length.remote()
 
-    def generate(self, prompt, params, images):
-        return self.model.remote(prompt, params, *images)
+    async def generate(self, prompt, params, images):
+        # The prompt is awaited here, not passed on as a response: the model's request router reads
+        # its routing key (Serve would wait for it before routing anyway, and it is small).
+        outputs = self.model.remote(await prompt, params, *images)
+        ended = False
+        try:
+            async for out in outputs:
+                yield out
+            ended = True
+        finally:
+            if not ended:  # the caller left mid-stream (or it failed): stop the request
+                outputs.cancel()
 
 
 @serve.deployment

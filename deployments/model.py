@@ -37,6 +37,7 @@ class LlavaModel:
         self.metrics = EngineMetrics()
         self.engine.on_admit = self.metrics.queue_wait.observe
         self._sampler: asyncio.Task | None = None
+        self._reports = 0
 
     def reconfigure(self, user_config: dict) -> None:
         """Runtime knobs (stream pacing, the stall and grammar timeouts) from Serve's user_config:
@@ -74,6 +75,17 @@ class LlavaModel:
 
     async def stats(self) -> dict:
         return {**self.engine.stats(), "rss_bytes": rss_bytes(), "pid": os.getpid()}
+
+    async def record_routing_stats(self) -> dict:
+        """For the request router (`deployments.routing`): the routing digests of every prompt
+        this replica holds KV for, or will once it runs (Serve polls this every
+        `routing.stats_period_s`)."""
+        self._reports += 1
+        return {"report": self._reports, "held_blocks": sorted(self.engine.held_blocks())}
+
+    async def record_autoscaling_stats(self) -> dict:
+        """For the replica autoscaler (`deployments.autoscaling`): how full the engine is."""
+        return {"engine_load": self.engine.utilization()}
 
     async def check_health(self) -> None:
         self.engine.check_health()

@@ -89,7 +89,9 @@ class PromptTokenizer:
 
     def __init__(self, config: AppConfig):
         self.builder = PromptBuilder(
-            checkpoint.load_adapter(config.model), checkpoint.context_length(config.model)
+            checkpoint.load_adapter(config.model),
+            checkpoint.context_length(config.model),
+            config.routing.block_tokens,
         )
 
     async def __call__(
@@ -98,9 +100,10 @@ class PromptTokenizer:
         max_tokens: int,
         media_tokens: list[int],
         add_generation_prompt: bool = True,
+        media_hashes: list[str] | None = None,
     ) -> PromptInputs:
         return await asyncio.to_thread(
-            self.builder.build, messages, max_tokens, media_tokens, add_generation_prompt
+            self.builder.build, messages, max_tokens, media_tokens, add_generation_prompt, media_hashes
         )
 
     # /tokenize and /detokenize (the ingress's routes; vLLM's shapes).

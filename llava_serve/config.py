@@ -365,6 +365,66 @@ class HttpConfig(_Strict):
     )
 
 
+class RoutingConfig(_Strict):
+    """How the ingress picks a model replica for each request (`deployments.routing`)."""
+
+    policy: Literal["prefix_affinity", "default"] = Field(
+        "prefix_affinity",
+        description="prefix_affinity: the replica holding the longest cached prefix of the prompt "
+        "(token ids and image content hashes), unless the match is short or that replica is "
+        "overloaded; default: Serve's power of two choices.",
+    )
+    block_tokens: int = Field(16, gt=0, description="Prompt positions per digest of the routing key.")
+    min_match_share: float = Field(
+        0.5, ge=0, le=1, description="Share of a prompt's blocks a replica must hold to win by affinity."
+    )
+    max_imbalance: int = Field(
+        8,
+        ge=0,
+        description="Requests in flight by which the best-matching replica may exceed the least "
+        "loaded one; past it the least loaded wins.",
+    )
+    stats_period_s: float = Field(
+        2.0, gt=0, description="How often each model replica reports the prefixes it holds."
+    )
+    max_sent_blocks: int = Field(
+        65536, gt=0, description="Per replica, digests of requests sent to it kept until its next report."
+    )
+
+
+class EngineAutoscaling(_Strict):
+    """Model replicas from the engines' own load: each replica reports the larger of its rows in
+    use (running + waiting over `engine.max_batch_size`) and its KV share in use, and Serve aims at
+    `target_load` per replica. A replica removed drains: it takes no new requests and its streams
+    finish (up to `graceful_shutdown_timeout_s`)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, gt=0)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_load: float = Field(0.75, gt=0, le=1, description="Load per replica the policy aims at.")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(300.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the load is averaged over.")
+    metrics_interval_s: float = Field(5.0, gt=0, description="How often each replica reports its load.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> EngineAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        """Serve's `autoscaling_config`, with the engine-load policy."""
+        fields = self.model_dump(exclude={"target_load", "initial_replicas"})
+        if self.initial_replicas is not None:
+            fields["initial_replicas"] = self.initial_replicas
+        policy = {
+            "policy_function": "deployments.autoscaling:EngineLoadPolicy",
+            "policy_kwargs": {"target_load": self.target_load},
+        }
+        return {**fields, "policy": policy}
+
+
 class DeploymentOptions(_Strict):
     """Ray Serve knobs for one deployment."""
 
@@ -415,6 +475,27 @@ class IngressOptions(DeploymentOptions):
         return DeploymentOptions.model_validate(self.model_dump(exclude={"playground"})).to_serve_options()
 
 
+class ModelOptions(DeploymentOptions):
+    """The model deployment's Serve knobs: `autoscaling` scales it on the engines' own load."""
+
+    autoscaling: EngineAutoscaling | None = Field(
+        None, description="Scale model replicas on engine load (takes the place of num_replicas)."
+    )
+
+    @model_validator(mode="after")
+    def _one_scaling(self) -> ModelOptions:
+        if self.autoscaling is not None and self.autoscaling_config is not None:
+            raise ValueError("give llava_model either autoscaling or autoscaling_config, not both")
+        return self
+
+    def to_serve_options(self) -> dict[str, Any]:
+        opts = DeploymentOptions.model_validate(self.model_dump(exclude={"autoscaling"})).to_serve_options()
+        if self.autoscaling is not None:
+            opts.pop("num_replicas", None)
+            opts["autoscaling_config"] = self.autoscaling.to_serve()
+        return opts
+
+
 # Where a deployment's defaults differ from `DeploymentOptions`' own. A deployment section in
 # YAML is laid over these, so `llava_model: {num_gpus: 1}` keeps the rest.
 DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -454,7 +535,8 @@ class AppConfig(_Strict):
     ingress: IngressOptions = Field(default_factory=_deployment_default("ingress", IngressOptions))
     image_preprocessor: DeploymentOptions = Field(default_factory=_deployment_default("image_preprocessor"))
     prompt_tokenizer: DeploymentOptions = Field(default_factory=_deployment_default("prompt_tokenizer"))
-    llava_model: DeploymentOptions = Field(default_factory=_deployment_default("llava_model"))
+    llava_model: ModelOptions = Field(default_factory=_deployment_default("llava_model", ModelOptions))
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -489,6 +571,8 @@ class AppConfig(_Strict):
                 "or it can never refuse anything (Serve would queue the excess first)"
             )
         ingresses, models = self.ingress.num_replicas, self.llava_model.num_replicas
+        if self.llava_model.autoscaling is not None:
+            models = self.llava_model.autoscaling.min_replicas or 1
         if limit and isinstance(ingresses, int) and isinstance(models, int):
             admitted, taken = limit * ingresses, self.llava_model.max_ongoing_requests * models
             if admitted > taken:

@@ -23,6 +23,9 @@ class PromptInputs:
     input_ids: list[int]
     num_images: int
     tokenize_s: float = 0.0  # what rendering and tokenizing took, for the request's record
+    # The prompt's prefix key, block by block (`llava_serve.routing.key`): what the request router
+    # matches against what each model replica holds, and what the replica reports it holds.
+    route_blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class StepOutput:
     # vision_encode, prefill); on the first output only.
     stages: dict[str, float] | None = None
     index: int = 0  # which of the request's `n` choices this is
+    cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache, not computed
 
     @property
     def token_id(self) -> int:
@@ -96,6 +100,7 @@ class StepOutput:
             self.logprobs + later.logprobs,
             self.stages or later.stages,
             self.index,
+            later.cached_tokens,
         )
 
 

@@ -32,6 +32,7 @@ from llava_serve.api.protocol import (
     DetokenizeResponse,
     FunctionCall,
     FunctionCallDelta,
+    PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
     TokenLogprob,
@@ -68,6 +69,7 @@ class Backend(Protocol):
         max_tokens: int,
         media_tokens: list[int],
         add_generation_prompt: bool = True,
+        media_hashes: list[str] | None = None,
     ) -> Any: ...
     # /tokenize and /detokenize: the tokenizer's own encoding of a text, the text of ids, each
     # id's vocabulary string, and the model's context length.
@@ -217,7 +219,10 @@ class ChatService:
         )
         images = await self._media(request.messages, record)
         counts = [image.num_tokens for image in images]
-        prompt = self.backend.tokenize(to_template_messages(request.messages), params.max_tokens, counts)
+        hashes = [image.content_hash for image in images]  # the prompt's routing key needs them
+        prompt = self.backend.tokenize(
+            to_template_messages(request.messages), params.max_tokens, counts, media_hashes=hashes
+        )
         outputs = _typed(self.backend.generate(prompt, params, images))
         return outputs if record is None else _recorded(outputs, record)
 
@@ -444,4 +449,9 @@ def _usage(lasts: Iterable[StepOutput]) -> Usage:
     """The prompt once, however many choices were generated from it, and every choice's tokens."""
     lasts = list(lasts)
     prompt, completion = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=lasts[0].cached_tokens),
+    )

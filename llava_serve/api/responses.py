@@ -23,6 +23,7 @@ from llava_serve.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     FunctionDefinition,
+    Usage,
     _Request,
 )
 from llava_serve.errors import InvalidRequest
@@ -228,10 +229,12 @@ def _envelope(request: ResponsesRequest, model: str, created: int, rid: str) -> 
     }
 
 
-def _usage(prompt: int, completion: int) -> dict:
+def _usage(usage: Usage) -> dict:
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,
@@ -277,7 +280,7 @@ def response_from_completion(request: ResponsesRequest, completion: ChatCompleti
         ]
     else:
         output = [_message_item(_id("msg"), choice.message.content or "", status)]
-    usage = _usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    usage = _usage(completion.usage)
     envelope = _envelope(request, completion.model, completion.created, _id("resp"))
     return _finished(envelope, choice.finish_reason, output, usage)
 
@@ -300,7 +303,7 @@ async def response_events(
     call: dict | None = None
     async for chunk in chunks:
         if chunk.usage is not None:
-            usage = _usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+            usage = _usage(chunk.usage)
         for choice in chunk.choices:
             delta = choice.delta
             for tc in delta.tool_calls or ():

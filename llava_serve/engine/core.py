@@ -21,12 +21,13 @@ import torch
 from llava_serve.config import EngineConfig, ModelConfig
 from llava_serve.engine.detok import TokenBytes
 from llava_serve.engine.kvcache import SlotKV, gpu_kv_budget, slot_length
-from llava_serve.engine.prefix import PrefixCache, prefix_key
+from llava_serve.engine.prefix import PrefixCache
 from llava_serve.engine.runner import Chunk, ModelRunner
 from llava_serve.engine.sampling import SamplingParams, sample_batch, sample_row
 from llava_serve.engine.sequence import Sequence
 from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded, Unavailable
 from llava_serve.models import checkpoint
+from llava_serve.routing.key import position_key
 from llava_serve.structured.grammar import Grammar, GrammarCompiler, MaskBuffer
 from llava_serve.structured.spec import OutputFormat
 from llava_serve.types import ACCEPTED, PreparedImage, PromptInputs, StepOutput
@@ -160,6 +161,21 @@ class Engine:
             "grammar_cache_bytes": self.grammars.cache_bytes,
         }
 
+    def utilization(self) -> float:
+        """How full this engine is, 0..1 and more when requests wait: the larger of its rows in
+        use (running and waiting, over `max_batch_size`) and its KV positions in use. What the
+        replica autoscaler aims at."""
+        rows = (self.num_running + self.num_waiting) / self.config.max_batch_size
+        kv = self.runner.kv.slots * self.runner.kv.max_len
+        used = sum(s.prefilled + s.num_generated for s in list(self._running.values()))
+        return max(rows, used / kv if kv else 0.0)
+
+    def held_blocks(self) -> set[int]:
+        """The routing digests of every prompt whose KV this engine holds or will: its prefix
+        cache's entries, and the requests running or waiting (they are cached when they end)."""
+        live = list(self._running.values()) + list(self._waiting)
+        return self.prefixes.route_blocks() | {d for seq in live for d in seq.route_blocks}
+
     async def compile(self, fmt: OutputFormat) -> Grammar:
         """A grammar for one request's output format, compiled (or copied from the cache) off
         the event loop and off the model thread; a format it cannot enforce is `InvalidRequest`."""
@@ -185,6 +201,7 @@ class Engine:
         params: SamplingParams,
         stages: dict[str, float] | None = None,
         grammar: Grammar | None = None,
+        route_blocks: tuple[int, ...] = (),
     ) -> Sequence:
         """Queue one request, or refuse it at once (too long, queue full, engine stopped).
         `stages` are the seconds it already spent before reaching the engine, for its record;
@@ -212,6 +229,7 @@ class Engine:
         )
         seq.forks = [seq.fork(i, self.token_bytes, self.runner.device) for i in range(1, params.n)]
         seq.stages.update(stages or {})
+        seq.route_blocks = route_blocks
         # Each choice holds its own KV: a slot's worth each, and n times the tokens of the batch.
         limits = [(self.runner.kv.max_len, "the tokens of a KV slot (engine.kv_cache_bytes)")]
         if self.config.max_batch_tokens is not None:
@@ -305,7 +323,7 @@ class Engine:
                 "image_preprocess": max(i.preprocess_s for i in images),
             }
         grammar = None if params.output is None else await self.compile(params.output)
-        seq = self.submit(prompt.input_ids, images, params, stages, grammar)
+        seq = self.submit(prompt.input_ids, images, params, stages, grammar, prompt.route_blocks)
         try:
             yield ACCEPTED
             async for out in self.stream(seq):
@@ -480,7 +498,7 @@ class Engine:
                 self.runner.load_prefix(
                     seq.slot, [k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values]
                 )
-                seq.prefilled = length
+                seq.prefilled = seq.cached_tokens = length
         now = self.runner.synchronized()
         for seq in seqs:
             seq.stages["vision_encode"] = now - start
@@ -490,7 +508,7 @@ class Engine:
         """The prompt's prefix-cache key, built once per request (looked up at start, stored at the end)."""
         if seq.prefix_key is None:
             image, video = self.runner.image_token_id, self.runner.video_token_id
-            seq.prefix_key = prefix_key(seq.input_ids, seq.images, image, video)
+            seq.prefix_key = position_key(seq.input_ids, seq.images, image, video)
         return seq.prefix_key
 
     def _remember(self, finished: list[Sequence]) -> None:
@@ -504,7 +522,7 @@ class Engine:
                 continue
             length = keys[0].shape[1]
             key = self._prefix_key(seq) + tuple(seq.generated)
-            self.prefixes.put(key[:length], keys, values)
+            self.prefixes.put(key[:length], keys, values, seq.route_blocks)
 
     def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, Result]]:
         """One token for every running row. A failed forward pass fails them all (the cache

@@ -2,40 +2,24 @@
 follow-up turn about the same image, a shared system prompt) copies that KV into its slot and
 computes only the rest.
 
-A cached entry is keyed by what produced each position: the token id, or for an image (or video)
-position the full content hash of its image, so two prompts that differ only in their pictures
-share nothing past the first picture. Entries are evicted least recently used first, under a
-byte budget (`engine.prefix_cache_bytes`).
+A cached entry is keyed by what produced each position (`llava_serve.routing.key.position_key`):
+the token id, or for an image (or video) position the full content hash of its image, so two
+prompts that differ only in their pictures share nothing past the first picture. Each entry also
+keeps the routing digests its request came with, so the replica can tell the router what it
+holds. Entries are evicted least recently used first, under a byte budget
+(`engine.prefix_cache_bytes`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
-from llava_serve.types import PreparedImage
-
 # A lookup compares the new prompt with every entry, position by position until they differ.
 MAX_ENTRIES = 256
-
-
-def prefix_key(
-    input_ids: Sequence[int], images: Sequence[PreparedImage], image_token: int, video_token: int | None
-) -> tuple[Hashable, ...]:
-    """One hashable per prompt position: its token id, or its image's content hash."""
-    owners = {
-        kind: iter([im.content_hash for im in images if im.kind == kind for _ in range(im.num_tokens)])
-        for kind in ("image", "video")
-    }
-    key: list[Hashable] = []
-    for token in input_ids:
-        kind = "image" if token == image_token else "video" if token == video_token else None
-        # A slot no image accounts for (the prompt fails at embedding anyway) matches nothing.
-        key.append(next(owners[kind], object()) if kind else token)
-    return tuple(key)
 
 
 @dataclass
@@ -44,6 +28,7 @@ class Entry:
     keys: list[torch.Tensor]  # per layer [kv_heads, length, head_dim]
     values: list[torch.Tensor]
     nbytes: int
+    route_blocks: tuple[int, ...] = ()
 
 
 def common_length(a: tuple, b: tuple) -> int:
@@ -88,7 +73,13 @@ class PrefixCache:
         self.entries.move_to_end(best)
         return self.entries[best], best_len
 
-    def put(self, key: tuple[Hashable, ...], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def put(
+        self,
+        key: tuple[Hashable, ...],
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        route_blocks: tuple[int, ...] = (),
+    ) -> None:
         """Keep a finished request's KV; entries it extends are dropped (it serves them too)."""
         nbytes = sum(t.numel() * t.element_size() for t in keys + values)
         if nbytes > self.max_bytes or not key:
@@ -96,10 +87,15 @@ class PrefixCache:
         for entry_id in [i for i, e in self.entries.items() if key[: len(e.key)] == e.key]:
             self._drop(entry_id)
         self._ids += 1
-        self.entries[self._ids] = Entry(key, keys, values, nbytes)
+        self.entries[self._ids] = Entry(key, keys, values, nbytes, route_blocks)
         self.bytes += nbytes
         while self.bytes > self.max_bytes or len(self.entries) > MAX_ENTRIES:
             self._drop(next(iter(self.entries)))
+
+    def route_blocks(self) -> set[int]:
+        """The routing digests of every entry. Safe from another thread than the one that puts:
+        the entries are copied in one step first."""
+        return {digest for entry in list(self.entries.values()) for digest in entry.route_blocks}
 
     def _drop(self, entry_id: int) -> None:
         self.bytes -= self.entries.pop(entry_id).nbytes

@@ -48,6 +48,8 @@ class Sequence:
     prefilled: int = 0
     joined: bool = False  # its prompt is whole and it decodes with the batch
     prefix_key: tuple | None = field(default=None, repr=False)  # see `engine.prefix`
+    route_blocks: tuple[int, ...] = field(default=(), repr=False)  # its prompt's, for the router
+    cached_tokens: int = 0  # prompt positions copied from the prefix cache
     # A request for `n` answers is `n` sequences: the first computes the prompt, and when its
     # prompt is whole each other one (`forks`) copies its KV and samples from the same logits.
     index: int = 0
@@ -174,7 +176,15 @@ class Sequence:
         logprobs = () if logprob is None else (logprob,)
         stages = self.stages if self.num_generated == 1 else None
         return StepOutput(
-            (token,), text, finish, len(self.input_ids), self.num_generated, logprobs, stages, self.index
+            (token,),
+            text,
+            finish,
+            len(self.input_ids),
+            self.num_generated,
+            logprobs,
+            stages,
+            self.index,
+            self.cached_tokens,
         )
 
     def _prompt_tensor(self, device: torch.device) -> torch.Tensor:

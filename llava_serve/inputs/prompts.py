@@ -20,6 +20,7 @@ import re
 import time
 
 from llava_serve.errors import ContextLengthExceeded, InvalidRequest
+from llava_serve.routing.key import MediaSlot, block_digests, position_key
 from llava_serve.types import PromptInputs, TemplateMessage
 
 # Private-use code points: no chat template or tokenizer gives them a meaning.
@@ -53,7 +54,7 @@ class PromptBuilder:
     checkpoint's `tokenizer`, `chat_template`, `image_token` and `image_token_id`: its adapter
     (`llava_serve.models`) or a transformers processor."""
 
-    def __init__(self, source, context_length: int):
+    def __init__(self, source, context_length: int, block_tokens: int = 16):
         self.tokenizer = source.tokenizer
         self.image_token = source.image_token
         self.image_token_id = source.image_token_id
@@ -62,6 +63,7 @@ class PromptBuilder:
         self.video_token_id = getattr(source, "video_token_id", None)
         self.chat_template = source.chat_template
         self.context_length = context_length
+        self.block_tokens = block_tokens
         self._first, self._rest = _plain_text_tokenizers(self.tokenizer)
         specials = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
         specials |= {str(t): i for i, t in self.tokenizer.added_tokens_decoder.items()}
@@ -95,10 +97,12 @@ class PromptBuilder:
         max_tokens: int,
         media_tokens: list[int],
         add_generation_prompt: bool = True,
+        media_hashes: list[str] | None = None,
     ) -> PromptInputs:
         """Token ids for `messages`, each image's or video's placeholder expanded to its count in
         `media_tokens` (in the order of the parts; from its adapter), checked to leave room for
-        `max_tokens` of output."""
+        `max_tokens` of output. With each image's content hash (`media_hashes`, same order), the
+        prompt also gets its routing key; without, image positions key as unknown."""
         start = time.monotonic()
         texts: list[str] = []
         marked = []
@@ -136,7 +140,13 @@ class PromptBuilder:
                 f"and max_tokens is {max_tokens}: {len(ids) + max_tokens} is over the model's context "
                 f"length of {self.context_length}"
             )
-        return PromptInputs(ids, placed, time.monotonic() - start)
+        hashes = media_hashes if media_hashes is not None else [""] * len(kinds)
+        if len(hashes) != len(kinds):
+            raise InvalidRequest(f"{len(kinds)} images and videos in the messages but {len(hashes)} hashes")
+        slots = [MediaSlot(k, h, n) for k, h, n in zip(kinds, hashes, media_tokens, strict=True)]
+        key = position_key(ids, slots, self.image_token_id, self.video_token_id)
+        blocks = block_digests(key, self.block_tokens)
+        return PromptInputs(ids, placed, time.monotonic() - start, blocks)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`text` as the tokenizer itself encodes it (special-token strings match), for /tokenize."""

@@ -42,17 +42,15 @@ class LocalBackend:
         args = (source.url, source.param, source.detail, num_images, source.kind)
         return asyncio.ensure_future(self.media.prepare(*args))
 
-    def tokenize(self, messages, max_tokens, media_tokens, add_generation_prompt=True):
+    def tokenize(self, messages, max_tokens, media_tokens, add_generation_prompt=True, media_hashes=None):
         self.tokenized.append(messages)
         return asyncio.ensure_future(
-            self._tokenize(messages, max_tokens, media_tokens, add_generation_prompt)
+            self._tokenize(messages, max_tokens, media_tokens, add_generation_prompt, media_hashes)
         )
 
-    async def _tokenize(self, messages, max_tokens, media_tokens, add_generation_prompt=True):
+    async def _tokenize(self, *args):
         self._die("tokenize")
-        return await asyncio.to_thread(
-            self.builder.build, messages, max_tokens, media_tokens, add_generation_prompt
-        )
+        return await asyncio.to_thread(self.builder.build, *args)
 
     def encode(self, text, add_special_tokens):
         return asyncio.to_thread(self.builder.encode, text, add_special_tokens)

@@ -26,6 +26,7 @@ from llava_serve.inputs import images
 from llava_serve.inputs.prompts import PromptBuilder
 from llava_serve.models import load_adapter
 from llava_serve.structured.spec import OutputFormat
+from llava_serve.types import PromptInputs
 from tests.support import schemas
 from tests.support.engines import build_engine, collect, fresh_model
 from tests.support.media import encode, random_image
@@ -416,6 +417,28 @@ async def test_a_follow_up_turn_reuses_the_first_turns_kv(engine, turns):
     assert after["prefix_cache_hits"] == before["prefix_cache_hits"] + 1
     reused = after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
     assert reused >= len(first.input_ids)  # the whole first prompt, the image included
+
+
+async def test_the_engine_tells_the_router_what_it_holds_and_each_answer_what_it_reused(
+    tiny_dir, processor, turns
+):
+    """Routing digests are held while a request runs and after it, in the prefix cache; the
+    follow-up's outputs count the positions it reused."""
+    first, follow, _ = turns
+    eng = build_engine(tiny_dir, processor, EngineConfig())
+    try:
+        params = SamplingParams(max_tokens=first.max_tokens, temperature=0.0)
+        stream = eng.serve(PromptInputs(first.input_ids, 1, route_blocks=(101, 102)), params, first.images)
+        assert (await anext(stream)).accepted
+        assert eng.held_blocks() == {101, 102} and eng.utilization() > 0
+        outs = [out async for out in stream]
+        assert [t for o in outs for t in o.token_ids] == first.expected and outs[-1].cached_tokens == 0
+        assert eng.held_blocks() == {101, 102} and eng.utilization() == 0
+        outs = [o async for o in eng.serve(PromptInputs(follow.input_ids, 1), params, follow.images)][1:]
+        assert [t for o in outs for t in o.token_ids] == follow.expected
+        assert outs[-1].cached_tokens >= len(first.input_ids)
+    finally:
+        await eng.shutdown()
 
 
 async def test_a_different_image_shares_nothing_past_the_first_image_position(engine, turns, processor):

@@ -1,36 +1,17 @@
-"""The prefix cache: keys that tell images apart, the longest match, LRU under a byte budget."""
+"""The prefix cache: the longest match, LRU under a byte budget, the routing digests it keeps."""
 
-import numpy as np
+import functools
+import operator
+
 import torch
 
-from llava_serve.engine.prefix import PrefixCache, prefix_key
-from llava_serve.types import PreparedImage
-
-IMG = 99
-
-
-def picture(content_hash: str, tokens: int) -> PreparedImage:
-    return PreparedImage(np.zeros((1, 3, 2, 2), np.float32), content_hash, num_tokens=tokens)
+from llava_serve.engine.prefix import PrefixCache
 
 
 def kv(length: int, layers: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [torch.randn(1, length, 4) for _ in range(layers)], [
         torch.randn(1, length, 4) for _ in range(layers)
     ]
-
-
-def test_image_positions_are_keyed_by_the_full_content_hash():
-    ids = [1, IMG, IMG, 5, IMG, 6]
-    a = prefix_key(ids, [picture("a" * 64, 2), picture("b" * 64, 1)], IMG, None)
-    assert a == (1, "a" * 64, "a" * 64, 5, "b" * 64, 6)
-    other = prefix_key(ids, [picture("a" * 64, 2), picture("c" * 64, 1)], IMG, None)
-    assert [x == y for x, y in zip(a, other, strict=True)] == [True] * 4 + [False, True]
-
-
-def test_a_slot_no_image_accounts_for_matches_nothing():
-    ids = [1, IMG, IMG]
-    short = prefix_key(ids, [picture("a", 1)], IMG, None)
-    assert short[:2] == (1, "a") and short[2] != prefix_key(ids, [picture("a", 1)], IMG, None)[2]
 
 
 def test_lookup_finds_the_longest_shared_prefix_and_leaves_one_position():
@@ -64,3 +45,12 @@ def test_least_recently_used_entries_go_first_under_the_byte_budget():
     assert cache.bytes == 2 * one
     cache.put(tuple(range(300, 330)), *kv(30))  # larger than the whole budget: not kept
     assert cache.bytes == 2 * one
+
+
+def test_entries_keep_their_routing_digests_until_evicted():
+    cache = PrefixCache(2 * sum(t.numel() * 4 for t in functools.reduce(operator.iadd, kv(4), [])))
+    cache.put((1, 2, 3, 4), *kv(4), route_blocks=(11, 12))
+    cache.put((5, 6, 7, 8), *kv(4), route_blocks=(21,))
+    assert cache.route_blocks() == {11, 12, 21}
+    cache.put((9, 9, 9, 9), *kv(4), route_blocks=(31,))  # over budget: the oldest goes
+    assert cache.route_blocks() == {21, 31}
