@@ -3,8 +3,10 @@
     python benchmarks/multinode.py
 
 Starts `ray.cluster_utils.Cluster` with a head and one more CPU node (custom resource
-`cpu_node`) and a "GPU" node (custom resource `accelerator`, standing in for `num_gpus` on a
-machine without one). The config pins the model to the accelerator node and the preprocessors
+`cpu_node`) and two "GPU" nodes (custom resource `accelerator`, standing in for `num_gpus` on a
+machine without one). The config pins one model replica to each accelerator node (the request
+router keeps each conversation on the replica holding its KV: `benchmarks/routing.py` measures
+that) and the preprocessors
 to CPU nodes by resources, exactly as `configs/llava-1.5-7b.yaml` does with `num_gpus`, and lets
 the image preprocessor autoscale. A loopback image host answers each fetch after 0.3 s (a slow
 CDN), so preprocessing is where requests pile up. Reports where every replica runs, and the
@@ -81,7 +83,7 @@ def config(tiny_dir: str) -> AppConfig:
                     "look_back_period_s": 3,
                 },
             },
-            "llava_model": {"num_cpus": 1, "resources": {"accelerator": 1}},
+            "llava_model": {"num_replicas": 2, "num_cpus": 1, "resources": {"accelerator": 1}},
         }
     )
 
@@ -120,7 +122,8 @@ async def run(args) -> dict:
     tiny_dir = str(tiny.ensure("tiny"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"cpu_node": 1}})
     cluster.add_node(num_cpus=2, resources={"cpu_node": 1})
-    cluster.add_node(num_cpus=2, resources={"accelerator": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"accelerator": 1})
     ray.init(address=cluster.address, log_to_driver=False)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build(config(tiny_dir)), name="llava", route_prefix="/")

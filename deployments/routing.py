@@ -58,11 +58,19 @@ class PrefixAffinityRouter(RequestRouter):
             "Model requests routed, by why they went where they did: affinity (the replica holding "
             "the longest prefix), short_match, imbalanced, busy (the affinity replica was full), "
             "no_key.",
-            tag_keys=("reason",),
+            tag_keys=("reason", "application", "deployment"),
         )
         self._decision_s = metrics.Histogram(
-            "llava_routing_decision_seconds", "The router's time to rank replicas.", boundaries=_DECISION_S
+            "llava_routing_decision_seconds",
+            "The router's time to rank replicas.",
+            boundaries=_DECISION_S,
+            tag_keys=("application", "deployment"),
         )
+        # Not a replica's own metric (the router runs in its caller), so the labels Serve adds
+        # to those are set here: the dashboard filters by application.
+        where = {"application": self._deployment_id.app_name, "deployment": self._deployment_id.name}
+        self._routed.set_default_tags(where)
+        self._decision_s.set_default_tags(where)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
