@@ -91,14 +91,14 @@ def running_models() -> int:
     return states.get("RUNNING", 0)
 
 
-def engine_starts() -> dict[int, int]:
+async def engine_starts() -> dict[int, int]:
     """Requests each model replica's engine started so far, by pid."""
     from ray import serve
 
     handle = serve.get_deployment_handle("LlavaModel", "llava")
     seen: dict[int, int] = {}
     for _ in range(60):
-        stats = handle.stats.remote().result()
+        stats = await handle.stats.remote()
         seen[stats["pid"]] = stats["prefix_cache_hits"] + stats["prefix_cache_misses"]
         if len(seen) == running_models():
             break
@@ -143,16 +143,27 @@ async def ask(client: httpx.AsyncClient, url: str, messages: list, max_tokens: i
     }
 
 
-async def workload(url: str, args, on_half=None) -> list[dict]:
+async def workload(url: str, args, on_half=None) -> tuple[list[dict], dict]:
     rng = random.Random(args.seed)
     results: list[dict] = []
     begun = 0
+    start = time.monotonic()
+    inflight = 0
+    timeline: dict = {}  # when the scale-down was asked for and done, and what was streaming then
+
+    async def watch_scale_down() -> None:
+        while "asked_at_s" not in timeline:
+            await asyncio.sleep(0.2)
+        while running_models() > 1:
+            await asyncio.sleep(0.2)
+        timeline.update(one_replica_at_s=round(time.monotonic() - start, 1), streaming_at_one=inflight)
 
     async def conversation(i: int, client: httpx.AsyncClient) -> None:
-        nonlocal begun
+        nonlocal begun, inflight
         await asyncio.sleep(i * args.arrival_s + rng.random() * 0.2)
         begun += 1
         if on_half is not None and begun == args.conversations // 2:
+            timeline.update(asked_at_s=round(time.monotonic() - start, 1), streaming_then=inflight)
             asyncio.get_running_loop().run_in_executor(None, on_half)
         picture = data_uri(random_image(1000 + i, (336, 336)))
         messages: list[dict] = []
@@ -165,16 +176,22 @@ async def workload(url: str, args, on_half=None) -> list[dict]:
             else:
                 content = question
             messages.append({"role": "user", "content": content})
+            inflight += 1
             out = await ask(client, url, messages, args.max_tokens)
+            inflight -= 1
             results.append({"conversation": i, "turn": turn, **out})
             if not out["ok"]:
                 return
             messages.append({"role": "assistant", "content": out["text"]})
             await asyncio.sleep(args.think_s)
 
+    watcher = asyncio.ensure_future(watch_scale_down()) if on_half is not None else None
     async with httpx.AsyncClient(timeout=300) as client:
         await asyncio.gather(*(conversation(i, client) for i in range(args.conversations)))
-    return results
+    timeline["ended_at_s"] = round(time.monotonic() - start, 1)
+    if watcher is not None:
+        watcher.cancel()
+    return results, timeline
 
 
 def summary(results: list[dict], starts: dict[int, int] | None) -> dict:
@@ -213,13 +230,13 @@ async def run(args) -> dict:
         ]:
             deploy(app_args(policy), 2)
             await serving(2)
-            before = engine_starts()
+            before = await engine_starts()
             half = (lambda p=policy: deploy(app_args(p), 1)) if scale_down else None
             print(f"running {name} ...", flush=True)
-            results = await workload(url, args, half)
-            after = None if scale_down else engine_starts()
+            results, timeline = await workload(url, args, half)
+            after = None if scale_down else await engine_starts()
             starts = after and {pid: n - before.get(pid, 0) for pid, n in after.items()}
-            out[name] = {"summary": summary(results, starts), "requests": results}
+            out[name] = {"summary": summary(results, starts) | timeline, "requests": results}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -253,6 +270,12 @@ def main() -> None:
             f"{fmt(s['first_turn_ttft_p50_s'])} | {s['requests_per_replica'] or '-'} "
             f"| {s['failed_or_truncated']} |"
         )
+    down = results["prefix_affinity, 2 -> 1 mid-run"]["summary"]
+    print(
+        f"\nscale-down asked at {down.get('asked_at_s')} s with {down.get('streaming_then')} streams "
+        f"running, one replica left at {down.get('one_replica_at_s')} s "
+        f"({down.get('streaming_at_one')} streams running), run ended at {down['ended_at_s']} s"
+    )
     a, d = results["prefix_affinity"]["summary"], results["default"]["summary"]
     if a["follow_up_ttft_p50_s"] and d["follow_up_ttft_p50_s"]:
         ratio = a["follow_up_ttft_p50_s"] / d["follow_up_ttft_p50_s"]
