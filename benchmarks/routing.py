@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.report import save
+from tests.support.cluster import deploy_declared, running_replicas
 from tests.support.media import data_uri, random_image
 
 QUESTIONS = ["What is in this picture?", "And what colour is it, mostly?", "Anything else worth saying?"]
@@ -56,39 +57,16 @@ def app_args(policy: str) -> dict:
     }
 
 
-def deploy(args: dict, model_replicas: int) -> None:
-    """Deploy without waiting (Serve's own wait gives up after 60 s; five processes loading on two
-    cores take longer)."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    app = {
-        "name": "llava",
-        "route_prefix": "/",
-        "import_path": "deployments.app:build_app",
-        "args": args,
-        "deployments": [{"name": "LlavaModel", "num_replicas": model_replicas}],
-    }
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
-
-
 async def serving(replicas: int, timeout_s: float = 600) -> None:
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
     while True:
         app = serve.status().applications.get("llava")
-        if app is not None and app.status == "RUNNING" and running_models() == replicas:
+        if app is not None and app.status == "RUNNING" and running_replicas("llava") == replicas:
             return
         assert time.monotonic() < deadline, f"the app is not serving with {replicas} model replicas"
         await asyncio.sleep(1)
-
-
-def running_models() -> int:
-    from ray import serve
-
-    states = serve.status().applications["llava"].deployments["LlavaModel"].replica_states
-    return states.get("RUNNING", 0)
 
 
 async def engine_starts() -> dict[int, int]:
@@ -100,7 +78,7 @@ async def engine_starts() -> dict[int, int]:
     for _ in range(60):
         stats = await handle.stats.remote()
         seen[stats["pid"]] = stats["prefix_cache_hits"] + stats["prefix_cache_misses"]
-        if len(seen) == running_models():
+        if len(seen) == running_replicas("llava"):
             break
     return seen
 
@@ -154,7 +132,7 @@ async def workload(url: str, args, on_half=None) -> tuple[list[dict], dict]:
     async def watch_scale_down() -> None:
         while "asked_at_s" not in timeline:
             await asyncio.sleep(0.2)
-        while running_models() > 1:
+        while running_replicas("llava") > 1:
             await asyncio.sleep(0.2)
         timeline.update(one_replica_at_s=round(time.monotonic() - start, 1), streaming_at_one=inflight)
 
@@ -228,10 +206,10 @@ async def run(args) -> dict:
             ("default", "default", False),
             ("prefix_affinity, 2 -> 1 mid-run", "prefix_affinity", True),
         ]:
-            deploy(app_args(policy), 2)
+            deploy_declared("llava", app_args(policy), 2, "/")
             await serving(2)
             before = await engine_starts()
-            half = (lambda p=policy: deploy(app_args(p), 1)) if scale_down else None
+            half = (lambda p=policy: deploy_declared("llava", app_args(p), 1, "/")) if scale_down else None
             print(f"running {name} ...", flush=True)
             results, timeline = await workload(url, args, half)
             after = None if scale_down else await engine_starts()

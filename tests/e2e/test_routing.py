@@ -16,7 +16,7 @@ from ray import serve
 
 from deployments.app import build
 from llava_serve.config import AppConfig
-from tests.support.cluster import app_config
+from tests.support.cluster import app_config, deploy_declared, running_replicas
 from tests.support.media import data_uri, random_image
 
 TWO = {"num_replicas": 2, "num_cpus": 0.25, "max_ongoing_requests": 64}
@@ -49,10 +49,6 @@ def model_stats(app: str, replicas: int = 2) -> dict[int, dict]:
         if len(seen) == replicas:
             return seen
     raise AssertionError(f"saw {len(seen)} of {replicas} model replicas")
-
-
-def running_replicas(app: str) -> int:
-    return serve.status().applications[app].deployments["LlavaModel"].replica_states.get("RUNNING", 0)
 
 
 class Chat:
@@ -127,23 +123,6 @@ def test_a_dead_replica_is_forgotten_and_its_conversations_carry_on(route_url):
         time.sleep(1)
 
 
-def deploy_declared(name: str, args: dict, model_replicas: int, wait: bool = True) -> None:
-    """Deploy as `serve deploy` does: the app from its import path and args, the replica count in
-    its `deployments:` list, so that changing only the count scales without restarting anything."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    app = {
-        "name": name,
-        "route_prefix": f"/{name}",
-        "import_path": "deployments.app:build_app",
-        "args": args,
-        "deployments": [{"name": "LlavaModel", "num_replicas": model_replicas}],
-    }
-    schema = ServeDeploySchema.model_validate({"applications": [app]})
-    _get_global_client().deploy_apps(schema, _blocking=wait)
-
-
 def test_a_replica_removed_by_a_scale_down_finishes_its_streams(serve_url, tiny_dir):
     """Two replicas, each streaming; the config goes to one replica. The one Serve removes takes
     no new request and finishes its streams before it stops: every stream ends whole."""
@@ -152,9 +131,9 @@ def test_a_replica_removed_by_a_scale_down_finishes_its_streams(serve_url, tiny_
     deploy_declared("drain", args, 2)
     url = f"{serve_url}/drain"
     try:
-        deadline = time.monotonic() + 90
-        while running_replicas("drain") < 2:
-            assert time.monotonic() < deadline, "the second replica never started"
+        deadline = time.monotonic() + 120
+        while running_replicas("drain") < 2 or serve.status().applications["drain"].status != "RUNNING":
+            assert time.monotonic() < deadline, "the app never ran with two model replicas"
             time.sleep(0.2)
 
         async def stream(client: httpx.AsyncClient, i: int) -> tuple[str | None, int]:
@@ -187,7 +166,7 @@ def test_a_replica_removed_by_a_scale_down_finishes_its_streams(serve_url, tiny_
                     await asyncio.sleep(0.3)
                 running = [s["running"] for s in (await asyncio.to_thread(model_stats, "drain")).values()]
                 done_before = sum(s.done() for s in streams)
-                await asyncio.to_thread(deploy_declared, "drain", args, 1, False)
+                await asyncio.to_thread(deploy_declared, "drain", args, 1)
                 while running_replicas("drain") > 1:  # Serve stops routing to the one it removes
                     await asyncio.sleep(0.1)
                 # Meanwhile a new request goes to the replica that stays, and succeeds.

@@ -27,3 +27,29 @@ def app_config(tiny_dir: str) -> AppConfig:
             "llava_model": {"num_cpus": 0.5, "max_ongoing_requests": 128},
         }
     )
+
+
+def deploy_declared(app: str, args: dict, model_replicas: int, route_prefix: str | None = None) -> None:
+    """Deploy as `serve deploy` does, without waiting: the app from its import path and args, the
+    model's replica count in its `deployments:` list, so that changing only the count scales
+    without restarting anything (a `serve.run` from Python restarts every replica)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    entry = {
+        "name": app,
+        "route_prefix": route_prefix or f"/{app}",
+        "import_path": "deployments.app:build_app",
+        "args": args,
+        "deployments": [{"name": "LlavaModel", "num_replicas": model_replicas}],
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [entry]}))
+
+
+def running_replicas(app: str, deployment: str = "LlavaModel") -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return 0
+    return status.deployments[deployment].replica_states.get("RUNNING", 0)
