@@ -38,16 +38,9 @@ def route_blocks(request: PendingRequest | None) -> tuple[int, ...]:
 
 
 class PrefixAffinityRouter(RequestRouter):
-    def initialize_state(
-        self,
-        min_match_share: float = 0.5,
-        max_imbalance: int = 8,
-        max_sent_blocks: int = 65536,
-        recent_s: float = 10.0,
-    ) -> None:
-        self.index: AffinityIndex[ReplicaID] = AffinityIndex(
-            min_match_share, max_imbalance, max_sent_blocks, recent_s
-        )
+    def initialize_state(self, **policy: Any) -> None:
+        """`policy`: `AffinityIndex`'s thresholds (`request_router_kwargs`, from `routing:`)."""
+        self.index: AffinityIndex[ReplicaID] = AffinityIndex(**policy)
         self.inflight: Counter[ReplicaID] = Counter()
         # By request, until it is routed: a burst's requests are all ranked before the first is
         # sent, so each counts on its first choice meanwhile (or they would all pick the same).

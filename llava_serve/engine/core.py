@@ -140,7 +140,7 @@ class Engine:
         return {
             "running": self.num_running,
             "waiting": self.num_waiting,
-            "kv_tokens_used": sum(s.prefilled + s.num_generated for s in self._running.values()),
+            "kv_tokens_used": self._kv_tokens_used(),
             "kv_tokens_capacity": self.runner.kv.slots * self.runner.kv.max_len,
             "kv_cache_bytes": self.runner.kv.nbytes,
             "kv_slot_tokens": self.runner.kv.max_len,
@@ -167,8 +167,11 @@ class Engine:
         replica autoscaler aims at."""
         rows = (self.num_running + self.num_waiting) / self.config.max_batch_size
         kv = self.runner.kv.slots * self.runner.kv.max_len
-        used = sum(s.prefilled + s.num_generated for s in list(self._running.values()))
-        return max(rows, used / kv if kv else 0.0)
+        return max(rows, self._kv_tokens_used() / kv if kv else 0.0)
+
+    def _kv_tokens_used(self) -> int:
+        # A copy first: the replica's loop reads this while the model thread changes the batch.
+        return sum(s.prefilled + s.num_generated for s in list(self._running.values()))
 
     def held_blocks(self) -> set[int]:
         """The routing digests of every prompt whose KV this engine holds or will: its prefix

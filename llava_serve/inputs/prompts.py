@@ -20,7 +20,7 @@ import re
 import time
 
 from llava_serve.errors import ContextLengthExceeded, InvalidRequest
-from llava_serve.routing.key import MediaSlot, block_digests, position_key
+from llava_serve.routing.key import BLOCK_TOKENS, MediaSlot, block_digests, position_key
 from llava_serve.types import PromptInputs, TemplateMessage
 
 # Private-use code points: no chat template or tokenizer gives them a meaning.
@@ -54,7 +54,7 @@ class PromptBuilder:
     checkpoint's `tokenizer`, `chat_template`, `image_token` and `image_token_id`: its adapter
     (`llava_serve.models`) or a transformers processor."""
 
-    def __init__(self, source, context_length: int, block_tokens: int = 16):
+    def __init__(self, source, context_length: int, block_tokens: int = BLOCK_TOKENS):
         self.tokenizer = source.tokenizer
         self.image_token = source.image_token
         self.image_token_id = source.image_token_id
