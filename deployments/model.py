@@ -35,7 +35,6 @@ class LlavaModel:
         self.config = self.base_config = config  # the app's args; user_config is laid over these
         self.engine = Engine.load(config.model, config.engine)
         self.metrics = EngineMetrics()
-        self.engine.on_admit = self.metrics.queue_wait.observe
         self._sampler: asyncio.Task | None = None
         self._reports = 0
 
@@ -59,6 +58,8 @@ class LlavaModel:
         outputs = self.engine.serve(prompt, params, list(resolved))
         try:
             async for out in outputs:
+                if out.stages and "queue" in out.stages:  # on the first token only
+                    self.metrics.queue_wait.observe(out.stages["queue"])
                 yield out
         finally:
             await outputs.aclose()  # a caller gone cancels the request (Engine.serve)

@@ -24,18 +24,17 @@ import torch
 from benchmarks.report import median_ms, save
 from llava_serve.config import ModelConfig
 from llava_serve.engine.head import OutputHead
-from llava_serve.engine.runner import Chunk, ModelRunner
 from llava_serve.models import checkpoint
+from tests.support.probes import WholeRunner
 
 
-def fill(runner: ModelRunner, rows: int, prompt_len: int) -> None:
-    runner.reset()
+def fill(runner: WholeRunner, rows: int, prompt_len: int) -> None:
+    runner.keep([])
     g = torch.Generator().manual_seed(rows)
-    for i in range(rows):
-        ids = torch.randint(10, runner.vocab_size - 10, (prompt_len,), generator=g).tolist()
-        slot = runner.take_slot()
-        runner.prefill([Chunk(slot, 0, runner.embed(ids, []))])
-        runner.join(slot, i, 5)
+    ids = torch.randint(10, runner.vocab_size - 10, (rows, prompt_len), generator=g).tolist()
+    prompts = [(p, []) for p in ids]
+    runner.prefill_whole(list(range(rows)), prompts)
+    runner.commit([5] * rows)
 
 
 @torch.inference_mode()
@@ -44,7 +43,7 @@ def bench(args) -> dict:
     model = checkpoint.load_model(ModelConfig(name="tiny", tiny_preset=args.preset))
     linear = model.get_output_embeddings()
     head = OutputHead(linear)
-    runner = ModelRunner(model, 0, slots=max(args.rows), max_len=args.prompt_len + 4 * args.repeats + 16)
+    runner = WholeRunner(model, 0, slots=max(args.rows), max_len=args.prompt_len + 4 * args.repeats + 16)
     hidden_size = linear.weight.shape[1]
     out = {"preset": args.preset, "vocab": head.vocab_size, "hidden": hidden_size, "rows": []}
     for rows in args.rows:

@@ -80,8 +80,11 @@ def run(runner, prompts, steps: int, churn: int) -> dict:
         decodes.append(time.perf_counter() - start)
         peak = max(peak, kv_bytes(runner))
         if churn and step % churn == churn - 1 and waiting:
-            oldest = min(runner.batch.seq_ids)
-            runner.keep(set(runner.batch.seq_ids) - {oldest})
+            if hasattr(runner, "rows"):  # v2 and later: rows are slots
+                runner.keep(runner.rows[1:])
+            else:
+                oldest = min(runner.batch.seq_ids)
+                runner.keep(set(runner.batch.seq_ids) - {oldest})
             join([waiting.pop(0)])
     runner.keep(set())
     return {

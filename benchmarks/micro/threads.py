@@ -40,17 +40,17 @@ def child(preset: str, rows: int, seconds: float, same_thread: bool, threads: in
     """One process's measurement (run with --child)."""
     import torch
 
-    from benchmarks.head import fill
+    from benchmarks.micro.head import fill
     from llava_serve.config import ModelConfig
-    from llava_serve.engine.runner import ModelRunner
     from llava_serve.models import checkpoint
+    from tests.support.probes import WholeRunner
 
     torch.set_num_threads(threads)
     stepper = ThreadPoolExecutor(1)
 
-    def build() -> ModelRunner:
+    def build() -> WholeRunner:
         model = checkpoint.load_model(ModelConfig(name="tiny", tiny_preset=preset))
-        runner = ModelRunner(model, 0, slots=rows, max_len=4096)
+        runner = WholeRunner(model, 0, slots=rows, max_len=4096)
         fill(runner, rows, 200)
         return runner
 

@@ -1,13 +1,14 @@
 """The generation engine: one model, one thread that runs it, a continuously batched step loop.
 
-- `core`: the step loop on the event loop, and the public API (submit, stream, cancel).
-- `scheduler`: which requests run each step: admission by free KV capacity, prefill chunks
-  under the step's token budget, preemption.
-- `runner`: batched forward passes (decode rows and prefill chunks) over `kvcache`.
-- `kvcache`: preallocated per-layer KV slots written in place.
-- `prefix`: KV of finished requests kept for reuse, keyed by token ids and image hashes.
-- `sampler` / `sampling`: a step's tokens for every row; per-request parameters.
-- `sequence`: one request's state; `detok`: its incremental text and stop strings.
+Each step is plan -> execute -> output (`core`):
+
+- `scheduler`: the plan, a pure function of the requests' state (who retires, who is admitted and
+  starts, how many tokens each computes under the step's token and vision budgets);
+- `kv`: the KV slots, the slot table and the prefix index (`prefix`);
+- `runner`: one forward path for every step, over `attention`'s per-row-length interface;
+- `sampler`: the batch's next tokens, one copy to the host (`sampling`: per-request parameters);
+- `output`: text, stop strings and logprobs on their own thread (`detok`);
+- `sequence`: one request's token-level state.
 """
 
 from llava_serve.engine.core import Engine, out_is_partial

@@ -1,20 +1,24 @@
-"""Attention for a step that decodes and prefills in one forward pass.
+"""Attention over the KV slots, for a step that decodes and writes prompt chunks in one pass.
 
-The step's tokens are one flattened sequence: a token for each decoding row (slots `0..n-1`),
-then each joining prompt's chunk. The linear layers run over all of them at once, reading the
-weights once per step rather than once for the decode and again for the prefill. Attention is
-where the tokens part ways: each attends to its own slot only. The slot cache hands this function
-its whole storage and the step's `StepLayout`, and it runs one SDPA over the decoding rows (a
-query each, against a view of their slots, masked by their lengths) and one per chunk (against
-its slot's earlier positions and its own, causal), writing each segment's output in place.
+A step's tokens are one flattened sequence: first a decode token for each slot below the highest
+one decoding (`StepLayout.rows`; slots in that range that are not decoding are padding rows), then
+each prompt chunk. The linear layers run over all of them at once, reading the weights once per
+step. Attention is where they part ways, each token attending to its own slot only:
 
-Registered with transformers as `ATTENTION`; a call without a layout (e.g. `generate` on the same
-model) is plain SDPA.
+- the decode rows as one batched query against a view of slots `0..rows-1`, each row seeing its
+  own `lengths[i]` positions;
+- each chunk against its slot's earlier positions and its own, causal.
+
+The interface is per-row lengths, not a mask: a CUDA backend fills it with
+`flash_attn_with_kvcache` (which takes `cache_seqlens`) or FlexAttention; this CPU backend runs
+SDPA with a boolean mask built from the lengths once per step (`StepLayout.decode_mask`), not once
+per layer. Registered with transformers as `ATTENTION`; a call without a layout (e.g. `generate`
+on the same model) is plain SDPA.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,7 @@ ATTENTION = "llava_slots"
 
 @dataclass
 class Segment:
-    """A joining prompt's chunk: step tokens `offset..offset+length` go to `slot` from `start`."""
+    """A prompt chunk: step tokens `offset..offset+length` go to `slot` from position `start`."""
 
     slot: int
     start: int
@@ -37,10 +41,18 @@ class Segment:
 
 @dataclass
 class StepLayout:
-    rows: int  # decoding rows: step tokens 0..rows-1, slots 0..rows-1
-    decode_len: int  # positions the decoding rows attend over (longest + 1)
-    decode_mask: torch.Tensor | None  # additive [rows, 1, 1, decode_len]
+    rows: int  # decode rows: step tokens 0..rows-1 query slots 0..rows-1
+    lengths: torch.Tensor  # [rows] positions each decode row sees, its new one included (>= 1)
+    kv_len: int  # the longest of them, known on the host
     segments: list[Segment]
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def decode_mask(self) -> torch.Tensor:
+        """[rows, 1, 1, kv_len] boolean: what each decode row sees (the CPU backend's form)."""
+        if self._mask is None:
+            positions = torch.arange(self.kv_len, device=self.lengths.device)
+            self._mask = (positions[None, :] < self.lengths[:, None])[:, None, None]
+        return self._mask
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -49,14 +61,14 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    # query [1, heads, tokens, dim]; key/value: the layer's whole storage [slots, kv_heads, max_len, dim]
+    # query [1, heads, tokens, dim]; key/value: the layer's whole storage [slots + 1, kv_heads, max_len, dim]
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [tokens, heads, dim]
     n = layout.rows
     if n:
         q = query[0, :, :n].transpose(0, 1)[:, :, None]  # [rows, heads, 1, dim]
-        k, v = key[:n, :, : layout.decode_len], value[:n, :, : layout.decode_len]
+        k, v = key[:n, :, : layout.kv_len], value[:n, :, : layout.kv_len]
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True
+            q, k, v, attn_mask=layout.decode_mask(), scale=scaling, enable_gqa=True
         )
         out[:n] = o[:, :, 0]
     for s in layout.segments:
@@ -71,6 +83,10 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         out[s.offset : s.offset + s.length] = o[0].transpose(0, 1)
     return out[None], None
 
+
+# A step passes this as its `attention_mask`: transformers hands a 4D mask through untouched instead
+# of building one over the flattened step, and the layout does the masking.
+PASS_THROUGH = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 AttentionInterface.register(ATTENTION, slot_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)

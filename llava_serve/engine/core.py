@@ -1,9 +1,17 @@
 """Continuous-batching generation engine on a never-blocked asyncio loop.
 
-One background task drives the step loop: admit -> (executor) retire, decode, prefill ->
-emit. Each step's model work runs in one dedicated thread, the only thread that touches
-the model, so the event loop stays free to accept requests, stream tokens and notice
-cancellations. With nothing to do, the loop sleeps on an event.
+Each step is plan -> execute -> output:
+
+- plan: `scheduler.schedule`, a pure function of the requests' state, says which requests retire,
+  which are admitted and start, and how many tokens each computes;
+- execute, on the model thread (the only thread that touches the model): retire and start as
+  planned, one forward pass (`ModelRunner.execute`), the batch's next tokens (`Sampler`);
+- output, on the output thread (`OutputProcessor`), while the model thread runs the next step:
+  text, stop strings, logprobs, into each request's stream.
+
+The event loop only hands steps to the model thread and outputs to the streams, so it stays free
+to accept requests, stream tokens and notice cancellations. With nothing to do, it sleeps on an
+event.
 """
 
 from __future__ import annotations
@@ -13,41 +21,50 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from llava_serve.config import EngineConfig, ModelConfig
-from llava_serve.engine.detok import TokenBytes
-from llava_serve.engine.kvcache import SlotKV, gpu_kv_budget, slot_length
-from llava_serve.engine.prefix import PrefixCache
+from llava_serve.engine.kv import KVManager, gpu_kv_budget, slot_length
+from llava_serve.engine.output import OutputProcessor
 from llava_serve.engine.runner import Chunk, ModelRunner
-from llava_serve.engine.sampling import SamplingParams, sample_batch, sample_row
-from llava_serve.engine.sequence import Sequence
+from llava_serve.engine.sampler import Sampled, Sampler
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.engine.scheduler import Limits, StepPlan, schedule
+from llava_serve.engine.sequence import Sequence, TokenEvent
 from llava_serve.errors import EngineError, InvalidRequest, LlavaServeError, Overloaded, Unavailable
 from llava_serve.models import checkpoint
 from llava_serve.routing.key import position_key
-from llava_serve.structured.grammar import Grammar, GrammarCompiler, MaskBuffer
+from llava_serve.structured.grammar import Grammar, GrammarCompiler
 from llava_serve.structured.spec import OutputFormat
 from llava_serve.types import ACCEPTED, PreparedImage, PromptInputs, StepOutput
 
 logger = logging.getLogger(__name__)
-Result = StepOutput | LlavaServeError
+Event = tuple[Sequence, TokenEvent | Exception]
 
 
-def _tiles(image: PreparedImage) -> int:
-    """Tiles (or video frames) an image sends through the vision tower."""
-    return image.pixel_values.shape[0]
+def _thread(name: str) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
 
 def _model_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-engine")
+    return _thread("llava-engine")
 
 
 def out_is_partial(out: StepOutput | Exception) -> bool:
     """More of this request's outputs may follow."""
     return isinstance(out, StepOutput) and out.finish_reason is None
+
+
+@dataclass
+class Step:
+    """What the model thread did in one step, for the event loop to carry into its queues."""
+
+    plan: StepPlan
+    events: list[Event]
 
 
 class Engine:
@@ -61,30 +78,33 @@ class Engine:
     ):
         self.runner = runner
         self.tokenizer = tokenizer
-        self.token_bytes = TokenBytes(tokenizer)
         self.eos_ids = eos_ids
         self.config = config
         # The single owner of the model: every forward pass goes through this thread.
         self._executor = model_thread or _model_thread()
+        # Text, stop strings and logprobs of a step while the model thread runs the next.
+        self._output_executor = _thread("llava-output")
+        self.output = OutputProcessor(tokenizer)
         # Output grammars compile on their own thread: neither the loop nor a step waits for one.
-        self._grammar_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-grammar")
+        self._grammar_executor = _thread("llava-grammar")
         vocab = runner.vocab_size
         self.grammars = GrammarCompiler(
             tokenizer, vocab, eos_ids, config.grammar_cache_bytes, config.grammar_limits
         )
-        self._masks = MaskBuffer(vocab)
-        self.prefixes = PrefixCache(config.prefix_cache_bytes)
+        self.sampler = Sampler(vocab)
+        runner.kv.keep_prefixes(config.prefix_cache_bytes)
         self._waiting: deque[Sequence] = deque()
-        self._running: dict[int, Sequence] = {}
+        self._running: dict[int, Sequence] = {}  # admission order
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.steps = 0
-        self.fused_steps = 0  # steps that decoded and prefilled in one forward pass
         self.prefill_tokens = 0  # prompt positions computed (not copied from a cache or a choice)
         self.cancelled = 0
         self.last_step_end = time.monotonic()
-        # Called with each admitted request's queue wait (s); the deployment points it at a metric.
-        self.on_admit: Callable[[float], None] | None = None
+
+    @property
+    def prefixes(self):
+        return self.runner.kv.prefixes
 
     @classmethod
     def load(cls, model: ModelConfig, config: EngineConfig) -> Engine:
@@ -119,7 +139,7 @@ class Engine:
         max_len = slot_length(
             budget,
             config.max_batch_size,
-            SlotKV.bytes_per_token(weights.config, weights.dtype),
+            KVManager.bytes_per_token(weights.config, weights.dtype),
             weights.config.get_text_config().max_position_embeddings,
         )
         runner = ModelRunner(weights, config.image_cache_bytes, config.max_batch_size, max_len)
@@ -141,11 +161,10 @@ class Engine:
             "running": self.num_running,
             "waiting": self.num_waiting,
             "kv_tokens_used": self._kv_tokens_used(),
-            "kv_tokens_capacity": self.runner.kv.slots * self.runner.kv.max_len,
+            "kv_tokens_capacity": self.runner.kv.capacity,
             "kv_cache_bytes": self.runner.kv.nbytes,
             "kv_slot_tokens": self.runner.kv.max_len,
             "steps": self.steps,
-            "fused_steps": self.fused_steps,
             "prefill_tokens": self.prefill_tokens,
             "cancelled": self.cancelled,
             "image_cache_hits": cache.hits,
@@ -166,7 +185,7 @@ class Engine:
         use (running and waiting, over `max_batch_size`) and its KV positions in use. What the
         replica autoscaler aims at."""
         rows = (self.num_running + self.num_waiting) / self.config.max_batch_size
-        kv = self.runner.kv.slots * self.runner.kv.max_len
+        kv = self.runner.kv.capacity
         return max(rows, self._kv_tokens_used() / kv if kv else 0.0)
 
     def _kv_tokens_used(self) -> int:
@@ -227,10 +246,10 @@ class Engine:
                 f"(engine.max_batch_size: {self.config.max_batch_size})",
                 "n",
             )
-        seq = Sequence.create(
-            input_ids, images, params, self.token_bytes, self.eos_ids, self.runner.device, grammar
-        )
-        seq.forks = [seq.fork(i, self.token_bytes, self.runner.device) for i in range(1, params.n)]
+        seq = Sequence.create(input_ids, images, params, self.eos_ids, self.runner.device, grammar)
+        seq.forks = [seq.fork(i, self.runner.device) for i in range(1, params.n)]
+        for member in seq.group:
+            member.text = self.output.text_for(member)
         seq.stages.update(stages or {})
         seq.route_blocks = route_blocks
         # Each choice holds its own KV: a slot's worth each, and n times the tokens of the batch.
@@ -349,8 +368,8 @@ class Engine:
         if self._task is not None:
             self._task.cancel()
         self._fail_all(Unavailable("the model replica is shutting down; retry"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._grammar_executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._output_executor, self._grammar_executor):
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def _fail_all(self, error: LlavaServeError) -> None:
         """End every request the engine holds with `error`, so none of their streams can hang."""
@@ -361,7 +380,7 @@ class Engine:
         self._waiting.clear()
         self._running.clear()
 
-    # -- the step loop ---------------------------------------------------------------------
+    # -- the step loop (event loop) ---------------------------------------------------------
 
     def _ensure_started(self) -> None:
         if self._task is None:
@@ -380,103 +399,97 @@ class Engine:
 
     async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
+        self.output.loop = loop
         while True:
             await self._wake.wait()
             self._wake.clear()
             if not self._running:
                 self.last_step_end = time.monotonic()  # idle until now: nothing could have stalled
-            self._admit()
-            decoding = [s for s in self._running.values() if s.joined and not s.cancelled]
-            # A request's other choices join when its prompt is whole (`_fork`), not by computing it.
-            joining = [s for s in self._running.values() if not s.joined and s.fork_of is None]
-            if not decoding and not any(not s.cancelled for s in joining):
-                if self.runner.num_rows or self.runner.staged:  # the last were cancelled: free their KV
-                    await loop.run_in_executor(self._executor, self._step, [], joining)
-                    self._emit([])
-                continue
-            outputs = await loop.run_in_executor(self._executor, self._step, decoding, joining)
-            self.steps += 1
-            self.last_step_end = time.monotonic()
-            self._emit(outputs)
-            if self._running or self._waiting:
+            waiting, running = list(self._waiting), list(self._running.values())
+            step = await loop.run_in_executor(self._executor, self._step, waiting, running)
+            self._carry(step.plan, waiting)
+            if step.plan.computes:
+                self.steps += 1
+                self.last_step_end = time.monotonic()
+            if step.events:  # processed while the model thread runs the next step
+                self._output_executor.submit(self.output.process, step.events)
+            plan = step.plan
+            moved = plan.computes or plan.retire or plan.admit or plan.drop
+            if moved and (self._running or self._waiting):
                 self._wake.set()
 
-    def _admit(self) -> None:
-        """Move waiting requests into the batch while slots are free (FIFO), and within
-        `engine.max_batch_tokens` when it is set. A request's choices come in together."""
-        admit: list[Sequence] = []
-        cap = self.config.max_batch_tokens
-        budget = float("inf") if cap is None else cap - sum(s.kv_budget for s in self._running.values())
-        rows = len(self._running)
-        while self._waiting:
-            seq = self._waiting[0]
-            if seq.cancelled:
-                self._waiting.popleft()
-                continue
-            size = len(seq.group)
-            if rows + size > self.config.max_batch_size or seq.kv_budget * size > budget:
-                break
-            budget -= seq.kv_budget * size
-            rows += size
-            admit.append(self._waiting.popleft())
-        now = time.monotonic()
-        for seq in admit:
-            for member in seq.group:
+    def _carry(self, plan: StepPlan, waiting: list[Sequence]) -> None:
+        """The plan's moves between the queue and the running requests. Admitted requests come from
+        the snapshot the step saw: one cancelled meanwhile is running now, and retires next step."""
+        left = set(plan.drop) | set(plan.admit)
+        if left:
+            self._waiting = deque(s for s in self._waiting if s.seq_id not in left)
+        snapshot = {s.seq_id: s for s in waiting}
+        for seq_id in plan.admit:
+            for member in snapshot[seq_id].group:
                 self._running[member.seq_id] = member
-                member.stages["queue"] = now - seq.created_at
-            if self.on_admit is not None:
-                self.on_admit(now - seq.created_at)
+        for seq_id in plan.retire:
+            self._running.pop(seq_id, None)
 
-    def _step(self, decoding: list[Sequence], joining: list[Sequence]) -> list[tuple[Sequence, Result]]:
-        """Executor thread: retire cancelled rows, decode the running ones, then spend the rest of
-        the step's token budget on the joining requests' prompts, oldest first."""
-        outputs: list[tuple[Sequence, Result]] = []
-        self.runner.keep({s.seq_id for s in decoding})
-        for seq in joining:
-            if seq.cancelled and seq.slot is not None:
-                self.runner.release(seq.slot)
-                seq.slot = None
-        budget = self.config.max_step_tokens - len(decoding)
-        chunks, failed = self._chunks([s for s in joining if not s.cancelled], budget)
-        outputs += failed
-        if decoding and chunks and self.runner.fused:
-            outputs += self._fused(decoding, chunks)
-        else:
-            if decoding:
-                outputs += self._decode(decoding)
-            if chunks:
-                outputs += self._prefill(chunks)
-        self._remember([seq for seq, out in outputs if isinstance(out, StepOutput) and out.finish_reason])
-        joined = decoding + [m for s in joining for m in s.group]  # a request's choices join with it
-        self.runner.keep({s.seq_id for s in joined if s.joined and not s.finished})
-        return outputs
+    @property
+    def limits(self) -> Limits:
+        c = self.config
+        return Limits(c.max_batch_size, c.max_batch_tokens, c.max_step_tokens, c.max_step_vision_tiles)
 
-    def _chunks(
-        self, joining: list[Sequence], budget: int
-    ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, Result]]]:
-        """How many prompt positions each joining request computes this step: oldest first, as
-        far as `budget` goes. A request starts by taking a slot, copying in the longest cached
-        prefix of its prompt and computing its prompt's embeddings (the images of every request
-        starting this step encoded together, up to `engine.max_step_vision_tiles`)."""
-        plan: list[tuple[Sequence, int]] = []
-        tiles = self.config.max_step_vision_tiles
-        for seq in joining:
-            if budget <= 0:
+    # -- one step (model thread) ------------------------------------------------------------
+
+    def _step(self, waiting: list[Sequence], running: list[Sequence]) -> Step:
+        self._match(waiting, running)
+        plan = schedule(waiting, running, self.limits)
+        by_id = {s.seq_id: s for s in [*running, *waiting]}
+        for seq_id in plan.retire:
+            self._retire(by_id[seq_id])
+        now = time.monotonic()
+        for seq_id in plan.admit:
+            for member in by_id[seq_id].group:
+                member.stages["queue"] = now - member.created_at
+        events = self._start([by_id[seq_id] for seq_id in plan.start])
+        decoding, chunks = [], []
+        for seq_id, n in plan.tokens.items():
+            seq = by_id[seq_id]
+            if seq.joined:
+                decoding.append(seq)
+            elif not seq.finished:  # its start failed
+                chunks.append((seq, n))
+        if decoding or chunks:
+            events += self._execute(decoding, chunks)
+        return Step(plan, events)
+
+    def _match(self, waiting: list[Sequence], running: list[Sequence]) -> None:
+        """Find the cached prefix of each prompt that may start this step, once per request, so
+        the plan sizes its first chunk by what is left to compute."""
+        if not self.prefixes.enabled:
+            return
+        rows = self.config.max_batch_size - sum(not (s.finished or s.cancelled) for s in running)
+        candidates = [s for s in running if not s.started and not s.is_choice]
+        for seq in waiting:
+            if rows < seq.rows:
                 break
-            if seq.embeds is None:  # starting: its images go through the tower this step
-                need = sum(_tiles(im) for im in seq.images)
-                if need > tiles and any(s.embeds is None for s, _ in plan):
-                    break  # the tower's share of this step is spent; it starts next step
-                tiles -= need
-            plan.append((seq, min(seq.prompt_left, budget)))
-            budget -= plan[-1][1]
-        failed = self._start([seq for seq, _ in plan if seq.embeds is None])
-        # A prefix hit leaves less to compute than planned; a failed start computes nothing.
-        plan = [(seq, min(n, seq.prompt_left)) for seq, n in plan if not seq.finished]
-        return plan, failed
+            rows -= seq.rows
+            candidates.append(seq)
+        for seq in candidates:
+            if not seq.matched:
+                seq.hit, seq.matched = self.prefixes.match(self._prefix_key(seq)), True
 
-    def _start(self, seqs: list[Sequence]) -> list[tuple[Sequence, Result]]:
-        failed: list[tuple[Sequence, Result]] = []
+    def _retire(self, seq: Sequence) -> None:
+        """Give a leaving request's slot back; an answer that ended keeps its KV for prefixes."""
+        if seq.slot is not None:
+            kv = self.runner.kv
+            if seq.joined and seq.finished and not seq.failed:
+                kv.keep(seq.slot, self._prefix_key(seq) + tuple(seq.generated), seq.route_blocks)
+            kv.release(seq.slot)
+            seq.slot = None
+        seq.embeds = seq.hit = None
+
+    def _start(self, seqs: list[Sequence]) -> list[Event]:
+        """Starting requests' images through the tower together, their prompts embedded, a slot
+        each, and the cached prefix of each prompt copied in."""
+        failed: list[Event] = []
         if not seqs:
             return failed
         start = time.perf_counter()
@@ -492,15 +505,14 @@ class Engine:
             except Exception as e:
                 if not isinstance(e, LlavaServeError):
                     logger.exception("embedding the prompt of request %d failed", seq.seq_id)
-                failed += self._failed([seq], e)
+                failed += self._fail([seq], e)
                 continue
-            seq.slot = self.runner.take_slot()
-            hit = self.prefixes.lookup(self._prefix_key(seq)) if self.prefixes.enabled else None
-            if hit is not None:
-                entry, length = hit
-                self.runner.load_prefix(
-                    seq.slot, [k[:, :length] for k in entry.keys], [v[:, :length] for v in entry.values]
-                )
+            seq.slot = self.runner.kv.allocate()
+            if self.prefixes.enabled:
+                self.prefixes.use(seq.hit)
+            if seq.hit is not None:
+                entry, length = seq.hit
+                self.runner.kv.load_prefix(seq.slot, entry, length)
                 seq.prefilled = seq.cached_tokens = length
         now = self.runner.synchronized()
         for seq in seqs:
@@ -508,189 +520,76 @@ class Engine:
         return failed
 
     def _prefix_key(self, seq: Sequence) -> tuple:
-        """The prompt's prefix-cache key, built once per request (looked up at start, stored at the end)."""
+        """The prompt's prefix-cache key, built once per request (matched at start, kept at the end)."""
         if seq.prefix_key is None:
             image, video = self.runner.image_token_id, self.runner.video_token_id
             seq.prefix_key = position_key(seq.input_ids, seq.images, image, video)
         return seq.prefix_key
 
-    def _remember(self, finished: list[Sequence]) -> None:
-        """Keep finished requests' KV for prompts that start the same (a follow-up turn)."""
-        if not self.prefixes.enabled:
-            return
-        for seq in finished:
-            try:
-                keys, values = self.runner.export(seq.seq_id)
-            except ValueError:  # not a decoding row (failed before joining)
-                continue
-            length = keys[0].shape[1]
-            key = self._prefix_key(seq) + tuple(seq.generated)
-            self.prefixes.put(key[:length], keys, values, seq.route_blocks)
-
-    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, Result]]:
-        """One token for every running row. A failed forward pass fails them all (the cache
-        cannot be trusted after it); a failed row fails alone."""
-        try:
-            logits = self.runner.decode()
-        except Exception as e:
-            logger.exception("decode failed for %d requests", len(seqs))
-            self.runner.reset()
-            for seq in self._running.values():  # staged prompts were dropped with the cache
-                seq.slot, seq.embeds, seq.prefilled = None, None, 0
-            return self._failed(seqs, e)
-        return self._decoded(seqs, logits)
-
-    def _fused(
-        self, decoding: list[Sequence], plan: list[tuple[Sequence, int]]
-    ) -> list[tuple[Sequence, Result]]:
-        """The running rows' decode and the planned prompt chunks in one forward pass (the weights
-        read once). If it fails, the two run apart, each with its own failure handling."""
-        chunks = self._cut(plan)
+    def _execute(self, decoding: list[Sequence], chunks: list[tuple[Sequence, int]]) -> list[Event]:
+        """One forward pass for the decode rows and the prompt chunks, then the next token of every
+        decode row and of every prompt made whole. A failed pass fails the requests in it (what it
+        wrote lies past their slots' lengths; every other slot is untouched)."""
         start = time.perf_counter()
+        cut = [
+            Chunk(s.slot, s.prefilled, s.embeds[s.prefilled : s.prefilled + n], n == s.prompt_left)
+            for s, n in chunks
+        ]
         try:
-            rows, last = self.runner.step(chunks)
-        except Exception:
-            logger.exception(
-                "a step of %d rows and %d prompt chunks failed as one pass", len(decoding), len(plan)
-            )
-            outputs = self._decode(decoding)
-            # A failed decode drops the staged prompts with the cache; they start again next step.
-            plan = [(seq, n) for seq, n in plan if seq.slot is not None]
-            return outputs + (self._prefill(plan) if plan else [])
+            logits = self.runner.execute([s.slot for s in decoding], cut)
+        except Exception as e:
+            logger.exception("a step of %d rows and %d prompt chunks failed", len(decoding), len(chunks))
+            return self._fail(decoding + [s for s, _ in chunks], e)
         took = self.runner.synchronized() - start
-        self.fused_steps += 1
-        return self._decoded(decoding, rows) + self._prefilled(plan, last, took)
-
-    @staticmethod
-    def _cut(plan: list[tuple[Sequence, int]]) -> list[Chunk]:
-        """Each planned request's next `n` prompt positions, to be written into its slot."""
-        return [Chunk(s.slot, s.prefilled, s.embeds[s.prefilled : s.prefilled + n]) for s, n in plan]
-
-    def _decoded(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
-        """Sample the running rows' next tokens from a decode's logits (rows in slot order)."""
-        row = {sid: i for i, sid in enumerate(self.runner.batch.seq_ids)}
-        outs = self._sample(seqs, logits[[row[s.seq_id] for s in seqs]])
-        tokens = {seq.seq_id: out.token_id for seq, out in outs if isinstance(out, StepOutput)}
-        # A failed row's next input does not matter: it leaves the batch at the end of this step.
-        self.runner.set_last_tokens([tokens.get(sid, 0) for sid in self.runner.batch.seq_ids])
-        return outs
-
-    def _prefill(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, Result]]:
-        """The planned prompt chunks in one forward pass; requests whose prompts are now whole get
-        their first tokens and join the batch. If the pass fails, each request is tried alone so
-        only the culprit fails; nothing about a request changes before its pass succeeds, so a
-        retry starts from the same state."""
-        chunks = self._cut(plan)
-        start = time.perf_counter()
-        try:
-            logits = self.runner.prefill(chunks)
-        except Exception as e:
-            if len(plan) > 1:
-                return [out for one in plan for out in self._prefill([one])]
-            logger.exception("prefill failed")
-            seq = plan[0][0]
-            self.runner.release(seq.slot)
-            return self._failed([seq], e)
-        return self._prefilled(plan, logits, self.runner.synchronized() - start)
-
-    def _prefilled(
-        self, plan: list[tuple[Sequence, int]], logits: torch.Tensor, took: float
-    ) -> list[tuple[Sequence, Result]]:
-        """Requests whose prompts a pass (`took` s) made whole sample their first tokens and join."""
-        whole: list[tuple[Sequence, torch.Tensor]] = []
-        for (seq, n), row in zip(plan, logits, strict=True):
+        for seq, n in chunks:
             seq.prefilled += n
             self.prefill_tokens += n
             seq.stages["prefill"] = seq.stages.get("prefill", 0.0) + took
-            if seq.prompt_left == 0:
-                whole.append((seq, row))
-        if not whole:
-            return []
-        outs = self._sample([s for s, _ in whole], torch.stack([r for _, r in whole]))
-        rows = {seq.seq_id: row for seq, row in whole}
-        forked: list[tuple[Sequence, Result]] = []
-        for seq, out in outs:
+        whole = [s for s, _ in chunks if s.prompt_left == 0]
+        rows = decoding + whole
+        events = self._sampled(rows, self._sample(rows, logits))
+        for seq, row in zip(whole, logits[len(decoding) :], strict=True):
             seq.embeds = None  # the slot holds the prompt now
-            if isinstance(out, StepOutput):
-                self._joined(seq.slot, self.runner.join(seq.slot, seq.seq_id, out.token_id))
+            if seq.joined:  # its first token was taken
+                events += self._fork(seq, row)
+        return events
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
+        return self.sampler.sample(seqs, logits)
+
+    def _sampled(self, seqs: list[Sequence], sampled: Sampled) -> list[Event]:
+        """Each row takes its token (the device's copy becomes its slot's next input)."""
+        self.runner.set_next([s.slot for s in seqs], sampled.tokens)
+        events: list[Event] = []
+        for i, seq in enumerate(seqs):
+            try:
+                if i in sampled.failures:
+                    raise sampled.failures[i]
+                events.append((seq, seq.accept(sampled.picked[i], sampled.logprobs.get(i))))
                 seq.joined = True
-                forked += self._fork(seq, rows[seq.seq_id])
-            else:
-                self.runner.release(seq.slot)
-        return outs + forked
+            except Exception as e:
+                logger.exception("sampling failed for request %d", seq.seq_id)
+                events += self._fail([seq], e)
+        return events
 
-    def _joined(self, slot: int, displaced: int | None) -> None:
-        """A staged prompt that traded places with a joining row (`ModelRunner.join`) is in `slot` now."""
-        if displaced is not None:
-            moved = next(s for s in self._running.values() if not s.joined and s.slot == displaced)
-            moved.slot = slot
-
-    def _fork(self, seq: Sequence, logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
+    def _fork(self, seq: Sequence, logits: torch.Tensor) -> list[Event]:
         """A request's other choices, its prompt now whole: each samples its first token from the
-        same logits with its own generator and joins with a copy of the prompt's KV, so the
-        prompt is computed once whatever `n` is."""
-        forks = [f for f in seq.forks if not f.cancelled]
+        same logits with its own generator and starts from a copy of the prompt's KV, so the prompt
+        is computed once whatever `n` is."""
+        forks = [f for f in seq.forks if not (f.cancelled or f.finished)]
         if not forks:
             return []
         # A copy per choice: a grammar's mask is applied to its row in place.
-        outs = self._sample(forks, logits.expand(len(forks), -1).clone())
-        for fork, out in outs:
+        rows = logits.expand(len(forks), -1).clone()
+        sampled = self._sample(forks, rows)
+        for fork in forks:
+            fork.slot = self.runner.kv.allocate()
             fork.prefilled = seq.prefilled
-            if isinstance(out, StepOutput):
-                slot, displaced = self.runner.fork(seq.seq_id, fork.seq_id, out.token_id, seq.prefilled)
-                self._joined(slot, displaced)
-                fork.joined = True
-        return outs
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Result]]:
-        """Each row's next token, sampled for all rows together; the tokens and which rows had
-        finite logits come back to the host in one copy. A row whose logits are not finite, or
-        whose penalties or sampling fail, fails that request alone."""
-        finite = torch.isfinite(logits).all(-1)  # checked on the model's own logits, read below
-        # Constrained rows' masks are filled and applied together; free rows are not touched.
-        constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]
-        failures: dict[int, Exception] = {}
-        try:
-            failures = dict(self._masks.apply(logits, constrained))
-        except Exception:
-            logger.exception("applying output grammars failed")
-            error = EngineError("the output grammar could not be applied to this request")
-            failures = {i: error for i, _ in constrained}
-        rows: list[torch.Tensor] = []
-        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
-            try:
-                rows.append(seq.scores(row).float() if i not in failures else row.float())
-            except Exception as e:
-                failures[i] = e
-                rows.append(row.float())
-        live = [i for i in range(len(seqs)) if i not in failures]
-        tokens: dict[int, int] = {}
-        try:
-            picked = sample_batch(torch.stack(rows), [s.params for s in seqs], [s.generator for s in seqs])
-            picked, ok = torch.stack([picked, finite.long()]).tolist()  # the step's one copy to the host
-            tokens = {i: picked[i] for i in live}
-        except Exception:  # find the row that broke it; the others sample as they would have
-            ok = finite.tolist()
-            for i in live:
-                try:
-                    tokens[i] = sample_row(rows[i], seqs[i].params, seqs[i].generator)
-                except Exception as e:
-                    failures[i] = e
-        outs: list[tuple[Sequence, Result]] = []
-        for i, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
-            try:
-                if not ok[i]:
-                    raise EngineError("the model produced non-finite logits for this request")
-                if i in failures:
-                    raise failures[i]
-                outs.append((seq, seq.accept(tokens[i], row)))
-            except Exception as e:
-                logger.exception("sampling failed for request %d", seq.seq_id)
-                outs += self._failed([seq], e)
-        return outs
+            self.runner.kv.copy(seq.slot, fork.slot, seq.prefilled)
+        return self._sampled(forks, sampled)
 
     @staticmethod
-    def _failed(seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, Result]]:
+    def _fail(seqs: list[Sequence], error: Exception) -> list[Event]:
         typed = (
             error
             if isinstance(error, LlavaServeError)
@@ -699,15 +598,5 @@ class Engine:
         # Choices waiting for a prompt that will not be whole fail with it.
         seqs = seqs + [f for s in seqs for f in s.forks if not (f.joined or f.finished)]
         for seq in seqs:
-            seq.finished = True
+            seq.finished = seq.failed = True
         return [(seq, typed) for seq in seqs]
-
-    def _emit(self, outputs: list[tuple[Sequence, Result]]) -> None:
-        """Event loop: hand each output to its request's stream; forget finished requests."""
-        for seq, out in outputs:
-            seq.outputs.put_nowait(out)
-        for seq in list(self._running.values()):
-            # A cancelled request still holding a prompt slot keeps its place until the next step
-            # gives the slot back.
-            if seq.finished or (seq.cancelled and (seq.joined or seq.slot is None)):
-                del self._running[seq.seq_id]

@@ -34,6 +34,10 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        return self.advance()
+
+    def advance(self) -> str:
+        """The text of tokens appended to `ids` since the last call, once it is whole."""
         prefix, full = self._window()
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""

@@ -29,6 +29,7 @@ class Entry:
     values: list[torch.Tensor]
     nbytes: int
     route_blocks: tuple[int, ...] = ()
+    id: int = 0
 
 
 def common_length(a: tuple, b: tuple) -> int:
@@ -57,21 +58,28 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def lookup(self, key: tuple[Hashable, ...]) -> tuple[Entry, int] | None:
+    def match(self, key: tuple[Hashable, ...]) -> tuple[Entry, int] | None:
         """The entry sharing the longest prefix with `key`, and that length; at least one position
-        of `key` is left over (its logits come from computing it). None on a miss."""
+        of `key` is left over (its logits come from computing it). None on a miss. Changes
+        nothing: the scheduler sizes a starting prompt's chunk by it, and `use` counts it when the
+        prompt starts (the entry stays valid even if it is evicted in between)."""
         best, best_len = None, 0
-        for entry_id, entry in self.entries.items():
+        for entry in self.entries.values():
             n = min(common_length(entry.key, key), len(key) - 1)
             if n > best_len:
-                best, best_len = entry_id, n
-        if best is None:
+                best, best_len = entry, n
+        return None if best is None else (best, best_len)
+
+    def use(self, hit: tuple[Entry, int] | None) -> None:
+        """Count a starting prompt's match (or miss), and make its entry the most recently used."""
+        if hit is None:
             self.misses += 1
-            return None
+            return
+        entry, length = hit
         self.hits += 1
-        self.hit_tokens += best_len
-        self.entries.move_to_end(best)
-        return self.entries[best], best_len
+        self.hit_tokens += length
+        if entry.id in self.entries:
+            self.entries.move_to_end(entry.id)
 
     def put(
         self,
@@ -87,7 +95,7 @@ class PrefixCache:
         for entry_id in [i for i, e in self.entries.items() if key[: len(e.key)] == e.key]:
             self._drop(entry_id)
         self._ids += 1
-        self.entries[self._ids] = Entry(key, keys, values, nbytes, route_blocks)
+        self.entries[self._ids] = Entry(key, keys, values, nbytes, route_blocks, self._ids)
         self.bytes += nbytes
         while self.bytes > self.max_bytes or len(self.entries) > MAX_ENTRIES:
             self._drop(next(iter(self.entries)))

@@ -1,11 +1,17 @@
-"""The model and its KV slots. Only the engine's executor thread calls in here.
+"""The model's forward passes: one path, `execute`, for every step.
 
-Rows that decode are slots `0..n-1` (the running `Batch`): a decode step is one forward pass over
-them, each writing at its own length. A request's prompt is written into a slot taken from the top
-of the free ones, in chunks (`prefill`), possibly after a cached prefix was copied in
-(`load_prefix`); once it is whole, `join` makes it decoding row n. `step` does a decode and chunks
-in one pass. A row that leaves gives its slot back, and the last decoding row moves into the
-hole, so the decoding rows stay a view.
+A step is decode rows (one token each, for requests whose prompts are whole) and prompt chunks (the
+next positions of prompts being written), in any mix: a step with no chunks is a decode, a step
+with no decode rows is a prefill, and both run the same code. The step's tokens are one flattened
+sequence through the text decoder, so the weights are read once; each token writes its key and
+value into its own KV slot (`engine.kv`) and attends to that slot only (`engine.attention`).
+
+Decode rows are addressed by their slot: the decode part of a step is a query for each slot below
+`rows` (the smallest bucket above the highest slot decoding), and slots in that range that are not
+decoding are padding rows, which write nothing. With few bucket sizes and the inputs
+gathered from `next_tokens` (each slot's next input, written by the sampler on the device), the
+decode part has the fixed shapes a CUDA graph needs; its sizes all come from lengths kept on the
+host, so nothing reads the device to plan a step.
 """
 
 from __future__ import annotations
@@ -15,11 +21,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from llava_serve.engine.attention import ATTENTION, Segment, StepLayout
+from llava_serve.engine.attention import ATTENTION, PASS_THROUGH, Segment, StepLayout
 from llava_serve.engine.head import OutputHead
-from llava_serve.engine.kvcache import SlotKV, WritePlan
+from llava_serve.engine.kv import KVManager, WritePlan
 from llava_serve.engine.linear import turned_linears, wrap_linears
 from llava_serve.engine.vision import VisionCache
 from llava_serve.errors import EngineError, InvalidRequest
@@ -27,68 +32,67 @@ from llava_serve.types import PreparedImage
 
 
 @dataclass
-class Batch:
-    """The decoding rows, in slot order (row i is slot i): their ids, lengths (tokens in the
-    cache) and last sampled tokens (the next step's inputs)."""
-
-    seq_ids: list[int]
-    lengths: torch.Tensor
-    last_tokens: torch.Tensor
-
-
-@dataclass
 class Chunk:
-    """The next positions of one prompt: `embeds` [n, hidden] written into `slot` from `start`."""
+    """The next positions of one prompt: `embeds` [n, hidden] written into `slot` from `start`;
+    `last` when they complete the prompt (its last position's logits are then sampled)."""
 
     slot: int
     start: int
     embeds: torch.Tensor
+    last: bool = True
+
+
+def decode_buckets(slots: int, device: torch.device) -> list[int]:
+    """The decode part's sizes. On CPU every size (padding rows cost arithmetic, and there is no
+    graph to reuse); on CUDA a few, so a captured graph serves each (1, 2, 4, 8, then every 8)."""
+    if device.type != "cuda":
+        return list(range(1, slots + 1))
+    small = [b for b in (1, 2, 4) if b < slots]
+    return small + list(range(8, slots, 8)) + [slots]
 
 
 class ModelRunner:
     """Runs batched forward passes of a LLaVA-family model; images are encoded by the adapter
     of its architecture (`llava_serve.models`)."""
 
-    def __init__(self, model, image_cache_bytes: int, slots: int = 16, max_len: int | None = None):
+    def __init__(
+        self,
+        model,
+        image_cache_bytes: int,
+        slots: int = 16,
+        max_len: int | None = None,
+    ):
         from llava_serve.models import ADAPTERS
 
         self.model = model
-        # The text decoder runs without the model's own output layer: only each row's last
-        # position needs logits, and `OutputHead` computes them faster on CPU.
+        # The text decoder runs without the model's own output layer: only the sampled positions
+        # need logits, and `OutputHead` computes them faster on CPU.
         self.decoder = model.get_decoder()
+        self.embed_tokens = model.get_input_embeddings()
         self.head = OutputHead(model.get_output_embeddings())
         # On CPU its linear layers, too, run turned round at decode batch sizes (`linear.py`).
         self.turn_linears = model.device.type == "cpu" and wrap_linears(self.decoder) > 0
-        # A step that both decodes and prefills runs as one pass when attention is SDPA (the
-        # default): `ATTENTION` is SDPA for every other caller of the model.
-        self.fused = model.config.get_text_config()._attn_implementation in ("sdpa", ATTENTION)
-        if self.fused:
-            model.config.get_text_config()._attn_implementation = ATTENTION
+        text = model.config.get_text_config()
+        # The engine's attention over the KV slots (SDPA for any call without a step layout).
+        text._attn_implementation = ATTENTION
         self.encoder = ADAPTERS[model.config.model_type]
         self.device = model.device
         self.dtype = model.dtype
         self.image_token_id = model.config.image_token_id
         self.video_token_id = getattr(model.config, "video_token_id", None)
-        self.text_config = model.config.get_text_config()
+        self.text_config = text
         self.vision_cache = VisionCache(image_cache_bytes)
-        max_len = max_len or self.text_config.max_position_embeddings
-        self.kv = SlotKV(model.config, slots, max_len, self.dtype, self.device)
-        self.batch: Batch | None = None
-        # Slots holding a prompt being written (not decoding yet): slot -> tokens written.
-        self.staged: dict[int, int] = {}
+        max_len = max_len or text.max_position_embeddings
+        self.kv = KVManager(model.config, slots, max_len, self.dtype, self.device)
+        # Each slot's next input token; the sampler writes them on the device.
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.buckets = decode_buckets(slots, self.device)
+        self._pass_through = PASS_THROUGH.to(self.device)
 
     @property
     def vocab_size(self) -> int:
         """Width of the logits (the output embedding's rows; may exceed the tokenizer's size)."""
         return self.head.vocab_size
-
-    @property
-    def num_rows(self) -> int:
-        return 0 if self.batch is None else len(self.batch.seq_ids)
-
-    @property
-    def free_slots(self) -> int:
-        return self.kv.slots - self.num_rows - len(self.staged)
 
     # -- vision ---------------------------------------------------------------------------
 
@@ -149,275 +153,87 @@ class ModelRunner:
                 embeds = embeds.masked_scatter(slots[:, None], filling.to(embeds.dtype))
         return embeds
 
-    # -- slots ----------------------------------------------------------------------------
-
-    def take_slot(self) -> int:
-        """A free slot for a new prompt: the highest one, away from the decoding rows below."""
-        taken = set(self.staged)
-        for slot in range(self.kv.slots - 1, self.num_rows - 1, -1):
-            if slot not in taken:
-                self.staged[slot] = 0
-                return slot
-        raise EngineError(f"all {self.kv.slots} KV slots are in use")
-
-    def release(self, slot: int) -> None:
-        """Give back a slot whose prompt will not be finished (failed or cancelled)."""
-        self.staged.pop(slot, None)
-
-    def load_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Copy a cached prefix's KV ([heads, length, dim] per layer) into a staged slot."""
-        length = keys[0].shape[1]
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            self.kv.keys[layer][slot, :, :length] = k
-            self.kv.values[layer][slot, :, :length] = v
-        self.staged[slot] = length
-
-    def export(self, seq_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """A decoding row's KV, copied out ([heads, length, dim] per layer), for the prefix cache."""
-        row = self.batch.seq_ids.index(seq_id)
-        length = int(self.batch.lengths[row])
-        keys = [k[row, :, :length].clone() for k in self.kv.keys]
-        values = [v[row, :, :length].clone() for v in self.kv.values]
-        return keys, values
-
-    # -- prefill and decode ----------------------------------------------------------------
+    # -- the step ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Write the chunks into their staged slots in one forward pass; return each chunk's
-        last-position logits [K, vocab] (its next token's, once its prompt is whole).
-
-        A chunk's queries attend to everything already in its slot and to their own earlier
-        positions, so a prompt computes the same in chunks as in one piece. A failure leaves the
-        decoding rows untouched (they live in other slots); the caller releases the chunks' slots.
-        """
-        self._check(chunks)
-        sizes = torch.tensor([c.embeds.shape[0] for c in chunks], device=self.device)
-        starts = torch.tensor([c.start for c in chunks], device=self.device)
-        q = int(sizes.max())
-        kv_len = int((starts + sizes).max())
-        # Left-padded, so every chunk's last real position is the batch's last query.
-        inputs = torch.stack([F.pad(c.embeds, (0, 0, q - c.embeds.shape[0], 0)) for c in chunks])
-        columns = torch.arange(q, device=self.device)
-        offset = columns[None, :] - (q - sizes)[:, None]  # index within the chunk; < 0 is padding
-        valid = offset >= 0
-        position = starts[:, None] + offset  # each query's position in its own slot
-        batch, query = valid.nonzero(as_tuple=True)
-        slots = [c.slot for c in chunks]
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        slot_of = torch.tensor(slots, device=self.device)
-        plan = WritePlan(
-            rows=slice(slots[0], slots[-1] + 1) if contiguous else slot_of,
-            kv_len=kv_len,
-            batch=batch,
-            query=query,
-            slot=slot_of[batch],
-            position=position[batch, query],
+    def execute(self, decode: list[int], chunks: list[Chunk]) -> torch.Tensor:
+        """One forward pass: a token for each slot in `decode` (written at its length) and each
+        chunk written into its slot. Returns the logits to sample, [rows, vocab]: the decode rows
+        in `decode`'s order, then each chunk with `last` set. A failure changes no slot's length
+        (what it wrote lies past them), so the other slots are as they were."""
+        kv = self.kv
+        rows = self._bucket(max(decode) + 1) if decode else 0
+        decoding = set(decode)
+        for slot in decode:
+            if kv.lengths[slot] >= kv.max_len:
+                raise EngineError(f"a row outgrew its KV slot of {kv.max_len} tokens")
+        for c in chunks:
+            if kv.lengths[c.slot] != c.start:
+                raise EngineError(f"slot {c.slot} holds {kv.lengths[c.slot]} tokens, not {c.start}")
+            if c.start + c.embeds.shape[0] > kv.max_len:
+                end = c.start + c.embeds.shape[0]
+                raise InvalidRequest(f"a prompt of {end} tokens does not fit a KV slot of {kv.max_len}")
+        # Each step token's slot and position: the decode rows' (a padding row reads position 0 of
+        # its slot and writes nothing), then the chunks'.
+        step_slot = list(range(rows))
+        step_position = [kv.lengths[s] if s in decoding else 0 for s in range(rows)]
+        lengths = [p + 1 for p in step_position]
+        segments, last = [], []
+        for c in chunks:
+            n = c.embeds.shape[0]
+            segments.append(Segment(c.slot, c.start, n, len(step_slot)))
+            step_slot += [c.slot] * n
+            step_position += range(c.start, c.start + n)
+            if c.last:
+                last.append(len(step_slot) - 1)
+        writers = [t for t in range(len(step_slot)) if t >= rows or t in decoding]
+        partial = len(writers) < len(step_slot)
+        slot_t, position_t, lengths_t, sampled, *writers_t = self._upload(
+            [step_slot, step_position, lengths, decode + last, *([writers] if partial else [])]
         )
-        keys = torch.arange(kv_len, device=self.device)
-        # A query sees its slot's positions up to its own; a padding query sees position 0 only
-        # (its output is never used; a row with nothing to attend to would be NaN).
-        sees = (keys[None, None, :] <= position[:, :, None]) & valid[:, :, None]
-        sees |= ~valid[:, :, None] & (keys == 0)
+        write = (
+            WritePlan(slot_t[writers_t[0]], position_t[writers_t[0]], writers_t[0])
+            if partial
+            else WritePlan(slot_t, position_t)
+        )
+        layout = StepLayout(rows, lengths_t, max(lengths, default=0), segments)
+        embeds = [self.embed_tokens(self.next_tokens[:rows])] if rows else []
         hidden = self._decoder(
-            inputs_embeds=inputs,
-            attention_mask=self._additive(sees),
-            position_ids=position.clamp(min=0),
-            cache=self.kv.cache(plan),
-        )
-        self._written(chunks)
-        return self.head(hidden[:, -1])
-
-    @torch.inference_mode()
-    def step(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass that decodes a token for every decoding row and writes the chunks into
-        their staged slots: the rows' logits [B, vocab] and each chunk's last-position logits
-        [K, vocab], as `decode` and `prefill` would give them apart, with the weights read once.
-        A failure leaves the runner as it was (the caller may then run the two apart)."""
-        b = self.batch
-        n = len(b.seq_ids)
-        self._check(chunks)
-        decode_len = self._decode_len()
-        sizes = [c.embeds.shape[0] for c in chunks]
-        segments, offset = [], n
-        for c, size in zip(chunks, sizes, strict=True):
-            segments.append(Segment(c.slot, c.start, size, offset))
-            offset += size
-        d = self.device
-        embeds = torch.cat([self.model.get_input_embeddings()(b.last_tokens), *[c.embeds for c in chunks]])
-        position = torch.cat(
-            [
-                b.lengths,
-                *[
-                    torch.arange(c.start, c.start + size, device=d)
-                    for c, size in zip(chunks, sizes, strict=True)
-                ],
-            ]
-        )
-        chunk_slots = torch.tensor([c.slot for c in chunks], device=d)
-        slot = torch.cat(
-            [torch.arange(n, device=d), chunk_slots.repeat_interleave(torch.tensor(sizes, device=d))]
-        )
-        tokens = embeds.shape[0]
-        plan = WritePlan(
-            rows=slice(None),
-            kv_len=self.kv.max_len,
-            batch=torch.zeros(tokens, dtype=torch.long, device=d),
-            query=torch.arange(tokens, device=d),
-            slot=slot,
-            position=position,
-        )
-        layout = StepLayout(n, decode_len, self._decode_mask(decode_len), segments)
-        hidden = self._decoder(
-            inputs_embeds=embeds[None],
-            attention_mask=layout.decode_mask,  # passed through untouched (4D); the layout does the masking
-            position_ids=position[None],
-            cache=self.kv.cache(plan),
+            inputs_embeds=torch.cat([*embeds, *(c.embeds for c in chunks)])[None],
+            attention_mask=self._pass_through,
+            position_ids=position_t[None],
+            cache=kv.cache(write),
             step_layout=layout,
         )[0]
-        last = torch.tensor([s.offset + s.length - 1 for s in segments], dtype=torch.long, device=d)
-        logits = self.head(torch.cat([hidden[:n], hidden[last]]))
-        b.lengths = b.lengths + 1
-        self._written(chunks)
-        return logits[:n], logits[n:]
+        logits = self.head(hidden[sampled])
+        for s in decode:
+            kv.lengths[s] += 1
+        for c in chunks:
+            kv.lengths[c.slot] = c.start + c.embeds.shape[0]
+        return logits
+
+    def _upload(self, lists: list[list[int]]) -> list[torch.Tensor]:
+        """The step's host-side integers on the device in one copy, as one tensor per list."""
+        host = torch.tensor([x for values in lists for x in values], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        return list(host.split([len(values) for values in lists]))
+
+    def _bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
 
     def _decoder(self, **inputs) -> torch.Tensor:
         """The text decoder's last hidden states, its linears turned round where that is faster."""
         with turned_linears() if self.turn_linears else contextlib.nullcontext():
             return self.decoder(**inputs).last_hidden_state
 
-    def _check(self, chunks: list[Chunk]) -> None:
-        """Each chunk continues its staged prompt where it stopped, and the prompt fits its slot."""
-        for c in chunks:
-            if self.staged.get(c.slot) != c.start:
-                raise EngineError(f"slot {c.slot} holds {self.staged.get(c.slot)} tokens, not {c.start}")
-            end = c.start + c.embeds.shape[0]
-            if end > self.kv.max_len:
-                raise InvalidRequest(f"a prompt of {end} tokens does not fit a KV slot of {self.kv.max_len}")
-
-    def _written(self, chunks: list[Chunk]) -> None:
-        for c in chunks:
-            self.staged[c.slot] = c.start + c.embeds.shape[0]
-
-    def _decode_len(self) -> int:
-        """Positions a decode step attends over: the longest row's tokens and the new one."""
-        kv_len = int(self.batch.lengths.max()) + 1
-        if kv_len > self.kv.max_len:
-            raise EngineError(f"a row outgrew its KV slot of {self.kv.max_len} tokens")
-        return kv_len
-
-    def _decode_mask(self, kv_len: int) -> torch.Tensor:
-        """Each decoding row sees its own tokens and the one it is writing."""
-        sees = torch.arange(kv_len, device=self.device)[None, None, :] <= self.batch.lengths[:, None, None]
-        return self._additive(sees)
-
-    def join(self, slot: int, seq_id: int, first_token: int) -> int | None:
-        """Make a staged slot, its prompt whole, the next decoding row. It moves down to slot n
-        unless it is there already; a staged prompt that sat in slot n trades places with it, and
-        then n is returned (that prompt's slot is now `slot`)."""
-        length = self.staged.pop(slot)
-        n = self.num_rows
-        displaced = None
-        if slot != n:
-            if n in self.staged:
-                self.kv.swap(n, slot, max(length, self.staged[n]))
-                self.staged[slot] = self.staged.pop(n)
-                displaced = n
-            else:
-                self.kv.move(slot, n, length)
-        new = Batch(
-            [seq_id],
-            torch.tensor([length], dtype=torch.long, device=self.device),
-            torch.tensor([first_token], dtype=torch.long, device=self.device),
-        )
-        b = self.batch
-        self.batch = (
-            new
-            if b is None
-            else Batch(
-                b.seq_ids + new.seq_ids,
-                torch.cat([b.lengths, new.lengths]),
-                torch.cat([b.last_tokens, new.last_tokens]),
-            )
-        )
-        return displaced
-
-    def fork(self, source_id: int, seq_id: int, first_token: int, length: int) -> tuple[int, int | None]:
-        """A new decoding row holding a copy of decoding row `source_id`'s first `length` positions
-        (another answer to the same prompt). Returns the slot it was staged in and what `join`
-        returned for it."""
-        n = self.num_rows
-        # Straight into row n when it is free; else staged elsewhere, and `join` trades places.
-        slot = n if n < self.kv.slots and n not in self.staged else self.take_slot()
-        self.kv.move(self.batch.seq_ids.index(source_id), slot, length)
-        self.staged[slot] = length
-        return slot, self.join(slot, seq_id, first_token)
-
-    def _additive(self, sees: torch.Tensor) -> torch.Tensor:
-        """A boolean [rows, queries, keys] visibility as the 4D additive mask attention takes."""
-        blocked = torch.finfo(self.dtype).min
-        return torch.where(sees, 0.0, blocked).to(self.dtype)[:, None]
+    def set_next(self, slots: list[int], tokens: torch.Tensor) -> None:
+        """The sampled tokens [len(slots)], on the device, as those slots' next inputs."""
+        index = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        self.next_tokens.index_copy_(0, index, tokens.to(torch.long))
 
     def synchronized(self) -> float:
         """Now, once the device has finished what was queued (CUDA runs asynchronously)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-    @torch.inference_mode()
-    def decode(self) -> torch.Tensor:
-        """One token for every decoding row, each written at its own length; logits [B, vocab]."""
-        b = self.batch
-        n = len(b.seq_ids)
-        rows = torch.arange(n, device=self.device)
-        kv_len = self._decode_len()
-        plan = WritePlan(
-            rows=slice(0, n),
-            kv_len=kv_len,
-            batch=rows,
-            query=torch.zeros_like(rows),
-            slot=rows,
-            position=b.lengths,
-        )
-        hidden = self._decoder(
-            input_ids=b.last_tokens[:, None],
-            attention_mask=self._decode_mask(kv_len),
-            position_ids=b.lengths[:, None],
-            cache=self.kv.cache(plan),
-        )
-        b.lengths = b.lengths + 1
-        return self.head(hidden[:, -1])
-
-    def set_last_tokens(self, tokens: list[int] | torch.Tensor) -> None:
-        self.batch.last_tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
-
-    def keep(self, seq_ids: set[int]) -> None:
-        """Give back the slots of every decoding row not in `seq_ids`. Each hole below the new
-        row count is filled by moving a surviving row from above it (its valid tokens only), so
-        the rest of the cache is never touched. Staged slots lie above every decoding row."""
-        b = self.batch
-        if b is None:
-            return
-        survivors = [i for i, sid in enumerate(b.seq_ids) if sid in seq_ids]
-        if len(survivors) == len(b.seq_ids):
-            return
-        if not survivors:
-            self.batch = None
-            return
-        n = len(survivors)
-        kept = set(survivors)
-        holes = [i for i in range(n) if i not in kept]
-        movers = [i for i in survivors if i >= n]
-        order = list(range(len(b.seq_ids)))
-        lengths = b.lengths.tolist()
-        for hole, mover in zip(holes, movers, strict=True):
-            self.kv.move(mover, hole, lengths[mover])
-            order[hole] = mover
-        index = torch.tensor(order[:n], device=self.device)
-        self.batch = Batch([b.seq_ids[i] for i in order[:n]], b.lengths[index], b.last_tokens[index])
-
-    def reset(self) -> None:
-        """Drop every row and staged prompt, e.g. after a failed decode left the cache in an
-        unknown state."""
-        self.batch = None
-        self.staged.clear()

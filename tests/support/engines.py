@@ -2,6 +2,7 @@
 around fresh copies of the tiny model."""
 
 import asyncio
+import contextlib
 import copy
 import functools
 
@@ -77,6 +78,22 @@ async def engine(tiny_dir, processor):
     eng = build_engine(tiny_dir, processor, EngineConfig(max_batch_size=8, max_queue=64))
     yield eng
     await eng.shutdown()
+
+
+def idle(engine) -> bool:
+    """No request in the engine, and every KV slot given back."""
+    kv = engine.runner.kv
+    return engine.num_running == 0 and kv.free_slots == kv.slots
+
+
+async def settled(engine, timeout: float = 5.0) -> bool:
+    """Whether the engine goes idle within `timeout` (a request's last output reaches its stream
+    before the step that retires it has run)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while not idle(engine):
+                await asyncio.sleep(0.005)
+    return idle(engine)
 
 
 async def collect(engine, case, params=None, delay=0.0):

@@ -3,42 +3,52 @@ classes carry none of them."""
 
 from __future__ import annotations
 
+import torch
+
 from llava_serve.engine import Engine
 from llava_serve.engine.runner import Chunk, ModelRunner
 from llava_serve.types import PreparedImage
 
 
 class WholeRunner(ModelRunner):
-    """A runner that also writes whole prompts in one pass, as engine v1 did: what the runner's
-    own tests and the KV benchmarks drive it with."""
+    """A runner driven as a whole-prompt engine would drive it: prompts in one pass into fresh
+    slots, then decode steps over all of them. What the runner's own tests and the KV and GPU
+    benchmarks use."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._whole: list[tuple[int, int]] = []  # (seq_id, slot) of `prefill_whole`, for `commit`
+        self.rows: list[int] = []  # the slots decoding, in order
 
     def prefill_whole(self, seq_ids: list[int], prompts: list[tuple[list[int], list[PreparedImage]]]):
-        """Whole prompts in one pass into fresh slots; `commit` with their first tokens makes them
-        decoding rows. A failure gives the slots back and leaves the decoding rows as they were."""
-        slots: list[int] = []
+        """Whole prompts in one pass into fresh slots; their last positions' logits. `commit`
+        with their first tokens makes them decoding rows."""
+        embeds = [self.embed(ids, images) for ids, images in prompts]
+        slots = [self.kv.allocate() for _ in prompts]
         try:
-            embeds = [self.embed(ids, images) for ids, images in prompts]
-            slots = [self.take_slot() for _ in prompts]
-            logits = self.prefill([Chunk(s, 0, e) for s, e in zip(slots, embeds, strict=True)])
+            logits = self.execute([], [Chunk(s, 0, e) for s, e in zip(slots, embeds, strict=True)])
         except Exception:
             for s in slots:
-                self.release(s)
+                self.kv.release(s)
             raise
-        self._whole = list(zip(seq_ids, slots, strict=True))
+        self._staged = slots
         return logits
 
     def commit(self, first_tokens: list[int]) -> None:
-        """Join the rows of the last `prefill_whole`, with their first sampled tokens."""
-        seq_ids, slots = [sid for sid, _ in self._whole], [slot for _, slot in self._whole]
-        self._whole = []
-        for i, token in enumerate(first_tokens):
-            displaced = self.join(slots[i], seq_ids[i], token)
-            if displaced is not None:  # a later row of this prefill moved up into slots[i]
-                slots = [slots[i] if slot == displaced else slot for slot in slots]
+        self.set_next(self._staged, torch.tensor(first_tokens))
+        self.rows += self._staged
+
+    def decode(self) -> torch.Tensor:
+        return self.execute(self.rows, [])
+
+    def set_last_tokens(self, tokens: list[int]) -> None:
+        self.set_next(self.rows, torch.tensor(tokens))
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these slots go on decoding; the others are given back."""
+        for slot in self.rows:
+            if slot not in rows:
+                self.kv.release(slot)
+        self.rows = [s for s in self.rows if s in rows]
 
 
 class ProbedEngine(Engine):

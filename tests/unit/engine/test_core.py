@@ -18,7 +18,7 @@ from llava_serve.api.messages import to_template_messages
 from llava_serve.api.protocol import ChatMessage
 from llava_serve.config import EngineConfig, ImageConfig, ModelConfig
 from llava_serve.engine import Engine
-from llava_serve.engine.kvcache import SlotKV
+from llava_serve.engine.kv import KVManager
 from llava_serve.engine.runner import ModelRunner
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.errors import EngineError, InvalidRequest, Overloaded, Unavailable
@@ -28,7 +28,7 @@ from llava_serve.models import load_adapter
 from llava_serve.structured.spec import OutputFormat
 from llava_serve.types import PromptInputs
 from tests.support import schemas
-from tests.support.engines import build_engine, collect, fresh_model
+from tests.support.engines import build_engine, collect, fresh_model, settled
 from tests.support.media import encode, random_image
 from tests.support.oracle import greedy_ids, greedy_logits, reference_inputs
 from tests.support.probes import ProbedEngine
@@ -39,7 +39,7 @@ async def test_mixed_batch_greedy_equals_solo_generate(engine, cases):
     results = await asyncio.gather(*[collect(engine, c, delay=0.005 * i) for i, c in enumerate(cases)])
     for case, tokens in zip(cases, results, strict=True):
         assert tokens == case.expected
-    assert engine.num_running == 0 and engine.runner.batch is None
+    assert await settled(engine)
 
 
 async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engine, cases):
@@ -71,8 +71,7 @@ async def test_cancelling_half_of_16_streams_leaves_the_rest_correct(engine, cas
     results = await asyncio.gather(*[run(i, s) for i, s in enumerate(streams)])
     for i, tokens in enumerate(results):
         assert tokens is None if i % 2 else tokens == case.expected
-    await asyncio.sleep(0.05)
-    assert engine.num_running == 0 and engine.runner.num_rows == 0
+    assert await settled(engine)
     # The freed slots are reused: a new request runs and is correct.
     assert await collect(engine, cases[1]) == cases[1].expected
 
@@ -83,11 +82,7 @@ async def test_cancelled_request_leaves_the_batch_at_the_next_step(engine, cases
     await anext(stream)
     assert engine.num_running == 1
     await stream.aclose()
-    for _ in range(100):
-        if engine.runner.num_rows == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert engine.num_running == 0 and engine.runner.num_rows == 0
+    assert await settled(engine, timeout=1.0)
 
 
 async def test_full_queue_is_overloaded(tiny_dir, processor, cases):
@@ -385,8 +380,7 @@ async def test_prompts_written_in_chunks_while_others_decode_equal_generate(chun
     results = await asyncio.gather(*[collect(chunky, c, delay=0.004 * i) for i, c in enumerate(cases * 2)])
     for case, tokens in zip(cases * 2, results, strict=True):
         assert tokens == case.expected
-    assert chunky.fused_steps > 0, "some steps decoded and prefilled in one pass"
-    assert chunky.num_running == 0 and chunky.runner.num_rows == 0 and not chunky.runner.staged
+    assert await settled(chunky)
 
 
 async def test_running_streams_keep_decoding_while_a_long_prompt_joins(chunky, cases):
@@ -433,6 +427,7 @@ async def test_the_engine_tells_the_router_what_it_holds_and_each_answer_what_it
         assert eng.held_blocks() == {101, 102} and eng.utilization() > 0
         outs = [out async for out in stream]
         assert [t for o in outs for t in o.token_ids] == first.expected and outs[-1].cached_tokens == 0
+        assert await settled(eng)
         assert eng.held_blocks() == {101, 102} and eng.utilization() == 0
         outs = [o async for o in eng.serve(PromptInputs(follow.input_ids, 1), params, follow.images)][1:]
         assert [t for o in outs for t in o.token_ids] == follow.expected
@@ -475,19 +470,16 @@ async def test_cancelling_a_joining_request_gives_its_slot_back(chunky, cases):
     long_case = max(cases, key=lambda c: len(c.input_ids))
     stream = chunky.generate(long_case.input_ids, long_case.images, SamplingParams(8, temperature=0.0))
     first = asyncio.ensure_future(anext(stream))
-    for _ in range(200):
-        if chunky.runner.staged:
+    kv = chunky.runner.kv
+    for _ in range(200):  # until its prompt is being written into a slot
+        if kv.free_slots < kv.slots and chunky.stats()["joining"]:
             break
         await asyncio.sleep(0.001)
+    assert chunky.stats()["joining"] == 1 and kv.free_slots == kv.slots - 1
     first.cancel()
     await asyncio.gather(first, return_exceptions=True)
     await stream.aclose()
-    for _ in range(200):
-        if not chunky.runner.staged and chunky.num_running == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert not chunky.runner.staged and chunky.num_running == 0
-    assert chunky.runner.free_slots == chunky.runner.kv.slots
+    assert await settled(chunky, timeout=2.0)
 
 
 async def test_the_vision_tower_gets_at_most_its_share_of_a_step(tiny_dir, processor, cases):
@@ -548,58 +540,37 @@ async def test_streams_share_a_message_budget_and_carry_several_tokens(tiny_dir,
     assert sum(len(s) for s in free) > sum(len(s) for s in sizes)
 
 
-async def test_a_failed_single_pass_step_runs_again_as_decode_and_prefill_apart(chunky, cases):
-    """The first step that decodes and prefills in one pass fails inside the model; the step runs
-    again as the two passes apart, and every answer is still `generate`'s."""
-    failed = []
+async def test_a_failed_step_fails_the_requests_in_it_and_nothing_else(chunky, cases):
+    """A forward pass fails inside the model while rows decode and prompts are written: the
+    requests in that step fail with a typed error; requests still waiting then run and answer as
+    `generate` does (no other slot was touched), every slot is given back, and the engine serves
+    the next request."""
+    steps = []
 
     def fail_once(module, args, kwargs):
-        if "step_layout" in kwargs and not failed:
-            failed.append(True)
-            raise RuntimeError("injected failure in the single-pass step")
+        steps.append(kwargs["step_layout"])
+        if len(steps) == 4:
+            raise RuntimeError("injected failure in a step")
 
-    layer = chunky.runner.decoder.layers[0]
-    handle = layer.register_forward_pre_hook(fail_once, with_kwargs=True)
-    try:
-        results = await asyncio.wait_for(
-            asyncio.gather(*[collect(chunky, c, delay=0.004 * i) for i, c in enumerate(cases)]), timeout=60
-        )
-    finally:
-        handle.remove()
-    assert failed, "a single-pass step ran"
-    assert results == [c.expected for c in cases]
-
-
-async def test_if_the_decode_fails_too_the_joining_prompts_start_again(chunky, cases):
-    """The single-pass step fails and so does the decode run apart: the decoding rows fail with a
-    typed error, the prompts that were joining start again from nothing and still answer as
-    `generate` does, and the engine serves the next request."""
-    calls = []
-
-    def fail_twice(module, args, kwargs):
-        if "step_layout" in kwargs and not calls:
-            calls.append("single pass")
-            raise RuntimeError("injected failure in the single-pass step")
-        if len(calls) == 1:
-            calls.append("decode")
-            raise RuntimeError("injected failure in the decode run apart")
-
-    handle = chunky.runner.decoder.layers[0].register_forward_pre_hook(fail_twice, with_kwargs=True)
+    handle = chunky.runner.decoder.layers[0].register_forward_pre_hook(fail_once, with_kwargs=True)
     try:
         # Bounded: a regression here would leave requests waiting for good, not fail them.
         results = await asyncio.wait_for(
             asyncio.gather(
-                *[collect(chunky, c, delay=0.004 * i) for i, c in enumerate(cases)], return_exceptions=True
+                *[collect(chunky, c, delay=0.004 * i) for i, c in enumerate(cases * 2)],
+                return_exceptions=True,
             ),
             timeout=60,
         )
     finally:
         handle.remove()
-    assert calls == ["single pass", "decode"]
+    failing = steps[3]
+    assert failing.rows and failing.segments, "the failing step decoded and wrote prompt chunks"
     failed = [r for r in results if isinstance(r, Exception)]
     assert failed and all(isinstance(r, EngineError) for r in failed)
-    answered = [(c, r) for c, r in zip(cases, results, strict=True) if not isinstance(r, Exception)]
+    answered = [(c, r) for c, r in zip(cases * 2, results, strict=True) if not isinstance(r, Exception)]
     assert answered and all(r == c.expected for c, r in answered)
+    assert await settled(chunky)
     assert await collect(chunky, cases[0]) == cases[0].expected
 
 
@@ -607,7 +578,7 @@ async def test_kv_cache_bytes_sizes_the_slots_and_a_request_must_fit_one(tiny_di
     """The budget is allocated once, shared by max_batch_size slots; a request whose prompt plus
     max_tokens would outgrow a slot is refused up front, naming the knob."""
     first = turns[0]
-    per_token = SlotKV.bytes_per_token(AutoConfig.from_pretrained(tiny_dir), torch.float32)
+    per_token = KVManager.bytes_per_token(AutoConfig.from_pretrained(tiny_dir), torch.float32)
     length = len(first.input_ids) + first.max_tokens
     config = EngineConfig(max_batch_size=4, kv_cache_bytes=4 * per_token * length + per_token - 1)
     engine = Engine.load(ModelConfig(name=tiny_dir), config)
@@ -741,7 +712,7 @@ async def test_greedy_choices_are_identical_and_the_prompt_is_computed_once(engi
     got = await choices(engine, case, params)
     assert got == {i: case.expected for i in range(3)}
     assert engine.stats()["prefill_tokens"] == len(case.input_ids)
-    assert engine.num_running == 0 and engine.runner.batch is None and not engine.runner.staged
+    assert await settled(engine)
 
 
 async def test_seeded_choices_differ_and_each_is_its_own_seeded_request(engine, cases):
@@ -781,9 +752,7 @@ async def test_cancelling_a_request_for_n_choices_frees_every_slot(engine, cases
         if len(seen) == 4:
             break
     await stream.aclose()
-    async with asyncio.timeout(10):
-        while engine.num_running or engine.runner.batch is not None:
-            await asyncio.sleep(0.01)
+    assert await settled(engine, timeout=10)
     assert await collect(engine, cases[1]) == cases[1].expected
 
 

@@ -14,15 +14,18 @@ def kv(length: int, layers: int = 2) -> tuple[list[torch.Tensor], list[torch.Ten
     ]
 
 
-def test_lookup_finds_the_longest_shared_prefix_and_leaves_one_position():
+def test_a_match_is_the_longest_shared_prefix_less_one_position_and_counts_only_when_used():
     cache = PrefixCache(1 << 20)
     cache.put((1, 2, 3, 4), *kv(4))
     cache.put((1, 2, 9), *kv(3))
-    entry, length = cache.lookup((1, 2, 3, 4, 5, 6))
+    entry, length = cache.match((1, 2, 3, 4, 5, 6))
     assert entry.key == (1, 2, 3, 4) and length == 4
-    _, length = cache.lookup((1, 2, 3, 4))  # the whole prompt cached: its last position is computed
+    _, length = cache.match((1, 2, 3, 4))  # the whole prompt cached: its last position is computed
     assert length == 3
-    assert cache.lookup((7, 8)) is None
+    assert cache.match((7, 8)) is None
+    assert (cache.hits, cache.misses, cache.hit_tokens) == (0, 0, 0)  # matching changes nothing
+    for key in ((1, 2, 3, 4, 5, 6), (1, 2, 3, 4), (7, 8)):
+        cache.use(cache.match(key))
     assert (cache.hits, cache.misses, cache.hit_tokens) == (2, 1, 7)
 
 
@@ -39,7 +42,7 @@ def test_least_recently_used_entries_go_first_under_the_byte_budget():
     cache = PrefixCache(2 * one)
     cache.put(tuple(range(10)), *kv(10))
     cache.put(tuple(range(100, 110)), *kv(10))
-    cache.lookup(tuple(range(11)))  # the first is used again
+    cache.use(cache.match(tuple(range(11))))  # the first is used again
     cache.put(tuple(range(200, 210)), *kv(10))
     assert [e.key[0] for e in cache.entries.values()] == [0, 200]
     assert cache.bytes == 2 * one

@@ -1,8 +1,11 @@
 """The runner: the installed transformers takes what it passes, rows join and leave correctly,
 and image features must fit their slots."""
 
+import collections
+import contextlib
 import dataclasses
 import inspect
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,10 +13,13 @@ from transformers import LlamaModel, MistralModel, Qwen2Model
 
 from llava_serve.config import ImageConfig
 from llava_serve.engine.head import OutputHead
-from llava_serve.engine.kvcache import gpu_kv_budget, slot_length
+from llava_serve.engine.kv import gpu_kv_budget, slot_length
 from llava_serve.engine.linear import MAX_TURNED_ROWS, RowsFirstLinear, turned_linears, wrap_linears
-from llava_serve.engine.runner import ModelRunner
-from llava_serve.errors import InvalidRequest
+from llava_serve.engine.runner import Chunk
+from llava_serve.engine.sampler import Sampler
+from llava_serve.engine.sampling import SamplingParams
+from llava_serve.engine.sequence import Sequence
+from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.inputs import images
 from tests.support.media import encode, random_image
 from tests.support.probes import WholeRunner
@@ -118,16 +124,17 @@ def solo_logits(runner, length: int, steps: int) -> list[torch.Tensor]:
     return out
 
 
+def slot_state(runner, slot: int) -> list[torch.Tensor]:
+    return [t[slot].clone() for t in runner.kv.keys + runner.kv.values]
+
+
 def test_rows_joining_a_running_batch_compute_what_they_would_alone(runner):
     prefill(runner, [1, 2], [5, 9])
-    runner.decode()  # the first rows are a step ahead of the newcomer
-    runner.set_last_tokens(runner.batch.last_tokens.tolist())
+    runner.set_last_tokens(runner.decode().argmax(-1).tolist())  # the first rows are a step ahead
     prefill(runner, [3], [3])
-    assert runner.batch.seq_ids == [1, 2, 3]
-    assert runner.batch.lengths.tolist() == [6, 10, 3]  # tokens each row holds, no padding anywhere
+    assert runner.rows == [0, 1, 2] and runner.kv.lengths[:3] == [6, 10, 3]  # each row's own tokens
     logits = runner.decode()
-    expected = solo_logits(runner, 3, 1)[1]
-    assert torch.allclose(logits[2], expected, atol=1e-4)
+    assert torch.allclose(logits[2], solo_logits(runner, 3, 1)[1], atol=1e-4)
 
 
 def test_the_kv_cache_is_allocated_once_and_written_in_place(runner):
@@ -135,33 +142,39 @@ def test_the_kv_cache_is_allocated_once_and_written_in_place(runner):
     prefill(runner, [1, 2, 3], [4, 12, 6])
     for _ in range(3):
         runner.set_last_tokens(runner.decode().argmax(-1).tolist())
-    runner.keep({1, 3})
+    runner.keep([0, 2])
     prefill(runner, [4], [7])
     assert [t.data_ptr() for t in runner.kv.keys + runner.kv.values] == storage
 
 
-def test_a_leaving_row_gives_its_slot_back_and_the_others_are_unchanged(runner):
-    """Row 1 leaves: the last row moves into its slot (its own tokens only); every survivor's
-    next logits equal what it computes alone."""
-    lengths = {1: 4, 2: 12, 3: 6}
-    prefill(runner, list(lengths), list(lengths.values()))
-    runner.keep({2, 3})
-    assert runner.batch.seq_ids == [3, 2] and runner.batch.lengths.tolist() == [6, 12]
+def test_a_leaving_row_moves_nothing_and_its_slot_is_a_padding_row_until_reused(runner):
+    """The middle row leaves: nothing is copied, the rows above and below it compute what they
+    would alone with its slot decoding as padding (which writes nothing), and the next prompt takes
+    the lowest free slot, its."""
+    lengths = [4, 12, 6]
+    prefill(runner, [1, 2, 3], lengths)
+    runner.keep([0, 2])
+    before = [slot_state(runner, s) for s in range(3)]
     logits = runner.decode()
-    for row, sid in enumerate(runner.batch.seq_ids):
-        assert torch.allclose(logits[row], solo_logits(runner, lengths[sid], 1)[1], atol=1e-4)
-    runner.keep(set())
-    assert runner.batch is None and runner.num_rows == 0
+    after = [slot_state(runner, s) for s in range(3)]
+    for survivor, row in ((0, 0), (2, 1)):
+        assert torch.allclose(logits[row], solo_logits(runner, lengths[survivor], 1)[1], atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True)), "padding wrote"
+    assert runner.kv.lengths[:3] == [5, 0, 7]
+    prefill(runner, [4], [5])
+    assert runner.rows == [0, 2, 1]
+    assert torch.allclose(runner.decode()[2], solo_logits(runner, 5, 1)[1], atol=1e-4)
 
 
-def test_a_failed_prefill_leaves_the_batch_as_it_was(runner, adapter):
+def test_a_failed_prefill_leaves_the_other_rows_as_they_were(runner, adapter):
     prefill(runner, [1], [4])
     broken = images.prepare(encode(random_image(1)), adapter, ImageConfig())
     broken = dataclasses.replace(broken, pixel_values=broken.pixel_values[:, :, :7])  # not a tile
     slot = runner.image_token_id
     with pytest.raises(ValueError, match="doesn't match model"):
         runner.prefill_whole([2], [([3, *[slot] * broken.num_tokens, 4], [broken])])
-    assert runner.batch.seq_ids == [1] and runner.batch.lengths.tolist() == [4]
+    assert runner.rows == [0] and runner.kv.lengths[0] == 4
+    assert runner.kv.free_slots == runner.kv.slots - 1
     assert torch.allclose(runner.decode()[0], solo_logits(runner, 4, 1)[1], atol=1e-4)
 
 
@@ -174,72 +187,98 @@ def test_image_features_must_fill_the_image_slots_exactly(runner, adapter):
         runner.prefill_whole([1], [([3, slot, 4], [])])
 
 
-def test_a_prompt_written_in_chunks_computes_what_it_would_in_one_piece(runner):
-    """Two rows decode while a third prompt is written 5 positions at a time into a staged
-    slot; it then joins, and its logits equal the one-piece prefill's, step after step."""
-    from llava_serve.engine.runner import Chunk
-
+def test_a_prompt_written_in_chunks_beside_decode_rows_computes_what_it_would_in_one_piece(runner):
+    """Two rows decode while a third prompt is written 5 positions at a time, in the same passes;
+    its last chunk's logits equal the one-piece prefill's, and so do its decode steps after."""
     prefill(runner, [1, 2], [6, 9])
     ids = list(range(20, 37))  # 17 positions: chunks of 5, 5, 5, 2
     embeds = runner.embed(ids, [])
-    slot = runner.take_slot()
-    assert slot == runner.kv.slots - 1  # staged prompts take slots from the top
+    slot = runner.kv.allocate()
     for start in range(0, len(ids), 5):
-        logits = runner.prefill([Chunk(slot, start, embeds[start : start + 5])])
-        runner.set_last_tokens(runner.decode().argmax(-1).tolist())  # the others keep decoding
+        last = start + 5 >= len(ids)
+        logits = runner.execute(runner.rows, [Chunk(slot, start, embeds[start : start + 5], last)])
+        assert logits.shape[0] == 2 + last
+        runner.set_last_tokens(logits[:2].argmax(-1).tolist())  # the others keep decoding
     alone = WholeRunner(runner.model, 0)
     whole = alone.prefill_whole([0], [(ids, [])])
-    assert torch.allclose(logits[0], whole[0], atol=1e-4)
-    runner.join(slot, 3, int(logits[0].argmax()))
-    assert runner.batch.seq_ids == [1, 2, 3] and runner.batch.lengths.tolist()[2] == len(ids)
+    assert torch.allclose(logits[2], whole[0], atol=1e-4)
+    runner.set_next([slot], logits[2:].argmax(-1))
+    runner.rows.append(slot)
     alone.commit([int(whole[0].argmax())])
     assert torch.allclose(runner.decode()[2], alone.decode()[0], atol=1e-4)
 
 
-def test_a_joining_prompt_trades_places_with_a_staged_one_in_its_way(runner):
-    """All but one slot hold rows or staged prompts, and the joining prompt is not the one next
-    to the decoding rows: the two swap, and both still compute what they would alone."""
-    from llava_serve.engine.runner import Chunk
+def test_one_pass_of_decode_rows_and_chunks_equals_the_two_apart(hf_model):
+    """Three rows decoding and two prompts being written (one mid-way, one from the start): one
+    pass gives the logits and writes the KV that a decode pass and a chunk pass give apart."""
 
-    prefill(runner, list(range(1, runner.kv.slots - 1)), [3] * (runner.kv.slots - 2))
-    a, b = runner.take_slot(), runner.take_slot()  # a: the top slot, b: the one below it
-    ids_a, ids_b = list(range(40, 47)), list(range(60, 64))
-    runner.prefill([Chunk(b, 0, runner.embed(ids_b, [])), Chunk(a, 0, runner.embed(ids_a, []))])
-    runner.join(a, 100, 5)  # a moves down into b's slot; b's prompt moves up
-    assert runner.staged == {a: len(ids_b)}
-    logits = runner.prefill([Chunk(a, len(ids_b), runner.embed([64, 65], []))])
-    alone = WholeRunner(runner.model, 0)
-    assert torch.allclose(logits[0], alone.prefill_whole([0], [([*ids_b, 64, 65], [])])[0], atol=1e-4)
-    runner.set_last_tokens([*runner.batch.last_tokens.tolist()[:-1], 5])
-    expected = WholeRunner(runner.model, 0)
-    expected.prefill_whole([0], [(ids_a, [])])
-    expected.commit([5])
-    assert torch.allclose(runner.decode()[-1], expected.decode()[0], atol=1e-4)
-
-
-def test_a_step_that_decodes_and_prefills_in_one_pass_equals_the_two_apart(hf_model):
-    """Three rows decoding and two prompts joining (one mid-way, one from the start): the fused
-    step's logits and the KV it writes are what a decode and a prefill give apart."""
-    from llava_serve.engine.runner import Chunk
-
-    def staged() -> tuple[ModelRunner, list[Chunk]]:
+    def staged() -> tuple[WholeRunner, list[Chunk]]:
         runner = WholeRunner(hf_model, 0, slots=8, max_len=256)
         prefill(runner, [0, 1, 2], [7, 20, 13])
         for _ in range(3):
             runner.set_last_tokens(runner.decode().argmax(-1).tolist())
-        a, b = runner.take_slot(), runner.take_slot()
+        a, b = runner.kv.allocate(), runner.kv.allocate()
         first = runner.embed(list(range(100, 130)), [])
-        runner.prefill([Chunk(a, 0, first[:12])])
+        runner.execute([], [Chunk(a, 0, first[:12], False)])
         return runner, [Chunk(a, 12, first[12:25]), Chunk(b, 0, runner.embed(list(range(200, 209)), []))]
 
     apart, chunks = staged()
-    decoded, prefilled = apart.decode(), apart.prefill(chunks)
-    fused, chunks = staged()
-    assert fused.fused
-    rows, last = fused.step(chunks)
-    torch.testing.assert_close(rows, decoded, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last, prefilled, rtol=1e-5, atol=1e-5)
-    assert fused.staged == apart.staged
-    assert fused.batch.lengths.tolist() == apart.batch.lengths.tolist()
-    for mine, theirs in zip(fused.kv.keys + fused.kv.values, apart.kv.keys + apart.kv.values, strict=True):
+    decoded, prefilled = apart.decode(), apart.execute([], chunks)
+    one, chunks = staged()
+    logits = one.execute(one.rows, chunks)
+    torch.testing.assert_close(logits[:3], decoded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[3:], prefilled, rtol=1e-5, atol=1e-5)
+    assert one.kv.lengths == apart.kv.lengths
+    for mine, theirs in zip(one.kv.keys + one.kv.values, apart.kv.keys + apart.kv.values, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_at_the_end_of_its_slot_is_refused_and_nothing_is_written(hf_model):
+    runner = WholeRunner(hf_model, 0, slots=2, max_len=8)
+    prefill(runner, [0], [8])
+    before = slot_state(runner, 0)
+    with pytest.raises(EngineError, match="outgrew"):
+        runner.decode()
+    assert all(torch.equal(a, b) for a, b in zip(before, slot_state(runner, 0), strict=True))
+
+
+@contextlib.contextmanager
+def host_reads() -> Iterator[collections.Counter]:
+    """Counts every read of a tensor's values into Python while it is open."""
+    counts: collections.Counter = collections.Counter()
+    names = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            counts[name] += 1
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_a_decode_step_reads_the_device_once(hf_model):
+    """Sizing, running and sampling a decode step (a padding row among the rows, greedy and
+    sampled rows together) read nothing of the device but the sampled tokens, in one copy."""
+    runner = WholeRunner(hf_model, 0, slots=8)
+    prefill(runner, [0, 1, 2, 3], [5, 9, 3, 7])
+    runner.keep([0, 2, 3])  # slot 1 is a padding row now
+    sampler = Sampler(runner.vocab_size)
+    greedy, sampled = (
+        SamplingParams(20, temperature=0.0),
+        SamplingParams(20, temperature=0.8, top_p=0.9, seed=1),
+    )
+    seqs = [Sequence.create([1, 2], [], p, [2], "cpu") for p in (greedy, sampled, greedy)]
+    with host_reads() as reads:
+        for _ in range(3):
+            out = sampler.sample(seqs, runner.decode())
+            runner.set_next(runner.rows, out.tokens)
+    assert dict(reads) == {"tolist": 3}

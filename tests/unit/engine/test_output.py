@@ -1,9 +1,15 @@
-"""One request's state: tokens to text, finish reasons, logprobs, and failures that change nothing."""
+"""A request from sampled logits to what its stream sends: the sampler's token and logprobs, the
+request's token-level end, the output processor's text and stop strings; and a failed sampling
+step that changes nothing."""
+
+import random
 
 import pytest
 import torch
 
 from llava_serve.engine.detok import TokenBytes
+from llava_serve.engine.output import Detokenizer, RequestText
+from llava_serve.engine.sampler import Sampler
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.engine.sequence import Sequence
 from tests.support.tokenizers import sentencepiece_tokenizer
@@ -19,12 +25,16 @@ def forcing(token: int, vocab: int) -> torch.Tensor:
 
 
 def run(tokenizer, tokens: list[int], **params) -> tuple[Sequence, list]:
+    """Each token forced through the sampler, taken by the request, and made text."""
     prompt = tokenizer("Say:")["input_ids"]
     params = SamplingParams(**{"max_tokens": 100, "temperature": 0.0, **params})
-    seq = Sequence.create(prompt, [], params, TokenBytes(tokenizer), [tokenizer.eos_token_id], "cpu")
+    seq = Sequence.create(prompt, [], params, [tokenizer.eos_token_id], "cpu")
+    text, token_bytes, sampler = RequestText(seq, tokenizer), TokenBytes(tokenizer), Sampler(len(tokenizer))
     outs = []
     for token in tokens:
-        outs.append(seq.advance(forcing(token, len(tokenizer))))
+        sampled = sampler.sample([seq], forcing(token, len(tokenizer))[None])
+        assert sampled.picked == {0: token}
+        outs.append(text.step(seq, seq.accept(token, sampled.logprobs.get(0)), token_bytes))
         if outs[-1].finish_reason:
             break
     return seq, outs
@@ -64,9 +74,29 @@ def test_finish_reasons(processor):
 def test_a_failed_sampling_step_changes_nothing(processor):
     tok = processor.tokenizer
     seq, _ = run(tok, tok(" a b", add_special_tokens=False)["input_ids"], temperature=1.0, seed=3)
-    state = (list(seq.generated), list(seq.detok.ids))
+    state = list(seq.generated)
     nan = torch.full((len(tok),), float("nan"))
-    with pytest.raises(RuntimeError):
-        seq.advance(nan)
-    assert (list(seq.generated), list(seq.detok.ids)) == state
-    assert not seq.finished
+    sampled = Sampler(len(tok)).sample([seq], torch.stack([nan]))
+    assert not sampled.picked and "non-finite" in str(sampled.failures[0])
+    assert seq.generated == state and not seq.finished
+
+
+def test_streamed_text_equals_the_full_decode_and_never_splits_a_character(processor):
+    """`DecodeStream` for the byte-level tokenizer: with random ids (broken byte sequences among
+    them) the deltas join to the tokenizer's own decode. Both tokenizers stream a text exactly,
+    never a broken character, with the answer's leading space kept."""
+    text = "Émile paid 12,50 € for café; 東京 ✓ 🙂 naïve résumé"
+    tok = processor.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    for _ in range(20):
+        answer = ids + [rng.randrange(10, tok.vocab_size) for _ in range(30)]
+        detok = Detokenizer(tok, [1])
+        pieces = [detok.push(t) for t in answer] + [detok.flush()]
+        assert "".join(pieces) == tok.decode(answer, skip_special_tokens=True)
+    for tok in (processor.tokenizer, sentencepiece_tokenizer()):
+        ids = tok(" " + text, add_special_tokens=False)["input_ids"]
+        detok = Detokenizer(tok, tok("Say:")["input_ids"])
+        pieces = [detok.push(t) for t in ids] + [detok.flush()]
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) == " " + text

@@ -1,0 +1,173 @@
+"""One decode step of the runner at 1, 4, 16 and 32 rows: engine v2's runner (from git) next to
+this tree's, and the 16-row step's arithmetic rate as a share of what a large fp32 GEMM reaches
+on the same cores in the same run.
+
+    python benchmarks/decode_step.py                       # small preset, v2 from commit ee8ede0
+    python benchmarks/decode_step.py --rows 1 16 --steps 40 --rounds 5
+
+Each side runs in its own fresh process (v2's from `git archive` of `--v2-commit`), the sides
+taking turns for `--rounds` rounds with the order rotated, so drift in the machine's speed lands
+on both. A process loads the preset's weights, writes `--prompt-len`-token prompts into `rows`
+slots and times `--steps` greedy decode steps (runner and sampling, the step's one copy of tokens
+to the host included); the figure is the median step. A step's arithmetic: 2 x (the decoder's
+linear weights + the output head) x rows, plus attention's 4 x layers x heads x head_dim x
+positions per row. Prints a table, writes JSON with the commit it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.report import rotated, save, table  # noqa: E402
+
+
+def worker(args) -> dict:
+    """This process's measurement (its tree is whichever is first on sys.path)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.gemm:
+        n = 2048
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return {"gflops": 2 * n**3 / statistics.median(times) / 1e9}
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llava_serve.config import ModelConfig
+    from llava_serve.models import checkpoint
+    from tests.support.probes import WholeRunner
+
+    thread = ThreadPoolExecutor(1)  # the engine's model thread: weights loaded and run on it
+
+    def run() -> dict:
+        model = checkpoint.load_model(ModelConfig(name="tiny", tiny_preset=args.preset))
+        runner = WholeRunner(model, 0, slots=args.rows, max_len=args.prompt_len + args.steps + 8)
+        g = torch.Generator().manual_seed(args.rows)
+        prompts = [
+            (torch.randint(10, runner.vocab_size - 10, (args.prompt_len,), generator=g).tolist(), [])
+            for _ in range(args.rows)
+        ]
+        logits = runner.prefill_whole(list(range(args.rows)), prompts)
+        runner.commit(logits.argmax(-1).tolist())
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            tokens = runner.decode().argmax(-1)
+            runner.set_last_tokens(tokens.tolist())
+            times.append(time.perf_counter() - start)
+        text = model.config.get_text_config()
+        linears = sum(
+            m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)
+        )
+        head = model.get_output_embeddings().weight.numel()
+        heads, layers = text.num_attention_heads, text.num_hidden_layers
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        positions = args.prompt_len + args.steps / 2
+        flops = args.rows * (2 * (linears + head) + 4 * layers * heads * head_dim * positions)
+        step = statistics.median(times[2:])
+        return {"ms": step * 1000, "gflops": flops / step / 1e9}
+
+    return thread.submit(run).result()
+
+
+def measure(tree: Path, args, rows: int | None = None, gemm: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--threads", str(args.threads)]
+    cmd += ["--prompt-len", str(args.prompt_len), "--steps", str(args.steps)]
+    cmd += ["--gemm"] if gemm else ["--rows", str(rows)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--v2-commit", default="ee8ede0")
+    p.add_argument("--out", default="benchmarks/results/decode_step.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        v2 = Path(tmp)
+        archive = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "archive",
+                args.v2_commit,
+                "llava_serve",
+                "tests/support",
+                "tests/__init__.py",
+            ],
+            check=True,
+            capture_output=True,
+        ).stdout
+        archive_path = v2 / "v2.tar"
+        archive_path.write_bytes(archive)
+        with tarfile.open(archive_path) as tar:
+            tar.extractall(v2, filter="data")
+        sides = {"v2": v2, "v3": ROOT}
+        got: dict[str, dict[int, list[dict]]] = {name: {r: [] for r in args.rows} for name in sides}
+        gemm: list[float] = []
+        for r in range(args.rounds):
+            for rows in args.rows:
+                for name in rotated(list(sides), r):
+                    got[name][rows].append(measure(sides[name], args, rows))
+            gemm.append(measure(ROOT, args, gemm=True)["gflops"])
+    peak = statistics.median(gemm)
+    results = {"gemm_gflops": peak, "rows": []}
+    lines = []
+    for rows in args.rows:
+        v2_ms = statistics.median(m["ms"] for m in got["v2"][rows])
+        v3_ms = statistics.median(m["ms"] for m in got["v3"][rows])
+        v3_gflops = statistics.median(m["gflops"] for m in got["v3"][rows])
+        v2_gflops = statistics.median(m["gflops"] for m in got["v2"][rows])
+        results["rows"].append(
+            {"rows": rows, "v2_ms": v2_ms, "v3_ms": v3_ms, "v2_gflops": v2_gflops, "v3_gflops": v3_gflops}
+        )
+        lines.append(
+            [
+                rows,
+                f"{v2_ms:.1f}",
+                f"{v3_ms:.1f}",
+                f"{v3_ms / v2_ms:.2f}x",
+                f"{v3_gflops:.1f}",
+                f"{v3_gflops / peak:.0%}",
+            ]
+        )
+    print(f"fp32 GEMM 2048^3 on {args.threads} threads: {peak:.1f} GFLOP/s")
+    print(table(["rows", "v2 ms", "v3 ms", "v3/v2", "v3 GFLOP/s", "share of GEMM"], lines))
+    save(results, args)
+
+
+if __name__ == "__main__":
+    main()
