@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# A worker imports the tree it measures (v2's extracted from git, or this one).
+sys.path.insert(0, os.environ.get("DECODE_STEP_TREE", str(ROOT)))
+sys.path.insert(1, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.report import rotated, save, table  # noqa: E402
@@ -39,6 +41,7 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    rows = args.rows[0]
     if args.gemm:
         n = 2048
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -61,13 +64,10 @@ def worker(args) -> dict:
 
     def run() -> dict:
         model = checkpoint.load_model(ModelConfig(name="tiny", tiny_preset=args.preset))
-        runner = WholeRunner(model, 0, slots=args.rows, max_len=args.prompt_len + args.steps + 8)
-        g = torch.Generator().manual_seed(args.rows)
-        prompts = [
-            (torch.randint(10, runner.vocab_size - 10, (args.prompt_len,), generator=g).tolist(), [])
-            for _ in range(args.rows)
-        ]
-        logits = runner.prefill_whole(list(range(args.rows)), prompts)
+        runner = WholeRunner(model, 0, slots=rows, max_len=args.prompt_len + args.steps + 8)
+        g = torch.Generator().manual_seed(rows)
+        ids = torch.randint(10, runner.vocab_size - 10, (rows, args.prompt_len), generator=g).tolist()
+        logits = runner.prefill_whole(list(range(rows)), [(p, []) for p in ids])
         runner.commit(logits.argmax(-1).tolist())
         times = []
         for _ in range(args.steps):
@@ -83,7 +83,7 @@ def worker(args) -> dict:
         heads, layers = text.num_attention_heads, text.num_hidden_layers
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         positions = args.prompt_len + args.steps / 2
-        flops = args.rows * (2 * (linears + head) + 4 * layers * heads * head_dim * positions)
+        flops = rows * (2 * (linears + head) + 4 * layers * heads * head_dim * positions)
         step = statistics.median(times[2:])
         return {"ms": step * 1000, "gflops": flops / step / 1e9}
 
@@ -94,9 +94,11 @@ def measure(tree: Path, args, rows: int | None = None, gemm: bool = False) -> di
     cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--threads", str(args.threads)]
     cmd += ["--prompt-len", str(args.prompt_len), "--steps", str(args.steps)]
     cmd += ["--gemm"] if gemm else ["--rows", str(rows)]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    env = {**os.environ, "DECODE_STEP_TREE": str(tree)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
