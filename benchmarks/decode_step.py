@@ -9,9 +9,9 @@ Each side runs in its own fresh process (v2's from `git archive` of `--v2-commit
 taking turns for `--rounds` rounds with the order rotated, so drift in the machine's speed lands
 on both. A process loads the preset's weights, writes `--prompt-len`-token prompts into `rows`
 slots and times `--steps` greedy decode steps (runner and sampling, the step's one copy of tokens
-to the host included); the figure is the median step. A step's arithmetic: 2 x (the decoder's
-linear weights + the output head) x rows, plus attention's 4 x layers x heads x head_dim x
-positions per row. Prints a table, writes JSON with the commit it ran on.
+to the host included); the figure is the median step. A step's arithmetic, from the model's
+config: 2 x (the decoder's linear weights + the output head) x rows, plus attention's 4 x layers
+x heads x head_dim x positions per row. Prints a table, writes JSON with the commit it ran on.
 """
 
 from __future__ import annotations
@@ -76,14 +76,14 @@ def worker(args) -> dict:
             runner.set_last_tokens(tokens.tolist())
             times.append(time.perf_counter() - start)
         text = model.config.get_text_config()
-        linears = sum(
-            m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)
-        )
-        head = model.get_output_embeddings().weight.numel()
-        heads, layers = text.num_attention_heads, text.num_hidden_layers
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        heads, layers, hidden = text.num_attention_heads, text.num_hidden_layers, text.hidden_size
+        head_dim = getattr(text, "head_dim", None) or hidden // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        # From the config, not the modules: packed layers are not `nn.Linear`s.
+        per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * text.intermediate_size
+        weights = layers * per_layer + text.vocab_size * hidden
         positions = args.prompt_len + args.steps / 2
-        flops = rows * (2 * (linears + head) + 4 * layers * heads * head_dim * positions)
+        flops = rows * (2 * weights + 4 * layers * heads * head_dim * positions)
         step = statistics.median(times[2:])
         return {"ms": step * 1000, "gflops": flops / step / 1e9}
 

@@ -9,7 +9,7 @@ without a paged-attention kernel each row's blocks must first be gathered into o
 layer. Both sides then run the same decode-shaped SDPA (one query a row, grouped heads), so the
 difference is the gather. Reported per row length: milliseconds per decode step over all layers
 for each side, and the ratio. Compare it with a whole decode step of the small model at 16 rows
-(~40-50 ms on this machine, `benchmarks/micro/head.py`).
+(~40-50 ms on this machine then; `benchmarks/decode_step.py` measures it now).
 """
 
 from __future__ import annotations

@@ -40,7 +40,6 @@ def child(preset: str, rows: int, seconds: float, same_thread: bool, threads: in
     """One process's measurement (run with --child)."""
     import torch
 
-    from benchmarks.micro.head import fill
     from llava_serve.config import ModelConfig
     from llava_serve.models import checkpoint
     from tests.support.probes import WholeRunner
@@ -51,7 +50,12 @@ def child(preset: str, rows: int, seconds: float, same_thread: bool, threads: in
     def build() -> WholeRunner:
         model = checkpoint.load_model(ModelConfig(name="tiny", tiny_preset=preset))
         runner = WholeRunner(model, 0, slots=rows, max_len=4096)
-        fill(runner, rows, 200)
+        ids = torch.randint(
+            10, runner.vocab_size - 10, (rows, 200), generator=torch.Generator().manual_seed(0)
+        )
+        runner.commit(
+            runner.prefill_whole(list(range(rows)), [(p, []) for p in ids.tolist()]).argmax(-1).tolist()
+        )
         return runner
 
     runner = stepper.submit(build).result() if same_thread else build()

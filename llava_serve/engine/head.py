@@ -1,10 +1,10 @@
 """The output projection: last hidden states [rows, hidden] to logits [rows, vocab].
 
-On CPU the product is always taken turned round (`llava_serve.engine.linear.turned`): the weight
-is [vocab, hidden], wide and short (32000 x 512 in the small preset), and MKL runs `nn.Linear`'s
-form 1.2-6x slower at every decode batch size (`benchmarks/micro/head.py`); on two cores that was a
-third of a decode step. On CUDA, cuBLAS takes either form at full speed, so the module's own
-`Linear` runs there.
+On CPU the weight is [vocab, hidden], wide and short (32000 x 512 in the small preset), and MKL
+runs `nn.Linear`'s form on it several times slower than oneDNN on a prepacked copy of the weight
+(`engine.packed`) at decode batch sizes (`benchmarks/decode_step.py` measures the whole step). The
+original weight stays: it may be tied to the input embeddings. On CUDA, and where oneDNN cannot
+take the weight, the module's own `Linear` runs.
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_serve.engine.linear import turned
+from llava_serve.engine import packed
 
 
 class OutputHead:
     def __init__(self, linear: nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
-        self.turned = self.weight.device.type == "cpu"
+        self.packed = packed.PackedLinear(linear.weight, linear.bias) if packed.available(linear) else None
 
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not self.turned:
-            return F.linear(hidden, self.weight, self.bias)
-        return turned(hidden, self.weight, self.bias)
+        if self.packed is not None:
+            return self.packed(hidden)
+        return F.linear(hidden, self.weight, self.bias)

@@ -16,7 +16,6 @@ host, so nothing reads the device to plan a step.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import torch
 from llava_serve.engine.attention import ATTENTION, PASS_THROUGH, Segment, StepLayout
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kv import KVManager, WritePlan
-from llava_serve.engine.linear import turned_linears, wrap_linears
+from llava_serve.engine.packed import pack_decoder
 from llava_serve.engine.vision import VisionCache
 from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.types import PreparedImage
@@ -70,8 +69,8 @@ class ModelRunner:
         self.decoder = model.get_decoder()
         self.embed_tokens = model.get_input_embeddings()
         self.head = OutputHead(model.get_output_embeddings())
-        # On CPU its linear layers, too, run turned round at decode batch sizes (`linear.py`).
-        self.turn_linears = model.device.type == "cpu" and wrap_linears(self.decoder) > 0
+        # On CPU its linear layers run through oneDNN on prepacked, fused weights (`packed.py`).
+        self.packed = pack_decoder(self.decoder) > 0
         text = model.config.get_text_config()
         # The engine's attention over the KV slots (SDPA for any call without a step layout).
         text._attn_implementation = ATTENTION
@@ -87,6 +86,7 @@ class ModelRunner:
         # Each slot's next input token; the sampler writes them on the device.
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.buckets = decode_buckets(slots, self.device)
+        self._ints = torch.empty(0, dtype=torch.long, device=self.device)  # see `_upload`
         self._pass_through = PASS_THROUGH.to(self.device)
 
     @property
@@ -213,19 +213,23 @@ class ModelRunner:
         return logits
 
     def _upload(self, lists: list[list[int]]) -> list[torch.Tensor]:
-        """The step's host-side integers on the device in one copy, as one tensor per list."""
+        """The step's host-side integers on the device in one copy, as one tensor per list. On a
+        GPU they land in a buffer kept across steps (the static inputs a captured graph reads)."""
         host = torch.tensor([x for values in lists for x in values], dtype=torch.long)
         if self.device.type == "cuda":
-            host = host.pin_memory().to(self.device, non_blocking=True)
+            n = host.numel()
+            if self._ints.numel() < n:
+                self._ints = torch.empty(2 * n, dtype=torch.long, device=self.device)
+            self._ints[:n].copy_(host.pin_memory(), non_blocking=True)
+            host = self._ints[:n]
         return list(host.split([len(values) for values in lists]))
 
     def _bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
 
     def _decoder(self, **inputs) -> torch.Tensor:
-        """The text decoder's last hidden states, its linears turned round where that is faster."""
-        with turned_linears() if self.turn_linears else contextlib.nullcontext():
-            return self.decoder(**inputs).last_hidden_state
+        """The text decoder's last hidden states."""
+        return self.decoder(**inputs).last_hidden_state
 
     def set_next(self, slots: list[int], tokens: torch.Tensor) -> None:
         """The sampled tokens [len(slots)], on the device, as those slots' next inputs."""

@@ -14,13 +14,14 @@ from transformers import LlamaModel, MistralModel, Qwen2Model
 from llava_serve.config import ImageConfig
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kv import gpu_kv_budget, slot_length
-from llava_serve.engine.linear import MAX_TURNED_ROWS, RowsFirstLinear, turned_linears, wrap_linears
+from llava_serve.engine.packed import PackedLinear
 from llava_serve.engine.runner import Chunk
 from llava_serve.engine.sampler import Sampler
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.engine.sequence import Sequence
 from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.inputs import images
+from tests.support.engines import fresh_model
 from tests.support.media import encode, random_image
 from tests.support.probes import WholeRunner
 
@@ -36,9 +37,9 @@ def test_installed_transformers_forward_takes_what_the_runner_passes(decoder):
 
 
 def test_the_output_head_gives_the_model_s_own_logits(hf_model):
-    """The turned-round product on CPU equals `nn.Linear`'s, for one row and for several."""
+    """The packed product on CPU equals `nn.Linear`'s, for one row and for several."""
     head = OutputHead(hf_model.get_output_embeddings())
-    assert head.turned
+    assert head.packed is not None
     for rows in (1, 2, 5):
         hidden = torch.randn(rows, hf_model.config.get_text_config().hidden_size)
         expected = hf_model.get_output_embeddings()(hidden)
@@ -47,29 +48,21 @@ def test_the_output_head_gives_the_model_s_own_logits(hf_model):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_decoder_s_linears_turn_round_only_inside_the_runner_s_passes(hf_model):
-    """On CPU the runner wraps the text decoder's linear layers: inside its passes, few rows run
-    turned round (the same products, to float rounding); many rows, and every other caller of
-    the model (`generate` in the parity tests), get the layer's own arithmetic bit for bit."""
-    runner = WholeRunner(hf_model, 0)
-    assert runner.turn_linears
-    layers = [m for m in runner.decoder.modules() if isinstance(m, RowsFirstLinear)]
-    inner = {id(w.linear) for w in layers}
-    plain = [m for m in runner.decoder.modules() if type(m) is torch.nn.Linear]
-    assert layers and all(id(m) in inner for m in plain)  # every linear is wrapped, once
-    assert wrap_linears(runner.decoder) == len(layers)  # a second runner on the model wraps nothing again
-    layer = layers[0]
-    for rows in (1, 3, MAX_TURNED_ROWS, MAX_TURNED_ROWS + 1):
-        x = torch.randn(1, rows, layer.weight.shape[1])
-        own = layer.linear(x)
-        assert torch.equal(layer(x), own)  # outside a pass: untouched
-        with turned_linears():
-            got = layer(x)
-        assert got.shape == own.shape
-        if rows > MAX_TURNED_ROWS:
-            assert torch.equal(got, own)
-        else:
-            torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-5)
+def test_the_decoder_s_projections_are_fused_and_packed_and_compute_the_model_s_own(model, hf_model):
+    """On CPU each decoder layer runs four products on oneDNN-packed weights (q/k/v as one, o,
+    gate/up as one, down) and its output is the unpacked model's, to float rounding; a second
+    runner on the same model packs nothing again."""
+    runner = WholeRunner(model, 0)
+    assert runner.packed
+    for layer in runner.decoder.layers:
+        assert sum(isinstance(m, PackedLinear) for m in layer.modules()) == 4
+        assert not any(type(m) is torch.nn.Linear for m in layer.modules())
+    assert WholeRunner(model, 0).packed
+    x = torch.randn(1, 7, hf_model.config.get_text_config().hidden_size)
+    with torch.inference_mode():
+        got = runner.decoder(inputs_embeds=x).last_hidden_state
+        expected = hf_model.get_decoder()(inputs_embeds=x).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 GiB = 1 << 30
@@ -102,8 +95,14 @@ def test_on_a_gpu_the_kv_slots_take_what_the_utilization_leaves():
 
 
 @pytest.fixture
-def runner(hf_model):
-    return WholeRunner(hf_model, 1 << 20)
+def model(tiny_dir):
+    """A copy of the tiny model for a runner to pack: the oracle's `hf_model` stays as loaded."""
+    return fresh_model(tiny_dir)
+
+
+@pytest.fixture
+def runner(model):
+    return WholeRunner(model, 1 << 20)
 
 
 def prefill(runner, seq_ids: list[int], lengths: list[int]) -> torch.Tensor:
@@ -208,12 +207,12 @@ def test_a_prompt_written_in_chunks_beside_decode_rows_computes_what_it_would_in
     assert torch.allclose(runner.decode()[2], alone.decode()[0], atol=1e-4)
 
 
-def test_one_pass_of_decode_rows_and_chunks_equals_the_two_apart(hf_model):
+def test_one_pass_of_decode_rows_and_chunks_equals_the_two_apart(model):
     """Three rows decoding and two prompts being written (one mid-way, one from the start): one
     pass gives the logits and writes the KV that a decode pass and a chunk pass give apart."""
 
     def staged() -> tuple[WholeRunner, list[Chunk]]:
-        runner = WholeRunner(hf_model, 0, slots=8, max_len=256)
+        runner = WholeRunner(model, 0, slots=8, max_len=256)
         prefill(runner, [0, 1, 2], [7, 20, 13])
         for _ in range(3):
             runner.set_last_tokens(runner.decode().argmax(-1).tolist())
@@ -233,8 +232,8 @@ def test_one_pass_of_decode_rows_and_chunks_equals_the_two_apart(hf_model):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_a_row_at_the_end_of_its_slot_is_refused_and_nothing_is_written(hf_model):
-    runner = WholeRunner(hf_model, 0, slots=2, max_len=8)
+def test_a_row_at_the_end_of_its_slot_is_refused_and_nothing_is_written(model):
+    runner = WholeRunner(model, 0, slots=2, max_len=8)
     prefill(runner, [0], [8])
     before = slot_state(runner, 0)
     with pytest.raises(EngineError, match="outgrew"):
@@ -265,10 +264,10 @@ def host_reads() -> Iterator[collections.Counter]:
             setattr(torch.Tensor, name, original)
 
 
-def test_a_decode_step_reads_the_device_once(hf_model):
+def test_a_decode_step_reads_the_device_once(model):
     """Sizing, running and sampling a decode step (a padding row among the rows, greedy and
     sampled rows together) read nothing of the device but the sampled tokens, in one copy."""
-    runner = WholeRunner(hf_model, 0, slots=8)
+    runner = WholeRunner(model, 0, slots=8)
     prefill(runner, [0, 1, 2, 3], [5, 9, 3, 7])
     runner.keep([0, 2, 3])  # slot 1 is a padding row now
     sampler = Sampler(runner.vocab_size)

@@ -1,0 +1,129 @@
+"""The decoder's linear layers on CPU: oneDNN with each weight reordered once, and the projections
+that read the same input fused.
+
+A decode step with a few rows streams every weight from memory and does little arithmetic per
+byte; with 16-32 rows it is a set of skinny matrix products. MKL's `nn.Linear` runs both poorly
+(a matrix-vector path at 1-4 rows, and a general product tuned for large matrices after). oneDNN
+with the weight reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`,
+`_linear_pointwise`, the kernels inductor's CPU backend emits for frozen linears) reads it in the
+order its kernel wants, at every row count: `benchmarks/decode_step.py` measures the whole step.
+
+Projections of the same input become one product: q, k and v of each attention layer, and the
+gate and up projections of each MLP. The model's own modules still call `q_proj(x)`, `k_proj(x)`,
+`v_proj(x)` in turn; each is a `Part` of one `Fused` product, which is computed on the first
+call for an input and sliced for the others.
+
+The packed weight replaces the layer's own (the memory is not held twice), so a model packed here
+belongs to its engine: its arithmetic is oneDNN's for every caller. Results are the same products
+summed in another order, equal to float rounding; greedy parity with `generate` (on an unpacked
+copy) is what the engine tests check.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# The row count the reorder is tuned for; any count runs on the packed weight.
+ROWS_HINT = 16
+
+
+def available(module: nn.Module) -> bool:
+    """oneDNN is there and the weights are float32 or bfloat16 on the CPU."""
+    weight = next(module.parameters())
+    return (
+        torch.backends.mkldnn.is_available()
+        and weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+    )
+
+
+class PackedLinear(nn.Module):
+    """`F.linear(x, weight, bias)` on a oneDNN-reordered copy of `weight`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.dtype = weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+        self.bias = None if bias is None else bias.detach().clone()
+
+    @classmethod
+    def of(cls, *linears: nn.Linear) -> PackedLinear:
+        """One layer computing every one of `linears` (same input width) side by side."""
+        weight = torch.cat([m.weight for m in linears])
+        biases = [m.bias for m in linears]
+        if all(b is None for b in biases):
+            bias = None
+        else:
+            bias = torch.cat(
+                [
+                    b if b is not None else m.weight.new_zeros(m.out_features)
+                    for m, b in zip(linears, biases, strict=True)
+                ]
+            )
+        return cls(weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class Fused:
+    """One product of several projections of the same input, handed out part by part."""
+
+    def __init__(self, linear: PackedLinear, sizes: list[int]):
+        self.linear, self.sizes = linear, sizes
+        self._input: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
+        self._taken: set[int] = set()
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self._input is not x or index in self._taken:
+            self._parts, self._input, self._taken = self.linear(x).split(self.sizes, -1), x, set()
+        self._taken.add(index)
+        out = self._parts[index]
+        if len(self._taken) == len(self.sizes):  # every part handed out: hold no activations
+            self._input, self._parts, self._taken = None, (), set()
+        return out
+
+
+class Part(nn.Module):
+    """Stands where one of a `Fused` product's projections stood."""
+
+    def __init__(self, fused: Fused, index: int, linear: nn.Linear):
+        super().__init__()
+        self.fused, self.index = fused, index
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.part(x, self.index)
+
+
+# Groups of projections that read the same input, by the attribute names Llama, Mistral and
+# Qwen2 use (the LLaVA family's language models).
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def pack_decoder(decoder: nn.Module) -> int:
+    """Fuse and pack every decoder layer's projections, and pack its other plain linears; returns
+    how many products a layer's forward now runs (0: nothing was packed)."""
+    if not available(decoder):
+        return 0
+    for layer in getattr(decoder, "layers", []):
+        for owner_name, names in GROUPS:
+            owner = getattr(layer, owner_name, None)
+            linears = [getattr(owner, n, None) for n in names]
+            if owner is None or not all(type(m) is nn.Linear for m in linears):
+                continue
+            fused = Fused(PackedLinear.of(*linears), [m.out_features for m in linears])
+            setattr(owner, "fused_" + "_".join(names), fused.linear)  # a submodule, for .modules()
+            for i, (name, linear) in enumerate(zip(names, linears, strict=True)):
+                setattr(owner, name, Part(fused, i, linear))
+    for name, module in list(decoder.named_modules()):
+        if type(module) is nn.Linear:
+            parent, _, attr = name.rpartition(".")
+            setattr(decoder.get_submodule(parent), attr, PackedLinear(module.weight, module.bias))
+    layers = getattr(decoder, "layers", [])
+    return sum(isinstance(m, PackedLinear) for m in layers[0].modules()) if len(layers) else 0
