@@ -6,10 +6,6 @@ import json
 import re
 from dataclasses import dataclass, field
 
-# Prompt tokens decoded as left context: SentencePiece tokenizers (Llama-2, so llava-1.5) drop
-# the leading space of a sequence's first token, which would glue the first word to nothing.
-_PROMPT_CONTEXT = 5
-
 
 @dataclass
 class IncrementalDetokenizer:
@@ -24,13 +20,6 @@ class IncrementalDetokenizer:
     prefix_offset: int = 0
     read_offset: int = 0
     skip_special_tokens: bool = True
-
-    @classmethod
-    def after_prompt(
-        cls, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True
-    ) -> IncrementalDetokenizer:
-        ids = list(prompt_ids[-_PROMPT_CONTEXT:])
-        return cls(tokenizer, ids, 0, len(ids), skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

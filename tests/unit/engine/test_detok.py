@@ -11,10 +11,10 @@ def test_incremental_text_equals_full_decode_and_never_splits_characters(process
     rng = random.Random(0)
     for _ in range(20):
         seq = ids + [rng.randrange(10, tok.vocab_size) for _ in range(30)]
-        detok = IncrementalDetokenizer.after_prompt(tok, [1])
+        detok = IncrementalDetokenizer(tok, [1], 0, 1)
         pieces = [detok.push(t) for t in seq] + [detok.flush()]
         assert "".join(pieces) == tok.decode(seq, skip_special_tokens=True)
-    detok = IncrementalDetokenizer.after_prompt(tok, [1])
+    detok = IncrementalDetokenizer(tok, [1], 0, 1)
     pieces = [detok.push(t) for t in ids]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
