@@ -6,6 +6,8 @@
     python benchmarks/serve.py load                   # closed loop with cancellations, then 3x overload
     python benchmarks/serve.py sweep --url vllm=http://127.0.0.1:8100 --launch llava-serve \\
         --prompt text --served-model NAME            # next to another OpenAI-compatible server
+    python benchmarks/serve.py sweep --launch llava-serve \\
+        --variant "budget 30:engine.max_stream_messages_per_s=30"   # two settings side by side
 
 Sides are `--launch`ed together in one local Ray Serve instance (`llava-serve`, `llava-serve/v1`:
 the engine with v1's settings, and the Serve streaming tutorial's chatbots from
@@ -33,6 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Launched sides run in Ray Serve's high-throughput mode, as `make serve` and `llava-serve serve`
+# run the app: a streamed message costs a hop ~7x less CPU there (benchmarks/micro/serve_hop.py).
+# Read when Ray starts; `RAY_SERVE_THROUGHPUT_OPTIMIZED=0` measures Serve's default mode.
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 import httpx
 import yaml
@@ -322,10 +328,18 @@ def app_config(args, name: str):
         "engine": {"max_batch_size": args.batch, **(V1_SETTINGS if name.endswith("/v1") else {})},
         "llava_model": {"num_cpus": args.model_cpus},
     }
-    for item in args.set:  # laid over every launched llava-serve side, as `llava-serve serve --set`
+    # --set is laid over every launched llava-serve side, as `llava-serve serve --set`; a variant's
+    # own settings over that.
+    for item in [*args.set, *variants(args).get(name, [])]:
         dotted, _, raw = item.partition("=")
         set_path(tree, dotted, yaml.safe_load(raw))
     return AppConfig.model_validate(tree)
+
+
+def variants(args) -> dict[str, list[str]]:
+    """`--variant "NAME:KEY=VALUE,KEY=VALUE"`: another launched llava-serve side with its settings."""
+    named = (item.partition(":") for item in args.variant)
+    return {name: [kv for kv in settings.split(",") if kv] for name, _, settings in named}
 
 
 def launch(args, names: list[str]) -> list[Side]:
@@ -346,7 +360,7 @@ def launch(args, names: list[str]) -> list[Side]:
         config = app_config(args, name)
         checkpoint.resolve_path(config.model)  # built before anything is timed
         options = {"ray_actor_options": {"num_cpus": args.model_cpus}, "max_ongoing_requests": 1024}
-        if name.startswith("llava-serve"):
+        if name.startswith("llava-serve") or name in variants(args):
             serve.run(build(config), name=f"side{i}", route_prefix=f"/side{i}")
             sides.append(Side(name, f"{base}/side{i}/v1/chat/completions", "openai"))
             continue
@@ -364,6 +378,12 @@ def main() -> None:
     parser.add_argument("mode", choices=sorted(MODES))
     parser.add_argument("--launch", nargs="*", choices=["llava-serve", "llava-serve/v1", "thread", "batch"])
     parser.add_argument("--url", action="append", default=[], help="NAME=BASE_URL of a running server")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help='NAME:KEY=VALUE,...: a launched llava-serve side with these settings (over --set)',
+    )
     parser.add_argument("--served-model", help="the `model` to send (another server may require one)")
     parser.add_argument(
         "--set", action="append", default=[], help="KEY=VALUE over launched llava-serve sides"
@@ -392,6 +412,7 @@ def main() -> None:
         # The concurrency of the load run fits; past it, requests are refused at the door.
         args.set = ["admission.max_inflight_requests=40", "image_preprocessor.num_replicas=2", *args.set]
     names = DEFAULT_LAUNCH[args.mode] if args.launch is None else args.launch
+    names = [*names, *variants(args)]
     if args.mode == "burst" and not names and not args.url:
         args.url = ["llava-serve=http://127.0.0.1:8000"]
     sides = launch(args, names) + [

@@ -11,6 +11,7 @@ Each step is plan -> execute -> output (`core`):
 - `sequence`: one request's token-level state.
 """
 
-from llava_serve.engine.core import Engine, out_is_partial
+from llava_serve.engine.core import Engine
+from llava_serve.engine.output import out_is_partial
 
 __all__ = ["Engine", "out_is_partial"]

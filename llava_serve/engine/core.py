@@ -29,7 +29,7 @@ import torch
 
 from llava_serve.config import EngineConfig, ModelConfig
 from llava_serve.engine.kv import KVManager, gpu_kv_budget, slot_length
-from llava_serve.engine.output import OutputProcessor
+from llava_serve.engine.output import OutputProcessor, paced
 from llava_serve.engine.runner import Chunk, ModelRunner
 from llava_serve.engine.sampler import Sampled, Sampler
 from llava_serve.engine.sampling import SamplingParams
@@ -52,11 +52,6 @@ def _thread(name: str) -> ThreadPoolExecutor:
 
 def _model_thread() -> ThreadPoolExecutor:
     return _thread("llava-engine")
-
-
-def out_is_partial(out: StepOutput | Exception) -> bool:
-    """More of this request's outputs may follow."""
-    return isinstance(out, StepOutput) and out.finish_reason is None
 
 
 @dataclass
@@ -274,31 +269,10 @@ class Engine:
 
     async def stream(self, seq: Sequence) -> AsyncIterator[StepOutput]:
         """A submitted request's outputs, every choice's (each output has its `index`); closing the
-        iterator cancels the request.
-
-        The first output goes out at once. After it, a message carries whatever a choice
-        produced since the last one (`stream_interval`), or piled up while the consumer was busy:
-        every message costs each hop through Serve the same, whatever it carries."""
-        running = {s.index for s in seq.group}
+        iterator cancels the request. Paced by `output.paced` at `stream_interval()`."""
         try:
-            sent_at = None
-            while running:
-                out = await seq.outputs.get()
-                if sent_at is not None and out_is_partial(out):
-                    await asyncio.sleep(self.stream_interval() - (time.monotonic() - sent_at))
-                ready: dict[int, StepOutput] = {}
-                while True:
-                    if isinstance(out, Exception):
-                        raise out
-                    ready[out.index] = ready[out.index] + out if out.index in ready else out
-                    if seq.outputs.empty():
-                        break
-                    out = seq.outputs.get_nowait()
-                for index in sorted(ready):
-                    yield ready[index]
-                    if ready[index].finish_reason is not None:
-                        running.discard(index)
-                sent_at = time.monotonic()
+            async for out in paced(seq, self.stream_interval):
+                yield out
         finally:
             self.cancel(seq)
 
@@ -540,7 +514,9 @@ class Engine:
         except Exception as e:
             logger.exception("a step of %d rows and %d prompt chunks failed", len(decoding), len(chunks))
             return self._fail(decoding + [s for s, _ in chunks], e)
-        took = self.runner.synchronized() - start
+        # A prompt's record wants its passes' time, which on a GPU only a sync tells; a decode-only
+        # step must not wait for the device before its one read of the sampled ids.
+        took = self.runner.synchronized() - start if chunks else 0.0
         for seq, n in chunks:
             seq.prefilled += n
             self.prefill_tokens += n

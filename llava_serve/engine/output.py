@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
 
 from tokenizers.decoders import DecodeStream
 
@@ -157,3 +159,34 @@ def _deliver(ready: list[tuple[Sequence, StepOutput | Exception]]) -> None:
     """Event loop: each output into its request's stream."""
     for seq, out in ready:
         seq.outputs.put_nowait(out)
+
+
+def out_is_partial(out: StepOutput | Exception) -> bool:
+    """More of this request's outputs may follow."""
+    return isinstance(out, StepOutput) and out.finish_reason is None
+
+
+async def paced(seq: Sequence, interval: Callable[[], float]) -> AsyncIterator[StepOutput]:
+    """A request's outputs, every choice's, as its stream sends them: the first at once, then at
+    most one message per choice every `interval()` seconds, carrying whatever that choice produced
+    since (or piled up while the consumer was busy). Every message costs each hop through Serve
+    the same, whatever it carries (benchmarks/micro/serve_hop.py)."""
+    running = {s.index for s in seq.group}
+    sent_at = None
+    while running:
+        out = await seq.outputs.get()
+        if sent_at is not None and out_is_partial(out):
+            await asyncio.sleep(interval() - (time.monotonic() - sent_at))
+        ready: dict[int, StepOutput] = {}
+        while True:
+            if isinstance(out, Exception):
+                raise out
+            ready[out.index] = ready[out.index] + out if out.index in ready else out
+            if seq.outputs.empty():
+                break
+            out = seq.outputs.get_nowait()
+        for index in sorted(ready):
+            yield ready[index]
+            if ready[index].finish_reason is not None:
+                running.discard(index)
+        sent_at = time.monotonic()
