@@ -75,17 +75,17 @@ class Fused:
 
     def __init__(self, linear: PackedLinear, sizes: list[int]):
         self.linear, self.sizes = linear, sizes
-        self._input: torch.Tensor | None = None
+        self._input: torch.Tensor | None = None  # held, so its identity cannot be reused
         self._parts: tuple[torch.Tensor, ...] = ()
-        self._taken: set[int] = set()
+        self._left = 0
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if self._input is not x or index in self._taken:
-            self._parts, self._input, self._taken = self.linear(x).split(self.sizes, -1), x, set()
-        self._taken.add(index)
+        if self._input is not x:
+            self._parts, self._input, self._left = self.linear(x).split(self.sizes, -1), x, len(self.sizes)
         out = self._parts[index]
-        if len(self._taken) == len(self.sizes):  # every part handed out: hold no activations
-            self._input, self._parts, self._taken = None, (), set()
+        self._left -= 1
+        if self._left == 0:  # every part handed out: hold no activations
+            self._input, self._parts = None, ()
         return out
 
 

@@ -186,7 +186,7 @@ class ModelRunner:
             step_position += range(c.start, c.start + n)
             if c.last:
                 last.append(len(step_slot) - 1)
-        writers = [t for t in range(len(step_slot)) if t >= rows or t in decoding]
+        writers = [*sorted(decoding), *range(rows, len(step_slot))]  # decode row t is slot t
         partial = len(writers) < len(step_slot)
         slot_t, position_t, lengths_t, sampled, *writers_t = self._upload(
             [step_slot, step_position, lengths, decode + last, *([writers] if partial else [])]
