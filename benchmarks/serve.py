@@ -382,7 +382,7 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        help='NAME:KEY=VALUE,...: a launched llava-serve side with these settings (over --set)',
+        help="NAME:KEY=VALUE,...: a launched llava-serve side with these settings (over --set)",
     )
     parser.add_argument("--served-model", help="the `model` to send (another server may require one)")
     parser.add_argument(
