@@ -57,7 +57,7 @@ class Side:
 # -- requests ---------------------------------------------------------------------------------
 
 
-def requests(args, n: int, seed: int, max_tokens: int | None = None) -> list[dict]:
+def requests(args, n: int, seed: int | str, max_tokens: int | None = None) -> list[dict]:
     """`n` requests: a fresh random image and a question, or (`--prompt text`) a text prompt of
     `--words` random words; greedy, `max_tokens` (or uniform in `--max-tokens-range`) each."""
     rng = random.Random(seed)
@@ -174,12 +174,10 @@ async def sweep(args, sides: list[Side]) -> dict:
     results: dict = {"sides": {s.name: [] for s in sides}}
     levels = [tuple(int(x) for x in spec.split(":")) for spec in args.levels]
     for side in sides:  # warm-up: two requests each
-        await closed(side, requests(args, 2, seed=999, max_tokens=8), 2, args.served_model)
-    seed = 0
+        await closed(side, requests(args, 2, seed=f"{args.seed}/warm-up", max_tokens=8), 2, args.served_model)
     for r in range(args.rounds):
-        for concurrency, n in levels:
-            seed += 1
-            reqs = requests(args, n, seed, args.max_tokens)
+        for level, (concurrency, n) in enumerate(levels):
+            reqs = requests(args, n, f"{args.seed}/{r}/{level}", args.max_tokens)
             for side in rotated(sides, r):
                 level = await closed(side, reqs, concurrency, args.served_model) | {"round": r + 1}
                 results["sides"][side.name].append(level)
@@ -207,7 +205,7 @@ async def sweep(args, sides: list[Side]) -> dict:
     return results
 
 
-def schedule(args, rate: float, duration_s: float, seed: int) -> list[tuple[float, dict]]:
+def schedule(args, rate: float, duration_s: float, seed: int | str) -> list[tuple[float, dict]]:
     """(arrival time, request): Poisson arrivals at `rate`, the same for every side."""
     rng, out, t = random.Random(seed), [], 0.0
     while (t := t + rng.expovariate(rate)) < duration_s:
@@ -221,7 +219,7 @@ async def arrivals(args, sides: list[Side]) -> dict:
         await scheduled(side, schedule(args, 4.0, 2.0, seed=999), args.served_model)
     rows = []
     for r in range(args.rounds):
-        plan = schedule(args, args.rate, args.duration, seed=args.seed + r)
+        plan = schedule(args, args.rate, args.duration, seed=f"{args.seed}/{r}")
         offered = sum(req["max_tokens"] for _, req in plan) / plan[-1][0]
         for side in rotated(sides, r):
             level = await scheduled(side, plan, args.served_model)
@@ -402,11 +400,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16, help="max batch size of every launched side")
     parser.add_argument("--model-cpus", type=int, default=2, help="num_cpus of every launched model replica")
-    parser.add_argument("--seed", type=int, default=1)
+    # A server that outlives a run (a `--url` side) keeps its prefix cache: prompts it has seen
+    # would prefill from cache there and not on the launched sides. Each run draws its own seed
+    # (kept in the JSON) unless one is given to repeat a run's requests.
+    parser.add_argument("--seed", type=int, default=None, help="default: drawn afresh each run")
     parser.add_argument("--port", type=int, default=8331)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/serve-MODE.json")
     args = parser.parse_args()
     args.out = args.out or f"benchmarks/results/serve-{args.mode}.json"
+    args.seed = random.SystemRandom().randrange(1 << 30) if args.seed is None else args.seed
+    print(f"request seed {args.seed}", flush=True)
     args.requests = args.requests or {"burst": 300, "load": 500}.get(args.mode, 0)
     if args.mode == "load":
         # The concurrency of the load run fits; past it, requests are refused at the door.
