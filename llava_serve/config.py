@@ -256,7 +256,7 @@ class EngineConfig(_Strict):
         "(Ray Serve LLM batches its streams the same way, every 50 ms by default.)",
     )
     max_stream_messages_per_s: float = Field(
-        160.0,
+        180.0,
         ge=0,
         description="Messages per second the replica's streams share after their first tokens: with n "
         "requests running, each stream sends at most every max(stream_interval_s, n / this). A message "

@@ -24,6 +24,7 @@ import torch
 from llava_serve.engine.attention import ATTENTION, PASS_THROUGH, Segment, StepLayout
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kv import KVManager, WritePlan
+from llava_serve.engine.norms import fuse_norms
 from llava_serve.engine.packed import pack_decoder
 from llava_serve.engine.vision import VisionCache
 from llava_serve.errors import EngineError, InvalidRequest
@@ -71,6 +72,7 @@ class ModelRunner:
         self.head = OutputHead(model.get_output_embeddings())
         # On CPU its linear layers run through oneDNN on prepacked, fused weights (`packed.py`).
         self.packed = pack_decoder(self.decoder) > 0
+        fuse_norms(self.decoder)
         text = model.config.get_text_config()
         # The engine's attention over the KV slots (SDPA for any call without a step layout).
         text._attn_implementation = ATTENTION
