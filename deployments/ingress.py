@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.heap import freeze_startup_heap
 from deployments.metrics import IngressMetrics, rss_bytes
 from llava_serve.api import http, playground
 from llava_serve.api.admission import Admission
@@ -135,6 +137,7 @@ class Ingress:
             hosts=HostCheck(self.config.http.allowed_hosts),
             public_models=self.config.auth.public_models,
         )
+        freeze_startup_heap()  # the last of the replica's startup: its app is built
         return self.guard
 
     @app.post(
@@ -229,7 +232,12 @@ class Ingress:
         return self.admission.inflight
 
     async def stats(self) -> dict:
-        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "inflight": self.admission.inflight}
+        return {
+            "pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
+            "inflight": self.admission.inflight,
+            "gc_frozen_objects": gc.get_freeze_count(),
+        }
 
     # -- telemetry ---------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import math
 import os
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import ray
 import torch
 from ray import serve
 
+from deployments.heap import freeze_startup_heap
 from deployments.metrics import EngineMetrics, rss_bytes
 from llava_serve.config import AppConfig, with_runtime
 from llava_serve.engine import Engine
@@ -37,6 +39,7 @@ class LlavaModel:
         self.metrics = EngineMetrics()
         self._sampler: asyncio.Task | None = None
         self._reports = 0
+        freeze_startup_heap()
 
     def reconfigure(self, user_config: dict) -> None:
         """Runtime knobs (stream pacing, the stall and grammar timeouts) from Serve's user_config:
@@ -75,7 +78,12 @@ class LlavaModel:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting}
 
     async def stats(self) -> dict:
-        return {**self.engine.stats(), "rss_bytes": rss_bytes(), "pid": os.getpid()}
+        return {
+            **self.engine.stats(),
+            "rss_bytes": rss_bytes(),
+            "pid": os.getpid(),
+            "gc_frozen_objects": gc.get_freeze_count(),
+        }
 
     async def record_routing_stats(self) -> dict:
         """For the request router (`deployments.routing`): the routing digests of every prompt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
 import math
 import os
 import time
@@ -12,6 +13,7 @@ import time
 import ray
 from ray import serve
 
+from deployments.heap import freeze_startup_heap
 from deployments.metrics import FetchMetrics, rss_bytes
 from llava_serve.api.telemetry import source_kind
 from llava_serve.config import AppConfig
@@ -51,6 +53,7 @@ class ImagePreprocessor:
         workers = config.images.decode_workers or max(1, math.ceil(config.image_preprocessor.num_cpus))
         self.media = MediaPreparer(config.model, config.images, workers, self._fetched)
         self.held = HeldObjects(config.images.pixel_hold_s)
+        freeze_startup_heap()
 
     def _fetched(self, source: str, seconds: float, size: int | None) -> None:
         self.metrics.record(source_kind(source), seconds, size)
@@ -77,6 +80,7 @@ class ImagePreprocessor:
             "pid": os.getpid(),
             "decode_worker_pids": self.media.decoder.worker_pids(),
             "rss_bytes": rss_bytes(),
+            "gc_frozen_objects": gc.get_freeze_count(),
             "fetch_cache_bytes": cache.bytes,
             "fetch_cache_entries": len(cache.entries),
         }
@@ -93,6 +97,7 @@ class PromptTokenizer:
             checkpoint.context_length(config.model),
             config.routing.block_tokens,
         )
+        freeze_startup_heap()
 
     async def __call__(
         self,
@@ -120,4 +125,4 @@ class PromptTokenizer:
         return self.builder.context_length
 
     def stats(self) -> dict:
-        return {"pid": os.getpid(), "rss_bytes": rss_bytes()}
+        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "gc_frozen_objects": gc.get_freeze_count()}
