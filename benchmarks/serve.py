@@ -13,7 +13,8 @@ Sides are `--launch`ed together in one local Ray Serve instance (`llava-serve`, 
 the engine with v1's settings, and the Serve streaming tutorial's chatbots from
 `benchmarks/baselines.py`: `thread`, `batch`) or reached by `--url NAME=BASE_URL` (anything that
 serves `/v1/chat/completions`). They take turns on the same requests, the order rotated each round,
-and every side is measured the same way at the client: TTFT is the arrival of the first non-empty
+each turn starting once the machine is quiet (`settle`), and every side is measured the same way
+at the client: TTFT is the arrival of the first non-empty
 text; the chunk gap is the time between chunks with text; TPOT is (last text - first text) /
 (tokens - 1); tok/s is a level's tokens over its wall time. Tokens come from the stream's `usage`
 where the side reports it; the tutorial's streams send no count, so theirs are `max_tokens` each
@@ -136,6 +137,35 @@ def summary(results: list[dict], wall: float) -> dict:
     }
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """Machine-wide (busy, total) jiffies from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+async def settle(limit_s: float = 10.0, below_cores: float = 0.25, window_s: float = 0.25) -> None:
+    """Wait until the machine is quiet before a side's turn. A side just measured may keep cores
+    busy after its last response (vLLM's engine keeps one core busy for ~1 s after each request),
+    and the next side's first requests would pay for it: a one-stream request after vLLM's turn
+    took ~1 s to its first token, against ~0.13 s after our own turn."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        before = _cpu_times()
+        await asyncio.sleep(window_s)
+        after = _cpu_times()
+        if before is None or after is None:
+            return
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total and busy / total * (os.cpu_count() or 1) < below_cores:
+            return
+    print(f"  (the machine was still busy after {limit_s:.0f} s; measuring anyway)", flush=True)
+
+
 def client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None))
 
@@ -179,6 +209,7 @@ async def sweep(args, sides: list[Side]) -> dict:
         for level, (concurrency, n) in enumerate(levels):
             reqs = requests(args, n, f"{args.seed}/{r}/{level}", args.max_tokens)
             for side in rotated(sides, r):
+                await settle()
                 level = await closed(side, reqs, concurrency, args.served_model) | {"round": r + 1}
                 results["sides"][side.name].append(level)
                 print(f"  round {r + 1} {side.name}: {level}", flush=True)
@@ -222,6 +253,7 @@ async def arrivals(args, sides: list[Side]) -> dict:
         plan = schedule(args, args.rate, args.duration, seed=f"{args.seed}/{r}")
         offered = sum(req["max_tokens"] for _, req in plan) / plan[-1][0]
         for side in rotated(sides, r):
+            await settle()
             level = await scheduled(side, plan, args.served_model)
             results["sides"][side.name].append(level)
             print(f"  round {r + 1} {side.name}: {level}", flush=True)
