@@ -41,17 +41,21 @@ def _too_big(n: int, limits: ImageConfig, param: str | None) -> ImageError:
     )
 
 
-def check_data_uri(uri: str, limits: ImageConfig, param: str | None = None) -> str:
-    """The base64 payload of a `data:` URI, refused if it is not base64 or decodes past `max_bytes`.
+def check_data_uri(uri: str, limits: ImageConfig, param: str | None = None) -> int:
+    """Where the base64 payload of a `data:` URI starts, refused if it is not base64 or decodes
+    past `max_bytes`.
 
-    Cheap enough for the ingress, which checks before shipping the string to a preprocessor.
+    Cheap enough for the ingress's event loop, which checks before shipping the string to a
+    preprocessor: it reads the header and the length, and copies nothing (a split of a 20 MiB
+    URI would copy it with the GIL held).
     """
-    header, sep, payload = uri.partition(",")
-    if not sep or not header.endswith(";base64"):
+    comma = uri.find(",", 0, 1024)  # the header: a media type, its parameters and ";base64"
+    if comma < 0 or not uri.endswith(";base64", 0, comma):
         raise ImageError("data: image URIs must be base64 encoded (data:<mime>;base64,<data>)", param)
-    if len(payload) * 3 // 4 > limits.max_bytes:
-        raise _too_big(len(payload) * 3 // 4, limits, param)
-    return payload
+    decoded = (len(uri) - comma - 1) * 3 // 4
+    if decoded > limits.max_bytes:
+        raise _too_big(decoded, limits, param)
+    return comma + 1
 
 
 # Base64 characters per decoding call (a multiple of 4). One call holds the GIL throughout, so
@@ -61,10 +65,10 @@ _B64_CHUNK = 1 << 20
 
 def decode_data_uri(uri: str, limits: ImageConfig, param: str | None = None) -> bytes:
     """Bytes of a base64 `data:` URI; the size is checked before decoding."""
-    payload = check_data_uri(uri, limits, param)
+    start = check_data_uri(uri, limits, param)
     try:
-        chunks = range(0, len(payload), _B64_CHUNK)
-        return b"".join(base64.b64decode(payload[i : i + _B64_CHUNK], validate=True) for i in chunks)
+        chunks = range(start, len(uri), _B64_CHUNK)
+        return b"".join(base64.b64decode(uri[i : i + _B64_CHUNK], validate=True) for i in chunks)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"data: URI is not valid base64: {e}", param) from e
 
