@@ -206,8 +206,8 @@ async def sweep(args, sides: list[Side]) -> dict:
     for side in sides:  # warm-up: two requests each
         await closed(side, requests(args, 2, seed=f"{args.seed}/warm-up", max_tokens=8), 2, args.served_model)
     for r in range(args.rounds):
-        for level, (concurrency, n) in enumerate(levels):
-            reqs = requests(args, n, f"{args.seed}/{r}/{level}", args.max_tokens)
+        for i, (concurrency, n) in enumerate(levels):
+            reqs = requests(args, n, f"{args.seed}/{r}/{i}", args.max_tokens)
             for side in rotated(sides, r):
                 await settle()
                 level = await closed(side, reqs, concurrency, args.served_model) | {"round": r + 1}

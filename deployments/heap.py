@@ -14,8 +14,7 @@ from __future__ import annotations
 import gc
 
 
-def freeze_startup_heap() -> int:
-    """Collect what startup left behind, then freeze every object alive; returns how many."""
+def freeze_startup_heap() -> None:
+    """Collect what startup left behind, then freeze every object alive."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()

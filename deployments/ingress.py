@@ -2,9 +2,7 @@
 
 import asyncio
 import contextlib
-import gc
 import logging
-import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -13,7 +11,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.heap import freeze_startup_heap
-from deployments.metrics import IngressMetrics, rss_bytes
+from deployments.metrics import IngressMetrics, process_stats
 from llava_serve.api import http, playground
 from llava_serve.api.admission import Admission
 from llava_serve.api.auth import ApiKeys, HostCheck, load_keys
@@ -232,12 +230,7 @@ class Ingress:
         return self.admission.inflight
 
     async def stats(self) -> dict:
-        return {
-            "pid": os.getpid(),
-            "rss_bytes": rss_bytes(),
-            "inflight": self.admission.inflight,
-            "gc_frozen_objects": gc.get_freeze_count(),
-        }
+        return {**process_stats(), "inflight": self.admission.inflight}
 
     # -- telemetry ---------------------------------------------------------------------------
 

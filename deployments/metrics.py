@@ -6,15 +6,23 @@ Ray exports them (prefixed `ray_`) from each node's metrics agent, with Serve's 
 
 from __future__ import annotations
 
+import gc
+import os
+
 import psutil
 from ray.serve import metrics
 
 from llava_serve.api.telemetry import RequestRecord
 
 
-def rss_bytes() -> int:
-    """This replica's resident set size now, for its `stats()`."""
-    return int(psutil.Process().memory_info().rss)
+def process_stats() -> dict:
+    """What every replica's `stats()` reports of its process: its pid, resident set size, and
+    how many objects its startup left frozen out of the collector's reach (`deployments.heap`)."""
+    return {
+        "pid": os.getpid(),
+        "rss_bytes": int(psutil.Process().memory_info().rss),
+        "gc_frozen_objects": gc.get_freeze_count(),
+    }
 
 
 def _histogram(name: str, description: str, boundaries=None, tags: tuple[str, ...] = ()):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import math
-import os
 from collections.abc import AsyncIterator
 
 import ray
@@ -14,7 +12,7 @@ import torch
 from ray import serve
 
 from deployments.heap import freeze_startup_heap
-from deployments.metrics import EngineMetrics, rss_bytes
+from deployments.metrics import EngineMetrics, process_stats
 from llava_serve.config import AppConfig, with_runtime
 from llava_serve.engine import Engine
 from llava_serve.engine.sampling import SamplingParams
@@ -78,12 +76,7 @@ class LlavaModel:
         return {"running": self.engine.num_running, "waiting": self.engine.num_waiting}
 
     async def stats(self) -> dict:
-        return {
-            **self.engine.stats(),
-            "rss_bytes": rss_bytes(),
-            "pid": os.getpid(),
-            "gc_frozen_objects": gc.get_freeze_count(),
-        }
+        return {**self.engine.stats(), **process_stats()}
 
     async def record_routing_stats(self) -> dict:
         """For the request router (`deployments.routing`): the routing digests of every prompt

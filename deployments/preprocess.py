@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import gc
 import math
-import os
 import time
 
 import ray
 from ray import serve
 
 from deployments.heap import freeze_startup_heap
-from deployments.metrics import FetchMetrics, rss_bytes
+from deployments.metrics import FetchMetrics, process_stats
 from llava_serve.api.telemetry import source_kind
 from llava_serve.config import AppConfig
 from llava_serve.inputs.media import MediaPreparer
@@ -77,10 +75,8 @@ class ImagePreprocessor:
     def stats(self) -> dict:
         cache = self.media.fetcher.cache
         return {
-            "pid": os.getpid(),
+            **process_stats(),
             "decode_worker_pids": self.media.decoder.worker_pids(),
-            "rss_bytes": rss_bytes(),
-            "gc_frozen_objects": gc.get_freeze_count(),
             "fetch_cache_bytes": cache.bytes,
             "fetch_cache_entries": len(cache.entries),
         }
@@ -125,4 +121,4 @@ class PromptTokenizer:
         return self.builder.context_length
 
     def stats(self) -> dict:
-        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "gc_frozen_objects": gc.get_freeze_count()}
+        return process_stats()

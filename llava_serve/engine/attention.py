@@ -67,8 +67,8 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     if n:
         # The query heads that share a key head (transformers' `repeat_kv` order) as that head's
         # queries, [rows, kv_heads, group, dim]: they sit at the same position and see the same
-        # keys, and SDPA reads each key once instead of expanding them per query head (~30% less
-        # attention time at 16 rows, `benchmarks/decode_step.py`).
+        # keys, and SDPA reads each key once instead of expanding them per query head (17-25% less
+        # attention time at 16 rows under `torch.profiler`; docs/performance.md).
         kv_heads = key.shape[1]
         q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, -1, query.shape[3])
         k, v = key[:n, :, : layout.kv_len], value[:n, :, : layout.kv_len]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llava_serve.engine.modules import replace_modules
+
 # Norms computing `weight * (x * rsqrt(mean(x^2) + eps))`, in float32 for a float32 model: Llama's,
 # Mistral's and Qwen2's (the LLaVA family's language models). Gemma's `1 + weight` form is not one.
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
@@ -32,10 +34,8 @@ class FusedRMSNorm(nn.Module):
 def fuse_norms(decoder: nn.Module) -> int:
     """Replace the decoder's RMS norms of a known form, for float32 weights (where transformers'
     float32 arithmetic is the model's own dtype); returns how many were replaced."""
-    replaced = 0
-    for name, module in list(decoder.named_modules()):
-        if type(module).__name__ in RMS_NORMS and module.weight.dtype == torch.float32:
-            parent, _, attr = name.rpartition(".")
-            setattr(decoder.get_submodule(parent) if parent else decoder, attr, FusedRMSNorm(module))
-            replaced += 1
-    return replaced
+    return replace_modules(
+        decoder,
+        lambda m: type(m).__name__ in RMS_NORMS and m.weight.dtype == torch.float32,
+        FusedRMSNorm,
+    )

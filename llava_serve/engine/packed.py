@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llava_serve.engine.modules import replace_modules
+
 # The row count the reorder is tuned for; any count runs on the packed weight.
 ROWS_HINT = 16
 
@@ -121,9 +123,6 @@ def pack_decoder(decoder: nn.Module) -> int:
             setattr(owner, "fused_" + "_".join(names), fused.linear)  # a submodule, for .modules()
             for i, (name, linear) in enumerate(zip(names, linears, strict=True)):
                 setattr(owner, name, Part(fused, i, linear))
-    for name, module in list(decoder.named_modules()):
-        if type(module) is nn.Linear:
-            parent, _, attr = name.rpartition(".")
-            setattr(decoder.get_submodule(parent), attr, PackedLinear(module.weight, module.bias))
+    replace_modules(decoder, lambda m: type(m) is nn.Linear, lambda m: PackedLinear(m.weight, m.bias))
     layers = getattr(decoder, "layers", [])
     return sum(isinstance(m, PackedLinear) for m in layers[0].modules()) if len(layers) else 0
