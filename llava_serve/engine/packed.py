@@ -8,6 +8,11 @@ with the weight reordered once into its blocked layout (`torch.ops.mkldnn._reord
 `_linear_pointwise`, the kernels inductor's CPU backend emits for frozen linears) reads it in the
 order its kernel wants, at every row count: `benchmarks/decode_step.py` measures the whole step.
 
+The vision tower and the projector are packed as they are (`pack_linears`): an image's patches
+are a few hundred rows, where the kernel's choice matters as much: MKL picks its code by CPU
+vendor and runs AVX2 on AMD's AVX-512 cores, where oneDNN's runs ~2.2x faster at 256-577 rows
+(`benchmarks/micro/vision_pack.py`).
+
 Projections of the same input become one product: q, k and v of each attention layer, and the
 gate and up projections of each MLP. The model's own modules still call `q_proj(x)`, `k_proj(x)`,
 `v_proj(x)` in turn; each is a `Part` of one `Fused` product, which is computed on the first
@@ -32,9 +37,10 @@ ROWS_HINT = 16
 
 def available(module: nn.Module) -> bool:
     """oneDNN is there and the weights are float32 or bfloat16 on the CPU."""
-    weight = next(module.parameters())
+    weight = next(module.parameters(), None)
     return (
-        torch.backends.mkldnn.is_available()
+        weight is not None
+        and torch.backends.mkldnn.is_available()
         and weight.device.type == "cpu"
         and weight.dtype in (torch.float32, torch.bfloat16)
     )
@@ -108,6 +114,13 @@ class Part(nn.Module):
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
+def pack_linears(module: nn.Module) -> int:
+    """Pack every plain linear of `module` (the vision tower, the projector); returns how many."""
+    if not available(module):
+        return 0
+    return replace_modules(module, lambda m: type(m) is nn.Linear, lambda m: PackedLinear(m.weight, m.bias))
+
+
 def pack_decoder(decoder: nn.Module) -> int:
     """Fuse and pack every decoder layer's projections, and pack its other plain linears; returns
     how many products a layer's forward now runs (0: nothing was packed)."""
@@ -123,6 +136,6 @@ def pack_decoder(decoder: nn.Module) -> int:
             setattr(owner, "fused_" + "_".join(names), fused.linear)  # a submodule, for .modules()
             for i, (name, linear) in enumerate(zip(names, linears, strict=True)):
                 setattr(owner, name, Part(fused, i, linear))
-    replace_modules(decoder, lambda m: type(m) is nn.Linear, lambda m: PackedLinear(m.weight, m.bias))
+    pack_linears(decoder)
     layers = getattr(decoder, "layers", [])
     return sum(isinstance(m, PackedLinear) for m in layers[0].modules()) if len(layers) else 0

@@ -65,6 +65,22 @@ def test_the_decoder_s_projections_are_fused_and_packed_and_compute_the_model_s_
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_the_vision_tower_and_projector_are_packed_and_compute_the_model_s_own_features(model, hf_model):
+    """On CPU the image path's linears are oneDNN-packed too, and an image's features are the
+    unpacked model's own `get_image_features`, to float rounding."""
+    WholeRunner(model, 0)
+    for part in (model.model.vision_tower, model.model.multi_modal_projector):
+        assert any(isinstance(m, PackedLinear) for m in part.modules())
+        assert not any(type(m) is torch.nn.Linear for m in part.modules())
+    size = hf_model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = model.model.get_image_features(pixel_values=pixels).pooler_output
+        expected = hf_model.model.get_image_features(pixel_values=pixels).pooler_output
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
 GiB = 1 << 30
 
 
