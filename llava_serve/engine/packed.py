@@ -1,5 +1,5 @@
-"""The decoder's linear layers on CPU: oneDNN with each weight reordered once, and the projections
-that read the same input fused.
+"""The model's linear layers on CPU: oneDNN with each weight reordered once, and the decoder's
+projections that read the same input fused.
 
 A decode step with a few rows streams every weight from memory and does little arithmetic per
 byte; with 16-32 rows it is a set of skinny matrix products. MKL's `nn.Linear` runs both poorly
