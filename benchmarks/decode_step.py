@@ -4,6 +4,7 @@ on the same cores in the same run (the faster of MKL's and oneDNN's).
 
     python benchmarks/decode_step.py                       # small preset, v2 from commit ee8ede0
     python benchmarks/decode_step.py --rows 1 16 --steps 40 --rounds 5
+    python benchmarks/decode_step.py --dtype bfloat16 --v2-commit c6d2199   # model.dtype: bfloat16
 
 Each side runs in its own fresh process (v2's from `git archive` of `--v2-commit`), the sides
 taking turns for `--rounds` rounds with the order rotated, so drift in the machine's speed lands
@@ -47,7 +48,8 @@ def worker(args) -> dict:
         # code on AMD's AVX-512 cores, where oneDNN on a prepacked weight runs ~2.2x faster; the
         # reference is the faster of the two, so the share is of what these cores reach.
         n = 2048
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        dtype = getattr(torch, args.dtype)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
         kernels = {
             "mkl": lambda: a @ b,
@@ -74,7 +76,7 @@ def worker(args) -> dict:
     thread = ThreadPoolExecutor(1)  # the engine's model thread: weights loaded and run on it
 
     def run() -> dict:
-        model = checkpoint.load_model(ModelConfig(name="tiny", tiny_preset=args.preset))
+        model = checkpoint.load_model(ModelConfig(name="tiny", tiny_preset=args.preset, dtype=args.dtype))
         runner = WholeRunner(model, 0, slots=rows, max_len=args.prompt_len + args.steps + 8)
         g = torch.Generator().manual_seed(rows)
         ids = torch.randint(10, runner.vocab_size - 10, (rows, args.prompt_len), generator=g).tolist()
@@ -101,8 +103,9 @@ def worker(args) -> dict:
     return thread.submit(run).result()
 
 
-def measure(tree: Path, args, rows: int | None = None, gemm: bool = False) -> dict:
+def measure(tree: Path, args, rows: int | None = None, gemm: bool = False, dtype: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--threads", str(args.threads)]
+    cmd += ["--dtype", dtype or args.dtype]
     cmd += ["--prompt-len", str(args.prompt_len), "--steps", str(args.steps)]
     cmd += ["--gemm"] if gemm else ["--rows", str(rows)]
     env = {**os.environ, "DECODE_STEP_TREE": str(tree)}
@@ -120,6 +123,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the model's (model.dtype); the GEMM reference runs in it and in float32",
+    )
     p.add_argument("--v2-commit", default="ee8ede0")
     p.add_argument("--out", default="benchmarks/results/decode_step.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -150,15 +159,21 @@ def main() -> None:
             tar.extractall(v2, filter="data")
         sides = {"v2": v2, "v3": ROOT}
         got: dict[str, dict[int, list[dict]]] = {name: {r: [] for r in args.rows} for name in sides}
-        gemm: list[float] = []
+        gemm: list[dict] = []  # in the model's dtype
+        fp32_gemm: list[dict] = []
         for r in range(args.rounds):
             for rows in args.rows:
                 for name in rotated(list(sides), r):
                     got[name][rows].append(measure(sides[name], args, rows))
             gemm.append(measure(ROOT, args, gemm=True))
+            if args.dtype != "float32":
+                fp32_gemm.append(measure(ROOT, args, gemm=True, dtype="float32"))
     rates = {name: statistics.median(g[name] for g in gemm) for name in gemm[0]}
     peak = max(rates.values())
-    results = {"gemm_gflops": peak, "gemm_gflops_by_library": rates, "rows": []}
+    fp32_gemm = fp32_gemm or gemm
+    fp32_peak = max(statistics.median(g[name] for g in fp32_gemm) for name in fp32_gemm[0])
+    results = {"gemm_gflops": peak, "gemm_gflops_by_library": rates, "fp32_gemm_gflops": fp32_peak}
+    results["rows"] = []
     lines = []
     for rows in args.rows:
         v2_ms = statistics.median(m["ms"] for m in got["v2"][rows])
@@ -176,11 +191,15 @@ def main() -> None:
                 f"{v3_ms / v2_ms:.2f}x",
                 f"{v3_gflops:.1f}",
                 f"{v3_gflops / peak:.0%}",
+                f"{v3_gflops / fp32_peak:.0%}",
             ]
         )
     by_library = ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items())
-    print(f"fp32 GEMM 2048^3 on {args.threads} threads: {peak:.1f} GFLOP/s (the faster of {by_library})")
-    print(table(["rows", "v2 ms", "v3 ms", "v3/v2", "v3 GFLOP/s", "share of GEMM"], lines))
+    print(f"{args.dtype} GEMM 2048^3 on {args.threads} threads: {peak:.1f} GFLOP/s (faster of {by_library})")
+    print(f"float32 GEMM 2048^3: {fp32_peak:.1f} GFLOP/s")
+    headers = ["rows", "v2 ms", "v3 ms", "v3/v2", "v3 GFLOP/s", f"share of {args.dtype} GEMM"]
+    headers.append("share of fp32 GEMM")
+    print(table(headers, lines))
     save(results, args)
 
 

@@ -42,6 +42,28 @@ async def test_mixed_batch_greedy_equals_solo_generate(engine, cases):
     assert await settled(engine)
 
 
+async def test_a_bfloat16_model_s_mixed_batch_greedy_equals_generate_in_bfloat16(tiny_dir, processor, cases):
+    """`model.dtype: bfloat16` (oneDNN's bf16 products on CPU): the engine answers what
+    transformers' own `generate` answers on the same weights in the same dtype."""
+    from transformers import LlavaForConditionalGeneration
+
+    reference = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    expected = []
+    for case in cases:
+        inputs = {k: v.to(torch.bfloat16) if k == "pixel_values" else v for k, v in case.inputs.items()}
+        expected.append(greedy_ids(reference, inputs, case.max_tokens))
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    runner = ModelRunner(model, 1 << 24)
+    assert runner.packed and runner.dtype == torch.bfloat16
+    eos = [model.config.text_config.eos_token_id]
+    engine = ProbedEngine(runner, processor.tokenizer, eos, EngineConfig(max_batch_size=8, max_queue=64))
+    try:
+        results = await asyncio.gather(*[collect(engine, c, delay=0.005 * i) for i, c in enumerate(cases)])
+    finally:
+        await engine.shutdown()
+    assert results == expected
+
+
 async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engine, cases):
     params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     solo = await collect(engine, cases[0], params)
