@@ -1,5 +1,7 @@
 """The same request surface through DeploymentHandles, from a second app in the same cluster."""
 
+import asyncio
+
 import pytest
 from ray import serve
 
@@ -56,6 +58,10 @@ class Relay:
 
     async def chat_stream(self, request: dict) -> list[dict]:
         return [c async for c in self.llava.options(stream=True).chat_stream.remote(request)]
+
+    async def chat_many(self, requests: list[dict]) -> list[dict]:
+        """All at once from this one request: the calls share its internal request id."""
+        return await asyncio.gather(*[self.llava.chat.remote(r) for r in requests])
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +132,16 @@ async def test_handle_errors_carry_the_same_types_as_http(relay):
     with pytest.raises(InvalidRequest) as info:
         await relay.chat.remote({"messages": [{"role": "user", "content": "hi"}], "top_p": 0})
     assert info.value.param == "top_p"
+
+
+async def test_calls_issued_together_from_one_request_all_complete(relay):
+    """Serve gives the handle calls made inside one request their caller's internal id, so the
+    model router sees several pending requests with one id; each must still be sent (with id-only
+    matching, all but one waited forever)."""
+    requests = [
+        {"messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 3, "temperature": 0}
+        for i in range(12)
+    ]
+    answers = await asyncio.wait_for(relay.chat_many.remote(requests), timeout=120)
+    assert len(answers) == len(requests)
+    assert all(a["choices"][0]["finish_reason"] in ("stop", "length") for a in answers)
