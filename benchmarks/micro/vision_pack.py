@@ -26,8 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.report import save, table  # noqa: E402
-from llava_serve.engine.packed import pack_linears  # noqa: E402
-from llava_serve.engine.runner import VISION_PARTS  # noqa: E402
+from llava_serve.engine.packed import pack_vision  # noqa: E402
 
 
 def load(tower: str):
@@ -56,8 +55,7 @@ def load(tower: str):
 def measure(tower: str, images: int, repeats: int) -> dict:
     mkl = load(tower)
     packed = copy.deepcopy(mkl)
-    for name in VISION_PARTS:
-        pack_linears(getattr(packed.model, name))
+    pack_vision(packed)
     size = mkl.config.vision_config.image_size
     pixels = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0))
     sides = {"mkl": mkl, "onednn": packed}

@@ -81,14 +81,14 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         if s.start == 0:
             # SDPA's own causal form: its kernels skip the blocks above the diagonal, half of a
             # fresh prompt's scores (`is_causal` aligns top-left, so only a chunk from position 0).
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-            out[s.offset : s.offset + s.length] = o[0].transpose(0, 1)
-            continue
-        # Query i sits at position start + i and sees every position up to its own.
-        sees = torch.arange(end, device=query.device)[None, :] <= (
-            s.start + torch.arange(s.length, device=query.device)[:, None]
-        )
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, scale=scaling, enable_gqa=True)
+            masking = {"is_causal": True}
+        else:
+            # Query i sits at position start + i and sees every position up to its own.
+            sees = torch.arange(end, device=query.device)[None, :] <= (
+                s.start + torch.arange(s.length, device=query.device)[:, None]
+            )
+            masking = {"attn_mask": sees}
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True, **masking)
         out[s.offset : s.offset + s.length] = o[0].transpose(0, 1)
     return out[None], None
 

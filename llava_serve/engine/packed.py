@@ -8,7 +8,7 @@ with the weight reordered once into its blocked layout (`torch.ops.mkldnn._reord
 `_linear_pointwise`, the kernels inductor's CPU backend emits for frozen linears) reads it in the
 order its kernel wants, at every row count: `benchmarks/decode_step.py` measures the whole step.
 
-The vision tower and the projector are packed as they are (`pack_linears`): an image's patches
+The vision tower and the projector are packed as they are (`pack_vision`): an image's patches
 are a few hundred rows, where the kernel's choice matters as much: MKL picks its code by CPU
 vendor and runs AVX2 on AMD's AVX-512 cores, where oneDNN's runs ~2.2x faster at 256-577 rows
 (`benchmarks/micro/vision_pack.py`).
@@ -114,11 +114,21 @@ class Part(nn.Module):
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
+# The LLaVA family's image path, by the attribute names of its `*Model` (`model.model`).
+VISION_PARTS = ("vision_tower", "multi_modal_projector")
+
+
 def pack_linears(module: nn.Module) -> int:
-    """Pack every plain linear of `module` (the vision tower, the projector); returns how many."""
+    """Pack every plain linear of `module`; returns how many."""
     if not available(module):
         return 0
     return replace_modules(module, lambda m: type(m) is nn.Linear, lambda m: PackedLinear(m.weight, m.bias))
+
+
+def pack_vision(model: nn.Module) -> int:
+    """Pack the linears of a LLaVA-family model's vision tower and projector; returns how many."""
+    parts = (getattr(model.model, name, None) for name in VISION_PARTS)
+    return sum(pack_linears(part) for part in parts if part is not None)
 
 
 def pack_decoder(decoder: nn.Module) -> int:

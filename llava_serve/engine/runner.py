@@ -25,13 +25,10 @@ from llava_serve.engine.attention import ATTENTION, PASS_THROUGH, Segment, StepL
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kv import KVManager, WritePlan
 from llava_serve.engine.norms import fuse_norms
-from llava_serve.engine.packed import pack_decoder, pack_linears
+from llava_serve.engine.packed import pack_decoder, pack_vision
 from llava_serve.engine.vision import VisionCache
 from llava_serve.errors import EngineError, InvalidRequest
 from llava_serve.types import PreparedImage
-
-# The LLaVA family's image path, by the attribute names of its `*Model` (`model.model`).
-VISION_PARTS = ("vision_tower", "multi_modal_projector")
 
 
 @dataclass
@@ -76,10 +73,7 @@ class ModelRunner:
         # On CPU its linear layers run through oneDNN on prepacked, fused weights (`packed.py`).
         self.packed = pack_decoder(self.decoder) > 0
         # The vision tower and projector too: each image a cache miss brings runs through them.
-        for name in VISION_PARTS:
-            part = getattr(model.model, name, None)
-            if part is not None:
-                pack_linears(part)
+        pack_vision(model)
         fuse_norms(self.decoder)
         text = model.config.get_text_config()
         # The engine's attention over the KV slots (SDPA for any call without a step layout).
