@@ -45,11 +45,14 @@ class StepLayout:
     lengths: torch.Tensor  # [rows] positions each decode row sees, its new one included (>= 1)
     kv_len: int  # the longest of them, known on the host
     segments: list[Segment]
+    ragged: bool = True  # whether the rows' lengths differ (known on the host)
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
-    def decode_mask(self) -> torch.Tensor:
-        """[rows, 1, 1, kv_len] boolean: what each decode row sees (the CPU backend's form)."""
-        if self._mask is None:
+    def decode_mask(self) -> torch.Tensor | None:
+        """[rows, 1, 1, kv_len] boolean: what each decode row sees (the CPU backend's form); None
+        when every row sees all `kv_len` positions (one row, say), which SDPA then reads unmasked:
+        a mask of all true adds zero to every score, so the result is the same."""
+        if self._mask is None and self.ragged:
             positions = torch.arange(self.kv_len, device=self.lengths.device)
             self._mask = (positions[None, :] < self.lengths[:, None])[:, None, None]
         return self._mask
@@ -61,7 +64,14 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    # query [1, heads, tokens, dim]; key/value: the layer's whole storage [slots + 1, kv_heads, max_len, dim]
+    return attend(query, key, value, layout, scaling), None
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: StepLayout, scaling: float | None
+) -> torch.Tensor:
+    """The step's attention: `query` [1, heads, tokens, dim] against a layer's whole storage
+    (`key`, `value`: [slots, kv_heads, max_len, dim]) by `layout`; returns [1, tokens, heads, dim]."""
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [tokens, heads, dim]
     n = layout.rows
     if n:
@@ -90,7 +100,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
             masking = {"attn_mask": sees}
         o = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True, **masking)
         out[s.offset : s.offset + s.length] = o[0].transpose(0, 1)
-    return out[None], None
+    return out[None]
 
 
 # A step passes this as its `attention_mask`: transformers hands a 4D mask through untouched instead

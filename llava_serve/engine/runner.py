@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from llava_serve.engine.attention import ATTENTION, PASS_THROUGH, Segment, StepLayout
+from llava_serve.engine.decoder import StepDecoder
 from llava_serve.engine.head import OutputHead
 from llava_serve.engine.kv import KVManager, WritePlan
 from llava_serve.engine.norms import fuse_norms
@@ -75,6 +76,8 @@ class ModelRunner:
         # The vision tower and projector too: each image a cache miss brings runs through them.
         pack_vision(model)
         fuse_norms(self.decoder)
+        # A packed Llama-shaped decoder runs a step as straight-line code (`decoder.py`).
+        self.step_decoder = StepDecoder.of(self.decoder)
         text = model.config.get_text_config()
         # The engine's attention over the KV slots (SDPA for any call without a step layout).
         text._attn_implementation = ATTENTION
@@ -200,15 +203,12 @@ class ModelRunner:
             if partial
             else WritePlan(slot_t, position_t)
         )
-        layout = StepLayout(rows, lengths_t, max(lengths, default=0), segments)
+        kv_len = max(lengths, default=0)
+        layout = StepLayout(rows, lengths_t, kv_len, segments, any(n != kv_len for n in lengths))
         embeds = [self.embed_tokens(self.next_tokens[:rows])] if rows else []
         hidden = self._decoder(
-            inputs_embeds=torch.cat([*embeds, *(c.embeds for c in chunks)])[None],
-            attention_mask=self._pass_through,
-            position_ids=position_t[None],
-            cache=kv.cache(write),
-            step_layout=layout,
-        )[0]
+            torch.cat([*embeds, *(c.embeds for c in chunks)]), position_t, kv.cache(write), layout
+        )
         logits = self.head(hidden[sampled])
         for s in decode:
             kv.lengths[s] += 1
@@ -231,9 +231,17 @@ class ModelRunner:
     def _bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
 
-    def _decoder(self, **inputs) -> torch.Tensor:
-        """The text decoder's last hidden states."""
-        return self.decoder(**inputs).last_hidden_state
+    def _decoder(self, x: torch.Tensor, positions: torch.Tensor, cache, layout: StepLayout) -> torch.Tensor:
+        """The text decoder's last hidden states [tokens, hidden] for the step's tokens `x`."""
+        if self.step_decoder is not None:
+            return self.step_decoder(x, positions, self.kv, layout)
+        return self.decoder(
+            inputs_embeds=x[None],
+            attention_mask=self._pass_through,
+            position_ids=positions[None],
+            cache=cache,
+            step_layout=layout,
+        ).last_hidden_state[0]
 
     def set_next(self, slots: list[int], tokens: torch.Tensor) -> None:
         """The sampled tokens [len(slots)], on the device, as those slots' next inputs."""

@@ -12,14 +12,13 @@ from llava_serve.api.messages import to_template_messages
 from llava_serve.api.protocol import ChatMessage
 from llava_serve.config import EngineConfig, ImageConfig
 from llava_serve.engine import Engine
-from llava_serve.engine.runner import ModelRunner
 from llava_serve.engine.sampling import SamplingParams
 from llava_serve.inputs import images
 from llava_serve.inputs.prompts import PromptBuilder
 from llava_serve.models import load_adapter
 from tests.support.media import encode, random_image
 from tests.support.oracle import greedy_ids, reference_inputs
-from tests.support.probes import ProbedEngine
+from tests.support.probes import ProbedEngine, ProbedRunner
 
 QUESTIONS = ["What is this?", "Describe the picture in detail, please.", "Hi", "Is there a cat?", "Why?"]
 
@@ -69,7 +68,7 @@ def build_engine(tiny_dir, processor, config: EngineConfig) -> Engine:
     """An engine around a fresh copy of the tiny model."""
     model = fresh_model(tiny_dir)
     return ProbedEngine(
-        ModelRunner(model, 1 << 24), processor.tokenizer, [model.config.text_config.eos_token_id], config
+        ProbedRunner(model, 1 << 24), processor.tokenizer, [model.config.text_config.eos_token_id], config
     )
 
 

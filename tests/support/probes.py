@@ -51,6 +51,18 @@ class WholeRunner(ModelRunner):
         self.rows = [s for s in self.rows if s in rows]
 
 
+class ProbedRunner(ModelRunner):
+    """A runner whose step layouts pass through `step_hook` before the decoder runs: how tests
+    make a forward pass fail inside the model for the steps they pick."""
+
+    step_hook = None
+
+    def _decoder(self, x, positions, cache, layout):
+        if self.step_hook is not None:
+            self.step_hook(layout)
+        return super()._decoder(x, positions, cache, layout)
+
+
 class ProbedEngine(Engine):
     """An engine whose step logits pass through `logits_hook` before sampling: how tests make a
     row's logits go bad, or the step loop itself fail."""

@@ -569,15 +569,14 @@ async def test_a_failed_step_fails_the_requests_in_it_and_nothing_else(chunky, c
     the next request."""
     failing = []
 
-    def fail_once(module, args, kwargs):
+    def fail_once(layout):
         # The first step that both decodes and writes prompt chunks fails (which step that is
         # depends on the machine's speed: the requests arrive 4 ms apart).
-        layout = kwargs["step_layout"]
         if not failing and layout.rows and layout.segments:
             failing.append(layout)
             raise RuntimeError("injected failure in a step")
 
-    handle = chunky.runner.decoder.layers[0].register_forward_pre_hook(fail_once, with_kwargs=True)
+    chunky.runner.step_hook = fail_once
     try:
         # Bounded: a regression here would leave requests waiting for good, not fail them.
         results = await asyncio.wait_for(
@@ -588,7 +587,7 @@ async def test_a_failed_step_fails_the_requests_in_it_and_nothing_else(chunky, c
             timeout=60,
         )
     finally:
-        handle.remove()
+        chunky.runner.step_hook = None
     assert failing, "no step both decoded and wrote prompt chunks"
     failed = [r for r in results if isinstance(r, Exception)]
     assert failed and all(isinstance(r, EngineError) for r in failed)

@@ -1,0 +1,71 @@
+"""The engine's own CPU ops (`step_ops.cpp`), built on this machine at first use.
+
+They are compiled with torch's extension builder (gcc and ninja) for this CPU's instruction set,
+once per machine and source: the library lands in the llava-serve cache directory
+(`LLAVA_SERVE_CACHE`, default `~/.cache/llava-serve`) under a name made of the source's, torch's
+and the CPU's fingerprints, and every later process loads it in milliseconds. Processes that start
+together (a Serve app's replicas, a test session's workers) share one build through the builder's
+lock file. Without a compiler the engine runs transformers' ops instead (`load` returns None and
+says why once in the log).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("step_ops.cpp")
+# -ffp-contract=off: no fused multiply-add merges two of transformers' roundings into one.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LLAVA_SERVE_CACHE", Path.home() / ".cache" / "llava-serve"))
+
+
+def _cpu_flags() -> str:
+    """The instruction sets `-march=native` builds for (a cache copied to another CPU rebuilds)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (torch.__version__, " ".join(FLAGS), _cpu_flags()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def load():
+    """`torch.ops.llava_serve` with the step ops, built or loaded from the cache; None if they
+    cannot be built here."""
+    from torch.utils import cpp_extension
+
+    build = _cache_root() / "kernels" / _fingerprint()
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name="llava_serve_step_ops",
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            build_directory=str(build),
+            is_python_module=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a read-only cache: transformers' ops serve
+        logger.warning("the engine's CPU step ops could not be built (%s); using torch's ops", e)
+        return None
+    return torch.ops.llava_serve
