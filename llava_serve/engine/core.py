@@ -86,7 +86,7 @@ class Engine:
         self.grammars = GrammarCompiler(
             tokenizer, vocab, eos_ids, config.grammar_cache_bytes, config.grammar_limits
         )
-        self.sampler = Sampler(vocab)
+        self.sampler = Sampler(vocab, runner.ops)
         runner.kv.keep_prefixes(config.prefix_cache_bytes)
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}  # admission order

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llava_serve.engine import kernels
 from llava_serve.engine.attention import StepLayout, attend
 from llava_serve.engine.kv import KVManager
 
@@ -71,8 +70,9 @@ class StepDecoder:
         self.ops = ops
 
     @classmethod
-    def of(cls, decoder: nn.Module) -> StepDecoder | None:
-        """The step decoder over a packed (`packed.pack_decoder`) Llama-shaped decoder, else None."""
+    def of(cls, decoder: nn.Module, ops) -> StepDecoder | None:
+        """The step decoder over a packed (`packed.pack_decoder`) Llama-shaped decoder, with the
+        step ops (`kernels.load()`; None: not built here), else None."""
         text = decoder.config
         found = list(getattr(decoder, "layers", []))[: text.num_hidden_layers]
         if not found or not hasattr(decoder, "rotary_emb") or Norm.of(getattr(decoder, "norm", None)) is None:
@@ -88,7 +88,6 @@ class StepDecoder:
             if attn.scaling != attn.head_dim**-0.5 or type(mlp.act_fn).__name__ != "SiLUActivation":
                 return None
             layers.append(Layer(norms[0], qkv, attn.o_proj, norms[1], gate_up, mlp.down_proj, i))
-        ops = kernels.load()
         if ops is None:
             return None
         head_dim = found[0].self_attn.head_dim

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llava_serve.engine import kernels
 from llava_serve.engine.attention import ATTENTION, PASS_THROUGH, Segment, StepLayout
 from llava_serve.engine.decoder import StepDecoder
 from llava_serve.engine.head import OutputHead
@@ -76,8 +77,10 @@ class ModelRunner:
         # The vision tower and projector too: each image a cache miss brings runs through them.
         pack_vision(model)
         fuse_norms(self.decoder)
-        # A packed Llama-shaped decoder runs a step as straight-line code (`decoder.py`).
-        self.step_decoder = StepDecoder.of(self.decoder)
+        # The engine's own CPU ops (`kernels`), built on this machine at first use.
+        self.ops = kernels.load() if model.device.type == "cpu" else None
+        # A packed Llama-shaped decoder runs a step as straight-line code over them (`decoder.py`).
+        self.step_decoder = StepDecoder.of(self.decoder, self.ops)
         text = model.config.get_text_config()
         # The engine's attention over the KV slots (SDPA for any call without a step layout).
         text._attn_implementation = ATTENTION

@@ -40,12 +40,19 @@ class Sampled:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, ops=None):
         self._masks = MaskBuffer(vocab_size)
+        # The engine's CPU ops (`kernels`): the greedy picks and the finiteness check in one pass.
+        self._ops = ops
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
         """Row i of `logits` [rows, vocab] is `seqs[i]`'s."""
-        finite = torch.isfinite(logits).all(-1)  # checked on the model's own logits
+        # Checked on the model's own logits; their argmax is every greedy row's token unless a
+        # grammar or penalties change them below.
+        if self._ops is not None and logits.device.type == "cpu" and logits.is_contiguous():
+            greedy, finite = self._ops.argmax_finite(logits)
+        else:
+            greedy, finite = None, torch.isfinite(logits).all(-1)
         constrained = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]
         failures: dict[int, Exception] = {}
         if constrained:
@@ -69,7 +76,8 @@ class Sampler:
                     failures[i] = e
         params, generators = [s.params for s in seqs], [s.generator for s in seqs]
         try:
-            tokens = sample_batch(scored, params, generators)
+            changed = constrained or adjusted
+            tokens = sample_batch(scored, params, generators, None if changed else greedy)
             picked, ok = torch.stack([tokens, finite.long()]).tolist()  # the step's one copy to the host
         except Exception:  # find the row that broke it; the others sample as they would have
             ok, picked = finite.tolist(), [0] * len(seqs)

@@ -163,7 +163,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 
 def sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    greedy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of every row of `logits` [rows, vocab], as HF's warpers would pick them
     (temperature, then top-k, top-p and min-p), in a few batched operations; stays on the device, so
@@ -171,8 +174,9 @@ def sample_batch(
 
     Sampled rows draw with the Gumbel-max trick, argmax(probs / E) with E ~ Exp(1) drawn from the
     row's own generator: the same distribution as `multinomial`, but one batched argmax for all
-    rows, and a seeded row draws the same whatever shares its batch."""
-    tokens = logits.argmax(-1)
+    rows, and a seeded row draws the same whatever shares its batch. `greedy`: `logits.argmax(-1)`
+    when the caller has it already."""
+    tokens = logits.argmax(-1) if greedy is None else greedy
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return tokens

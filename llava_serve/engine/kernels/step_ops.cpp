@@ -1,5 +1,6 @@
 // The decoder step's glue on CPU: what transformers' Llama-shaped layer does between its
-// products, as one op per stage instead of ~35 small torch ops a layer.
+// products, as one op per stage instead of ~35 small torch ops a layer; and the sampler's greedy
+// pick with its finiteness check.
 //
 // Each op does the arithmetic transformers does, in its order and with its roundings: every
 // product and sum of a float32 model is one float32 operation (built with -ffp-contract=off, so
@@ -134,6 +135,31 @@ void silu_mul_impl(const torch::Tensor& gate_up, torch::Tensor& out) {
   });
 }
 
+// The greedy token of each row of logits and whether the row is finite, in one pass a row where
+// torch's argmax and isfinite().all() take two and a mask: the first index of the row's maximum,
+// as argmax picks it (a row that is not finite fails, whatever its index).
+template <typename T>
+void argmax_finite_impl(const torch::Tensor& logits, int64_t* best, bool* finite) {
+  const int64_t vocab = logits.size(1);
+  const T* in = logits.data_ptr<T>();
+  at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = in + r * vocab;
+      float top = -INFINITY, spread = 0.f;  // spread: x - x is 0 for a finite x, NaN otherwise
+#pragma omp simd reduction(max : top) reduction(+ : spread)
+      for (int64_t i = 0; i < vocab; ++i) {
+        const float v = widen(x[i]);
+        top = std::max(top, v);
+        spread += v - v;
+      }
+      finite[r] = spread == 0.f;
+      int64_t index = 0;
+      while (index < vocab - 1 && widen(x[index]) != top) ++index;
+      best[r] = index;
+    }
+  });
+}
+
 void check_rows(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, ": [tokens, width], rows contiguous");
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, name,
@@ -199,6 +225,16 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return out;
 }
 
+std::tuple<torch::Tensor, torch::Tensor> argmax_finite(const torch::Tensor& logits) {
+  check_rows(logits, "logits");
+  TORCH_CHECK(logits.is_contiguous() && logits.size(1) > 0);
+  auto best = torch::empty({logits.size(0)}, logits.options().dtype(torch::kLong));
+  auto finite = torch::empty({logits.size(0)}, logits.options().dtype(torch::kBool));
+  DISPATCH(logits.scalar_type(),
+           argmax_finite_impl<scalar>(logits, best.data_ptr<int64_t>(), finite.data_ptr<bool>()));
+  return {best, finite};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llava_serve, m) {
@@ -209,4 +245,5 @@ TORCH_LIBRARY(llava_serve, m) {
       "Tensor(b!) values, Tensor slot, Tensor position) -> Tensor",
       &rotate_write);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("argmax_finite(Tensor logits) -> (Tensor, Tensor)", &argmax_finite);
 }

@@ -51,9 +51,11 @@ def test_the_output_head_gives_the_model_s_own_logits(hf_model):
 def test_the_decoder_s_projections_are_fused_and_packed_and_compute_the_model_s_own(model, hf_model):
     """On CPU each decoder layer runs four products on oneDNN-packed weights (q/k/v as one, o,
     gate/up as one, down) and its output is the unpacked model's, to float rounding; a second
-    runner on the same model packs nothing again."""
+    runner on the same model packs nothing again. Its steps run through the step decoder, so the
+    engine's parity tests hold that path to `generate`."""
     runner = WholeRunner(model, 0)
     assert runner.packed
+    assert runner.step_decoder is not None
     for layer in runner.decoder.layers:
         assert sum(isinstance(m, PackedLinear) for m in layer.modules()) == 4
         assert not any(type(m) is torch.nn.Linear for m in layer.modules())

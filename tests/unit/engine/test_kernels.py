@@ -1,0 +1,110 @@
+"""The engine's CPU step ops (`engine/kernels/step_ops.cpp`) against transformers' own modules
+and functions, in both dtypes the CPU engine runs."""
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from llava_serve.engine import kernels
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = kernels.load()
+    assert built is not None, "the step ops must build on the machines CI runs on"
+    return built
+
+
+def _norm(width: int, dtype: torch.dtype, eps: float = 1e-5) -> LlamaRMSNorm:
+    norm = LlamaRMSNorm(width, eps=eps)
+    norm.weight.data.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    return norm.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_residual_add_and_rms_norm_compute_llama_s(ops, dtype):
+    torch.manual_seed(0)
+    norm = _norm(96, dtype)
+    x, delta = torch.randn(37, 96).to(dtype) * 3, torch.randn(37, 96).to(dtype)
+    total, normed = ops.add_rms_norm(x, delta, norm.weight.detach(), norm.variance_epsilon)
+    assert torch.equal(total, x + delta)  # one rounding, as transformers' add
+    with torch.inference_mode():
+        expected = norm(x + delta)
+    # The mean's sum is reduced in another order: float rounding, a unit in the last place of
+    # bfloat16 at most.
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(normed, expected, **tolerance)
+    torch.testing.assert_close(
+        ops.rms_norm(x, norm.weight.detach(), norm.variance_epsilon), norm(x), **tolerance
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_q_and_k_are_transformers_bits_and_k_and_v_land_in_their_slots(ops, dtype):
+    """q and k rotated exactly as `apply_rotary_pos_emb` rotates them; each token's key and value
+    go to its slot at its position, and a token of slot -1 (a padding row) writes nothing."""
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, dim = 5, 4, 2, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    angles = torch.rand(tokens, dim // 2) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
+    keys = torch.zeros(3, kv_heads, 8, dim, dtype=dtype)
+    values = torch.zeros_like(keys)
+    slot = torch.tensor([2, -1, 0, 0, 1])
+    position = torch.tensor([7, 0, 3, 4, 0])
+
+    q = ops.rotate_write(qkv, cos, sin, heads, kv_heads, keys, values, slot, position)
+
+    q_in = qkv[:, : heads * dim].view(1, tokens, heads, dim).transpose(1, 2)
+    k_in = qkv[:, heads * dim : (heads + kv_heads) * dim].view(1, tokens, kv_heads, dim).transpose(1, 2)
+    v_in = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    q_ref, k_ref = apply_rotary_pos_emb(q_in, k_in, cos[None], sin[None])
+    assert torch.equal(q, q_ref[0].transpose(0, 1))
+    k_ref = k_ref[0].transpose(0, 1)
+    expected_keys, expected_values = torch.zeros_like(keys), torch.zeros_like(values)
+    for t in (0, 2, 3, 4):
+        expected_keys[slot[t], :, position[t]] = k_ref[t]
+        expected_values[slot[t], :, position[t]] = v_in[t]
+    assert torch.equal(keys, expected_keys)
+    assert torch.equal(values, expected_values)
+
+
+def test_a_slot_or_position_outside_the_storage_is_refused_before_anything_is_written(ops):
+    keys = torch.zeros(2, 1, 4, 8)
+    values = torch.zeros_like(keys)
+    qkv, cos, sin = torch.randn(2, 3 * 8), torch.ones(2, 8), torch.zeros(2, 8)
+    for slot, position in (([0, 2], [0, 0]), ([0, 1], [0, 4]), ([0, 1], [-1, 0])):
+        with pytest.raises(RuntimeError, match="outside the KV storage"):
+            ops.rotate_write(qkv, cos, sin, 1, 1, keys, values, torch.tensor(slot), torch.tensor(position))
+    assert not keys.any() and not values.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_times_up_computes_llama_s_mlp_activation(ops, dtype):
+    torch.manual_seed(0)
+    gate_up = (torch.randn(9, 2 * 40) * 4).to(dtype)
+    gate, up = gate_up.split(40, -1)
+    got = ops.silu_mul(gate_up)
+    expected = ACT2FN["silu"](gate) * up
+    # libm's expf against torch's vectorized one: float rounding.
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_greedy_pick_is_argmax_s_and_rows_that_are_not_finite_are_flagged(ops, dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000).to(dtype)
+    logits[1, 17] = logits[1, 400] = logits[1].max() + 1  # a tie: argmax's first index
+    logits[2, 3] = float("inf")
+    logits[3, 999] = float("-inf")
+    logits[4, 500] = float("nan")
+    best, finite = ops.argmax_finite(logits)
+    assert finite.tolist() == [True, True, False, False, False, True]
+    assert best[1] == 17
+    for row in (0, 1, 5):
+        assert best[row] == logits[row].argmax()
