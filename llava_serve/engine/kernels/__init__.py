@@ -1,12 +1,13 @@
 """The engine's own CPU ops (`step_ops.cpp`), built on this machine at first use.
 
-They are compiled with torch's extension builder (gcc and ninja) for this CPU's instruction set,
-once per machine and source: the library lands in the llava-serve cache directory
-(`LLAVA_SERVE_CACHE`, default `~/.cache/llava-serve`) under a name made of the source's, torch's
-and the CPU's fingerprints, and every later process loads it in milliseconds. Processes that start
-together (a Serve app's replicas, a test session's workers) share one build through the builder's
-lock file. Without a compiler the engine runs transformers' ops instead (`load` returns None and
-says why once in the log).
+They are compiled with torch's extension builder (gcc and ninja, ~15 s on two cores) for this
+CPU's instruction set, once per machine and source: the library lands in the llava-serve cache
+directory (`LLAVA_SERVE_CACHE`, default `~/.cache/llava-serve`) under a name made of the source's,
+torch's and the CPU's fingerprints, and every later process loads it in milliseconds. Each build
+runs in a directory of its own and the library is renamed into place, so processes that start
+together (a Serve app's replicas) never wait on each other, and one killed mid-build leaves no
+lock behind for the next. Without a compiler the engine runs transformers' ops instead (`load`
+returns None and says why in the log).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
@@ -56,16 +58,21 @@ def load():
     cannot be built here."""
     from torch.utils import cpp_extension
 
-    build = _cache_root() / "kernels" / _fingerprint()
+    library = _cache_root() / "kernels" / f"step_ops-{_fingerprint()}.so"
     try:
-        build.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            name="llava_serve_step_ops",
-            sources=[str(SOURCE)],
-            extra_cflags=FLAGS,
-            build_directory=str(build),
-            is_python_module=False,
-        )
+        if library.exists():
+            torch.ops.load_library(str(library))
+            return torch.ops.llava_serve
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as build:
+            cpp_extension.load(  # loads the library into this process too
+                name="llava_serve_step_ops",
+                sources=[str(SOURCE)],
+                extra_cflags=FLAGS,
+                build_directory=build,
+                is_python_module=False,
+            )
+            os.replace(Path(build) / "llava_serve_step_ops.so", library)
     except Exception as e:  # no compiler, no ninja, a read-only cache: transformers' ops serve
         logger.warning("the engine's CPU step ops could not be built (%s); using torch's ops", e)
         return None

@@ -1,6 +1,10 @@
 """The engine's CPU step ops (`engine/kernels/step_ops.cpp`) against transformers' own modules
 and functions, in both dtypes the CPU engine runs."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers.activations import ACT2FN
@@ -108,3 +112,31 @@ def test_the_greedy_pick_is_argmax_s_and_rows_that_are_not_finite_are_flagged(op
     assert best[1] == 17
     for row in (0, 1, 5):
         assert best[row] == logits[row].argmax()
+
+
+LOAD = "from llava_serve.engine import kernels; print(kernels.load() is not None)"
+
+
+def _load_in(cache) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLAVA_SERVE_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_ops_are_built_once_into_the_cache_and_loaded_from_it_after(tmp_path):
+    """A first process builds the library and renames it into place, leaving no build directory or
+    lock behind; the next loads that file."""
+    first = _load_in(tmp_path)
+    assert first.stdout.strip() == "True", first.stderr[-2000:]
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("step_ops-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    assert _load_in(tmp_path).stdout.strip() == "True"
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [stamp]
+
+
+def test_where_the_ops_cannot_be_built_the_engine_is_told_none_and_why(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    done = _load_in(blocked)
+    assert done.stdout.strip() == "False"
+    assert "could not be built" in done.stderr
