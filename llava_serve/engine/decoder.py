@@ -73,6 +73,8 @@ class StepDecoder:
     def of(cls, decoder: nn.Module, ops) -> StepDecoder | None:
         """The step decoder over a packed (`packed.pack_decoder`) Llama-shaped decoder, with the
         step ops (`kernels.load()`; None: not built here), else None."""
+        if ops is None:
+            return None
         text = decoder.config
         found = list(getattr(decoder, "layers", []))[: text.num_hidden_layers]
         if not found or not hasattr(decoder, "rotary_emb") or Norm.of(getattr(decoder, "norm", None)) is None:
@@ -88,8 +90,6 @@ class StepDecoder:
             if attn.scaling != attn.head_dim**-0.5 or type(mlp.act_fn).__name__ != "SiLUActivation":
                 return None
             layers.append(Layer(norms[0], qkv, attn.o_proj, norms[1], gate_up, mlp.down_proj, i))
-        if ops is None:
-            return None
         head_dim = found[0].self_attn.head_dim
         return cls(decoder, layers, text.num_attention_heads, text.num_key_value_heads, head_dim, ops)
 

@@ -160,15 +160,10 @@ class KVManager:
     def write(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`write_tokens` for keys and values in transformers' attention layout, [1, heads, tokens, dim]."""
-        return self.write_tokens(layer, keys[0].transpose(0, 1), values[0].transpose(0, 1))
-
-    def write_tokens(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the pass's new keys and values ([tokens, heads, dim]) where the plan says; the
+        """Write the pass's new keys and values ([1, heads, tokens, dim]) where the plan says; the
         attention (`engine.attention`) reads the whole storage by the step's layout."""
         p = self.plan
+        keys, values = keys[0].transpose(0, 1), values[0].transpose(0, 1)  # [tokens, heads, dim]
         if p.tokens is not None:
             keys, values = keys[p.tokens], values[p.tokens]
         self.keys[layer][p.slot, :, p.position] = keys
