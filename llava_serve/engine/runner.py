@@ -209,9 +209,8 @@ class ModelRunner:
         kv_len = max(lengths, default=0)
         layout = StepLayout(rows, lengths_t, kv_len, segments, any(n != kv_len for n in lengths))
         embeds = [self.embed_tokens(self.next_tokens[:rows])] if rows else []
-        hidden = self._decoder(
-            torch.cat([*embeds, *(c.embeds for c in chunks)]), position_t, kv.cache(write), layout
-        )
+        cache = kv.cache(write)  # the pass's writes go where `write` says, on either path
+        hidden = self._decoder(torch.cat([*embeds, *(c.embeds for c in chunks)]), position_t, cache, layout)
         logits = self.head(hidden[sampled])
         for s in decode:
             kv.lengths[s] += 1

@@ -22,16 +22,14 @@ from pathlib import Path
 
 import torch
 
+from llava_serve.models.tiny import default_cache_dir
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("step_ops.cpp")
 # -ffp-contract=off: no fused multiply-add merges two of transformers' roundings into one.
-# -fopenmp-simd: the loops marked `omp simd` (reductions whose order does not change a result) vectorize.
+# -fopenmp-simd: the greedy pick's `omp simd` reductions (a max, a sum of zeros) vectorize.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"]
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("LLAVA_SERVE_CACHE", Path.home() / ".cache" / "llava-serve"))
 
 
 def _cpu_flags() -> str:
@@ -58,7 +56,7 @@ def load():
     cannot be built here."""
     from torch.utils import cpp_extension
 
-    library = _cache_root() / "kernels" / f"step_ops-{_fingerprint()}.so"
+    library = default_cache_dir() / "kernels" / f"step_ops-{_fingerprint()}.so"
     try:
         if library.exists():
             torch.ops.load_library(str(library))
