@@ -17,10 +17,11 @@ from llava_serve.engine import packed
 
 
 class OutputHead:
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, ops=None):
         self.weight = linear.weight
         self.bias = linear.bias
-        self.packed = packed.PackedLinear(linear.weight, linear.bias) if packed.available(linear) else None
+        usable = packed.available(linear) or packed.panels(ops, linear.weight)
+        self.packed = packed.PackedLinear(linear.weight, linear.bias, ops) if usable else None
 
     @property
     def vocab_size(self) -> int:

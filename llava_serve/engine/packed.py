@@ -18,6 +18,10 @@ gate and up projections of each MLP. The model's own modules still call `q_proj(
 `v_proj(x)` in turn; each is a `Part` of one `Fused` product, which is computed on the first
 call for an input and sliced for the others.
 
+With the engine's ops built for an AVX-512 CPU (`kernels`), the decoder's float32 products and the
+output head run on the engine's own kernel instead (`kernels/products.cpp`: the weight as panels
+of 16 outputs), which streams the weights faster at decode row counts (`benchmarks/decode_step.py`).
+
 The packed weight replaces the layer's own (the memory is not held twice), so a model packed here
 belongs to its engine: its arithmetic is oneDNN's for every caller. Results are the same products
 summed in another order, equal to float rounding; greedy parity with `generate` (on an unpacked
@@ -46,18 +50,28 @@ def available(module: nn.Module) -> bool:
     )
 
 
-class PackedLinear(nn.Module):
-    """`F.linear(x, weight, bias)` on a oneDNN-reordered copy of `weight`."""
+def panels(ops, weight: torch.Tensor) -> bool:
+    """Whether the engine's ops (`kernels.load()`, or None) run products of this weight."""
+    return ops is not None and weight.dtype == torch.float32 and ops.panel_width() > 0
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+
+class PackedLinear(nn.Module):
+    """`F.linear(x, weight, bias)` on a copy of `weight` laid out once for its kernel: the engine's
+    panels (`ops` given, float32, AVX-512), else oneDNN's reorder."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops=None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.dtype = weight.dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+        self.ops = ops if panels(ops, weight) else None
+        if self.ops is not None:
+            self.packed = self.ops.panel_pack(weight.detach())
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
         self.bias = None if bias is None else bias.detach().clone()
 
     @classmethod
-    def of(cls, *linears: nn.Linear) -> PackedLinear:
+    def of(cls, *linears: nn.Linear, ops=None) -> PackedLinear:
         """One layer computing every one of `linears` (same input width) side by side."""
         weight = torch.cat([m.weight for m in linears])
         biases = [m.bias for m in linears]
@@ -70,11 +84,14 @@ class PackedLinear(nn.Module):
                     for m, b in zip(linears, biases, strict=True)
                 ]
             )
-        return cls(weight, bias)
+        return cls(weight, bias, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if self.ops is not None:
+            out = self.ops.panel_linear(flat.contiguous(), self.packed, self.bias, self.out_features)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -118,11 +135,13 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "
 VISION_PARTS = ("vision_tower", "multi_modal_projector")
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Pack every plain linear of `module`; returns how many."""
+def pack_linears(module: nn.Module, ops=None) -> int:
+    """Pack every plain linear of `module` (for the engine's ops too, if given); returns how many."""
     if not available(module):
         return 0
-    return replace_modules(module, lambda m: type(m) is nn.Linear, lambda m: PackedLinear(m.weight, m.bias))
+    return replace_modules(
+        module, lambda m: type(m) is nn.Linear, lambda m: PackedLinear(m.weight, m.bias, ops)
+    )
 
 
 def pack_vision(model: nn.Module) -> int:
@@ -131,9 +150,10 @@ def pack_vision(model: nn.Module) -> int:
     return sum(pack_linears(part) for part in parts if part is not None)
 
 
-def pack_decoder(decoder: nn.Module) -> int:
-    """Fuse and pack every decoder layer's projections, and pack its other plain linears; returns
-    how many products a layer's forward now runs (0: nothing was packed)."""
+def pack_decoder(decoder: nn.Module, ops=None) -> int:
+    """Fuse and pack every decoder layer's projections, and pack its other plain linears, for the
+    engine's ops (`kernels.load()`) where given; returns how many products a layer's forward now
+    runs (0: nothing was packed)."""
     if not available(decoder):
         return 0
     for layer in getattr(decoder, "layers", []):
@@ -142,10 +162,10 @@ def pack_decoder(decoder: nn.Module) -> int:
             linears = [getattr(owner, n, None) for n in names]
             if owner is None or not all(type(m) is nn.Linear for m in linears):
                 continue
-            fused = Fused(PackedLinear.of(*linears), [m.out_features for m in linears])
+            fused = Fused(PackedLinear.of(*linears, ops=ops), [m.out_features for m in linears])
             setattr(owner, "fused_" + "_".join(names), fused.linear)  # a submodule, for .modules()
             for i, (name, linear) in enumerate(zip(names, linears, strict=True)):
                 setattr(owner, name, Part(fused, i, linear))
-    pack_linears(decoder)
+    pack_linears(decoder, ops)
     layers = getattr(decoder, "layers", [])
     return sum(isinstance(m, PackedLinear) for m in layers[0].modules()) if len(layers) else 0

@@ -67,18 +67,19 @@ class ModelRunner:
         from llava_serve.models import ADAPTERS
 
         self.model = model
+        # The engine's own CPU ops (`kernels`), built on this machine at first use.
+        self.ops = kernels.load() if model.device.type == "cpu" else None
         # The text decoder runs without the model's own output layer: only the sampled positions
         # need logits, and `OutputHead` computes them faster on CPU.
         self.decoder = model.get_decoder()
         self.embed_tokens = model.get_input_embeddings()
-        self.head = OutputHead(model.get_output_embeddings())
-        # On CPU its linear layers run through oneDNN on prepacked, fused weights (`packed.py`).
-        self.packed = pack_decoder(self.decoder) > 0
-        # The vision tower and projector too: each image a cache miss brings runs through them.
+        self.head = OutputHead(model.get_output_embeddings(), self.ops)
+        # On CPU its linear layers run on prepacked, fused weights: the engine's product kernel
+        # where the ops have it (float32 on AVX-512), else oneDNN (`packed.py`).
+        self.packed = pack_decoder(self.decoder, self.ops) > 0
+        # The vision tower and projector too (oneDNN: an image is hundreds of rows, its best case).
         pack_vision(model)
         fuse_norms(self.decoder)
-        # The engine's own CPU ops (`kernels`), built on this machine at first use.
-        self.ops = kernels.load() if model.device.type == "cpu" else None
         # A packed Llama-shaped decoder runs a step as straight-line code over them (`decoder.py`).
         self.step_decoder = StepDecoder.of(self.decoder, self.ops)
         text = model.config.get_text_config()

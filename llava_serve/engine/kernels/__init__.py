@@ -1,4 +1,4 @@
-"""The engine's own CPU ops (`step_ops.cpp`), built on this machine at first use.
+"""The engine's own CPU ops (`step_ops.cpp`, `products.cpp`), built on this machine at first use.
 
 They are compiled with torch's extension builder (gcc and ninja, ~15 s on two cores) for this
 CPU's instruction set, once per machine and source: the library lands in the llava-serve cache
@@ -26,10 +26,13 @@ from llava_serve.models.tiny import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("step_ops.cpp")
-# -ffp-contract=off: no fused multiply-add merges two of transformers' roundings into one.
-# -fopenmp-simd: the greedy pick's `omp simd` reductions (a max, a sum of zeros) vectorize.
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"]
+SOURCES = [Path(__file__).with_name(name) for name in ("step_ops.cpp", "products.cpp")]
+# -ffp-contract=off: no fused multiply-add merges two of transformers' roundings into one (the
+# products' multiply-adds are explicit).
+# -fopenmp: `at::parallel_for` runs on torch's OpenMP threads (torch has loaded its libgomp under
+# the soname this library asks for, so there is one runtime), and the greedy pick's `omp simd`
+# reductions vectorize.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 
 def _cpu_flags() -> str:
@@ -44,7 +47,9 @@ def _cpu_flags() -> str:
 
 
 def _fingerprint() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
     for part in (torch.__version__, " ".join(FLAGS), _cpu_flags()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
@@ -65,8 +70,9 @@ def load():
         with tempfile.TemporaryDirectory(dir=library.parent) as build:
             cpp_extension.load(  # loads the library into this process too
                 name="llava_serve_step_ops",
-                sources=[str(SOURCE)],
+                sources=[str(source) for source in SOURCES],
                 extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"],
                 build_directory=build,
                 is_python_module=False,
             )

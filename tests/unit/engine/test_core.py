@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import threading
 import time
 from dataclasses import replace
 
@@ -488,20 +489,40 @@ async def test_without_a_prefix_cache_nothing_is_kept(tiny_dir, processor, turns
     await eng.shutdown()
 
 
-async def test_cancelling_a_joining_request_gives_its_slot_back(chunky, cases):
+async def test_cancelling_a_joining_request_gives_its_slot_back(tiny_dir, processor, cases):
+    """Cancelled while its prompt is written chunk by chunk (held inside its second chunk's step,
+    so the state is there to see however fast a step runs): its slot comes back."""
+    # No prefix cache: the whole prompt is written, 32 positions a step.
+    eng = build_engine(
+        tiny_dir, processor, EngineConfig(max_batch_size=8, max_step_tokens=32, prefix_cache_bytes=0)
+    )
     long_case = max(cases, key=lambda c: len(c.input_ids))
-    stream = chunky.generate(long_case.input_ids, long_case.images, SamplingParams(8, temperature=0.0))
-    first = asyncio.ensure_future(anext(stream))
-    kv = chunky.runner.kv
-    for _ in range(200):  # until its prompt is being written into a slot
-        if kv.free_slots < kv.slots and chunky.stats()["joining"]:
-            break
-        await asyncio.sleep(0.001)
-    assert chunky.stats()["joining"] == 1 and kv.free_slots == kv.slots - 1
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
-    await stream.aclose()
-    assert await settled(chunky, timeout=2.0)
+    assert len(long_case.input_ids) > 32  # two chunks at least
+    chunks = []
+    writing, release = threading.Event(), threading.Event()
+
+    def hold(layout):  # the model thread waits inside the step writing the prompt's second chunk
+        if layout.segments:
+            chunks.append(layout)
+            if len(chunks) == 2:
+                writing.set()
+                release.wait(timeout=30)
+
+    eng.runner.step_hook = hold
+    kv = eng.runner.kv
+    try:
+        stream = eng.generate(long_case.input_ids, long_case.images, SamplingParams(8, temperature=0.0))
+        first = asyncio.ensure_future(anext(stream))
+        assert await asyncio.to_thread(writing.wait, 30)
+        assert eng.stats()["joining"] == 1 and kv.free_slots == kv.slots - 1
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        release.set()
+        await stream.aclose()
+        assert await settled(eng, timeout=2.0)
+    finally:
+        release.set()
+        await eng.shutdown()
 
 
 async def test_the_vision_tower_gets_at_most_its_share_of_a_step(tiny_dir, processor, cases):

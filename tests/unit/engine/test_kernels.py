@@ -114,6 +114,42 @@ def test_the_greedy_pick_is_argmax_s_and_rows_that_are_not_finite_are_flagged(op
         assert best[row] == logits[row].argmax()
 
 
+# Row counts on each side of the kernel's paths (1-4 and 17+: two panels at a time, 12 rows a
+# block; 5-16: one panel, 16 rows), output widths that are and are not whole panels or pairs.
+ROWS = [1, 3, 4, 5, 13, 16, 17, 25, 40]
+WIDTHS = [(1000, 512), (64, 48), (40, 24), (7, 16)]
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("out_features", "in_features"), WIDTHS)
+def test_the_panel_products_compute_nn_linear_s(ops, rows, out_features, in_features):
+    if ops.panel_width() == 0:
+        pytest.skip("this CPU has no AVX-512: the engine keeps oneDNN's products")
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, out_features)
+    x = torch.randn(rows, in_features)
+    panels = ops.panel_pack(linear.weight.detach())
+    assert panels.shape == (-(-out_features // 16), in_features, 16)
+    with torch.inference_mode():
+        expected = linear(x)
+        got = ops.panel_linear(x, panels, linear.bias.detach(), out_features)
+        # Summed in input order, not MKL's: float rounding of sums over `in_features` terms.
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ops.panel_linear(x, panels, None, out_features), x @ linear.weight.T, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_the_panel_products_refuse_a_weight_of_another_width(ops):
+    if ops.panel_width() == 0:
+        pytest.skip("this CPU has no AVX-512")
+    panels = ops.panel_pack(torch.randn(32, 8))
+    with pytest.raises(RuntimeError, match="as wide as x"):
+        ops.panel_linear(torch.randn(2, 9), panels, None, 32)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ops.panel_linear(torch.randn(2, 8), panels, None, 48)
+
+
 LOAD = "from llava_serve.engine import kernels; print(kernels.load() is not None)"
 
 

@@ -49,15 +49,20 @@ def test_the_output_head_gives_the_model_s_own_logits(hf_model):
 
 
 def test_the_decoder_s_projections_are_fused_and_packed_and_compute_the_model_s_own(model, hf_model):
-    """On CPU each decoder layer runs four products on oneDNN-packed weights (q/k/v as one, o,
-    gate/up as one, down) and its output is the unpacked model's, to float rounding; a second
-    runner on the same model packs nothing again. Its steps run through the step decoder, so the
-    engine's parity tests hold that path to `generate`."""
+    """On CPU each decoder layer runs four products on prepacked weights (q/k/v as one, o,
+    gate/up as one, down), the engine's panel kernel where this CPU has AVX-512 and oneDNN
+    elsewhere, and its output is the unpacked model's, to float rounding; a second runner on the
+    same model packs nothing again. Its steps run through the step decoder, so the engine's parity
+    tests hold that path to `generate`."""
     runner = WholeRunner(model, 0)
     assert runner.packed
     assert runner.step_decoder is not None
+    on_panels = runner.ops.panel_width() > 0
+    assert (runner.head.packed.ops is not None) == on_panels
     for layer in runner.decoder.layers:
-        assert sum(isinstance(m, PackedLinear) for m in layer.modules()) == 4
+        products = [m for m in layer.modules() if isinstance(m, PackedLinear)]
+        assert len(products) == 4
+        assert all((m.ops is not None) == on_panels for m in products)
         assert not any(type(m) is torch.nn.Linear for m in layer.modules())
     assert WholeRunner(model, 0).packed
     x = torch.randn(1, 7, hf_model.config.get_text_config().hidden_size)

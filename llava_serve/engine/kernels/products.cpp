@@ -1,0 +1,171 @@
+// The decoder's float32 products on AVX-512 cores, over weights laid out for them once.
+//
+// A decode step's products are skinny: 1-32 rows against every weight of the model, read once
+// from memory. oneDNN's blocked kernel reads the weights at ~13 GB/s at 16 rows on two cores, where
+// the memory gives ~23: it loads a block and then computes on it, and its per-call plumbing is paid
+// ~33 times a step. Here the weight [out, in] is stored as panels of 16 outputs, [out/16][in][16]
+// (`panel_pack`), so a thread streams each panel front to back and every 64-byte load of it feeds one
+// fused multiply-add per row: 16 rows keep 16 accumulators busy while the next lines arrive.
+//
+// - 5-16 rows: one panel at a time, up to 16 rows (one accumulator each).
+// - 1-4 rows, and more than 16: two panels at a time, up to 12 rows (24 accumulators), so a thread
+//   has two streams in flight at a few rows and reuses each broadcast input twice at many.
+//
+// Each output is one float32 dot product summed in input order with fused multiply-adds: not
+// transformers' (MKL's) order, equal to float rounding, as oneDNN's is. Where the build has no
+// AVX-512, `panel_width()` is 0 and the engine keeps oneDNN.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t WIDTH = 16;  // outputs a panel holds: one 512-bit vector of float32
+constexpr int64_t PAIR_ROWS = 12;
+// How far ahead in a panel a thread asks for lines (in rows of 16 floats, one line each): the
+// hardware prefetcher alone leaves a core waiting on memory at a few rows.
+constexpr int64_t AHEAD = 64;
+
+#if defined(__AVX512F__)
+
+// Rows `0..R-1` of `x` (row stride `ldx`) times one panel `w` [K][16], into `out` (row stride
+// `ldo`), its first `cols` columns.
+template <int R>
+void one_panel(const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo, int cols) {
+  __m512 acc[R];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + AHEAD) * WIDTH), _MM_HINT_T0);
+    const __m512 wk = _mm512_loadu_ps(w + k * WIDTH);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), wk, acc[i]);
+  }
+  const __mmask16 mask = cols >= WIDTH ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * ldo, mask, acc[i]);
+}
+
+// The same over two full panels side by side (32 columns).
+template <int R>
+void two_panels(const float* x, int64_t ldx, const float* w0, const float* w1, int64_t K, float* out,
+                int64_t ldo) {
+  __m512 a0[R], a1[R];
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + (k + AHEAD) * WIDTH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + AHEAD) * WIDTH), _MM_HINT_T0);
+    const __m512 v0 = _mm512_loadu_ps(w0 + k * WIDTH), v1 = _mm512_loadu_ps(w1 + k * WIDTH);
+#pragma GCC unroll 12
+    for (int i = 0; i < R; ++i) {
+      const __m512 xi = _mm512_set1_ps(x[i * ldx + k]);
+      a0[i] = _mm512_fmadd_ps(xi, v0, a0[i]);
+      a1[i] = _mm512_fmadd_ps(xi, v1, a1[i]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i) {
+    _mm512_storeu_ps(out + i * ldo, a0[i]);
+    _mm512_storeu_ps(out + i * ldo + WIDTH, a1[i]);
+  }
+}
+
+using OnePanel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int);
+using TwoPanels = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t);
+
+constexpr OnePanel ONE[WIDTH + 1] = {nullptr, one_panel<1>, one_panel<2>, one_panel<3>, one_panel<4>,
+                                     one_panel<5>, one_panel<6>, one_panel<7>, one_panel<8>, one_panel<9>,
+                                     one_panel<10>, one_panel<11>, one_panel<12>, one_panel<13>,
+                                     one_panel<14>, one_panel<15>, one_panel<16>};
+constexpr TwoPanels TWO[PAIR_ROWS + 1] = {nullptr, two_panels<1>, two_panels<2>, two_panels<3>,
+                                          two_panels<4>, two_panels<5>, two_panels<6>, two_panels<7>,
+                                          two_panels<8>, two_panels<9>, two_panels<10>, two_panels<11>,
+                                          two_panels<12>};
+
+// Panel `p` against every row of `x`, up to `rows` at a time.
+void panel_rows(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, int64_t p, float* out) {
+  const int cols = static_cast<int>(std::min<int64_t>(WIDTH, N - p * WIDTH));
+  for (int64_t m = 0; m < M; m += WIDTH) {
+    const int rows = static_cast<int>(std::min<int64_t>(WIDTH, M - m));
+    ONE[rows](x + m * K, K, panels + p * K * WIDTH, K, out + m * N + p * WIDTH, N, cols);
+  }
+}
+
+void products(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, float* out) {
+  const int64_t count = (N + WIDTH - 1) / WIDTH;
+  if (M > 4 && M <= WIDTH) {
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) panel_rows(x, M, K, panels, N, p, out);
+    });
+    return;
+  }
+  // Pairs of full panels, then what is left (an odd panel, a partial last one) one by one.
+  const int64_t pairs = N / (2 * WIDTH), rest = count - 2 * pairs;
+  at::parallel_for(0, pairs + rest, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      if (u >= pairs) {
+        panel_rows(x, M, K, panels, N, 2 * pairs + (u - pairs), out);
+        continue;
+      }
+      const float* w0 = panels + 2 * u * K * WIDTH;
+      for (int64_t m = 0; m < M; m += PAIR_ROWS) {
+        const int rows = static_cast<int>(std::min<int64_t>(PAIR_ROWS, M - m));
+        TWO[rows](x + m * K, K, w0, w0 + K * WIDTH, K, out + m * N + 2 * u * WIDTH, N);
+      }
+    }
+  });
+}
+
+#endif
+
+int64_t panel_width() {
+#if defined(__AVX512F__)
+  return WIDTH;
+#else
+  return 0;
+#endif
+}
+
+// [out, in] -> [ceil(out / 16), in, 16], the last panel's missing outputs zero.
+torch::Tensor panel_pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat, "weight: float32 [out, in]");
+  const int64_t N = weight.size(0), K = weight.size(1), count = (N + WIDTH - 1) / WIDTH;
+  auto padded = torch::zeros({count * WIDTH, K}, weight.options());
+  padded.slice(0, 0, N).copy_(weight);
+  return padded.view({count, WIDTH, K}).transpose(1, 2).contiguous();
+}
+
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels,
+                           const std::optional<torch::Tensor>& bias, int64_t out_features) {
+  TORCH_CHECK(panel_width() > 0, "panel_linear: this build has no AVX-512");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat, "x: float32 [rows, in]");
+  TORCH_CHECK(panels.dim() == 3 && panels.is_contiguous() && panels.scalar_type() == torch::kFloat &&
+                  panels.size(2) == WIDTH && panels.size(1) == x.size(1),
+              "panels: `panel_pack` of a weight as wide as x");
+  TORCH_CHECK(out_features > 0 && out_features <= panels.size(0) * WIDTH && out_features > (panels.size(0) - 1) * WIDTH,
+              "out_features: the packed weight's");
+  auto out = torch::empty({x.size(0), out_features}, x.options());
+#if defined(__AVX512F__)
+  if (x.size(0) > 0) {
+    products(x.data_ptr<float>(), x.size(0), x.size(1), panels.data_ptr<float>(), out_features,
+             out.data_ptr<float>());
+  }
+#endif
+  if (bias.has_value()) out.add_(*bias);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llava_serve, m) {
+  m.def("panel_width() -> int", &panel_width);
+  m.def("panel_pack(Tensor weight) -> Tensor", &panel_pack);
+  m.def("panel_linear(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor", &panel_linear);
+}
