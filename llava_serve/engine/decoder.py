@@ -115,7 +115,7 @@ class StepDecoder:
             q = ops.rotate_write(
                 layer.qkv(h), cos[0], sin[0], self.heads, self.kv_heads, keys, values, slots, positions
             )
-            attended = attend(q.transpose(0, 1)[None], keys, values, layout, self.scaling)
+            attended = attend(q.transpose(0, 1)[None], keys, values, layout, self.scaling, ops)
             norm = layer.post_norm
             x, h = ops.add_rms_norm(
                 x, layer.o_proj(attended.reshape(tokens, self.q_width)), norm.weight, norm.eps

@@ -150,6 +150,31 @@ def test_the_panel_products_refuse_a_weight_of_another_width(ops):
         ops.panel_linear(torch.randn(2, 8), panels, None, 48)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 64), (4, 4, 32), (8, 1, 128)])
+def test_decode_attention_is_sdpa_s_over_each_row_s_own_length(ops, heads, kv_heads, dim):
+    """Each row's query heads against its own slot's first `lengths[row]` keys and values (the
+    query heads sharing a key head as transformers' `repeat_kv` pairs them), as SDPA computes it."""
+    torch.manual_seed(heads + dim)
+    rows, slots, max_len = 5, 7, 48
+    query = torch.randn(rows, heads, dim)
+    keys, values = torch.randn(slots, kv_heads, max_len, dim), torch.randn(slots, kv_heads, max_len, dim)
+    lengths = torch.tensor([1, 17, 48, 33, 16])
+    got = ops.decode_attention(query, keys, values, lengths, dim**-0.5)
+    for row, n in enumerate(lengths.tolist()):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query[row][None, :, None], keys[row, :, :n][None], values[row, :, :n][None], enable_gqa=True
+        )[0, :, 0]
+        torch.testing.assert_close(got[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_refuses_a_length_outside_the_slot(ops):
+    keys = torch.randn(2, 1, 8, 16)
+    with pytest.raises(RuntimeError, match="outside its slot"):
+        ops.decode_attention(torch.randn(2, 1, 16), keys, keys.clone(), torch.tensor([3, 9]), 0.25)
+    with pytest.raises(RuntimeError, match="outside its slot"):
+        ops.decode_attention(torch.randn(2, 1, 16), keys, keys.clone(), torch.tensor([0, 2]), 0.25)
+
+
 LOAD = "from llava_serve.engine import kernels; print(kernels.load() is not None)"
 
 

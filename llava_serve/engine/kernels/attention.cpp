@@ -1,0 +1,133 @@
+// Decode attention on CPU: each decode row's one query per head against its own slot's keys and
+// values, over that row's own length (no mask), float32.
+//
+// A decode step's attention reads every running row's keys and values once and does ~1 flop per
+// byte: its speed is the speed it streams the slots. SDPA's CPU kernel does it as small matrix
+// products per block of keys with a mask the width of the longest row; here a thread takes one
+// (row, key head) at a time, and reads that row's `lengths[row]` keys front to back (scores for
+// every query head sharing the key head), then its values (the softmax-weighted sum), each read
+// once, with the next lines requested ahead.
+//
+// The arithmetic is SDPA's: scores q.k times the scale, softmax with its maximum subtracted,
+// the weighted sum of values; sums run in another order and the exponential is ATen's vector
+// one, so the result is SDPA's to float rounding.
+#if defined(__AVX512F__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Keys (or values) ahead of the one being read that a thread asks the memory for.
+constexpr int64_t AHEAD = 4;
+
+inline void prefetch_row(const float* row, int64_t dim) {
+  for (int64_t j = 0; j < dim; j += 16) __builtin_prefetch(row + j);
+}
+
+inline float dot(const float* a, const float* b, int64_t dim) {
+  Vec acc(0.0f);
+  for (int64_t j = 0; j < dim; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
+  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+}
+
+// One row's queries of one key head (`group` of them, [group][dim]) against `length` keys and
+// values (position stride `dim`), into `out` [group][dim]; `scores` holds group x length floats.
+void attend_head(const float* q, const float* k, const float* v, int64_t length, int64_t group, int64_t dim,
+                 float scale, float* scores, float* out) {
+  for (int64_t t = 0; t < length; ++t) {
+    prefetch_row(k + (t + AHEAD) * dim, dim);
+    for (int64_t g = 0; g < group; ++g) scores[g * length + t] = dot(q + g * dim, k + t * dim, dim) * scale;
+  }
+  std::vector<float> total(group);
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * length;
+    const float peak = *std::max_element(s, s + length);
+    float sum = 0.0f;
+    int64_t t = 0;
+    Vec sums(0.0f);
+    for (; t + Vec::size() <= length; t += Vec::size()) {
+      Vec e = (Vec::loadu(s + t) - Vec(peak)).exp();
+      e.store(s + t);
+      sums = sums + e;
+    }
+    if (t < length) {
+      Vec e = (Vec::loadu(s + t, length - t) - Vec(peak)).exp();
+      e.store(s + t, length - t);
+      float tail[Vec::size()];
+      e.store(tail, length - t);
+      for (int64_t i = 0; i < length - t; ++i) sum += tail[i];
+    }
+    total[g] = sum + at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sums);
+    std::fill(out + g * dim, out + (g + 1) * dim, 0.0f);
+  }
+  for (int64_t t = 0; t < length; ++t) {
+    prefetch_row(v + (t + AHEAD) * dim, dim);
+    const float* vt = v + t * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const Vec p(scores[g * length + t]);
+      float* o = out + g * dim;
+      for (int64_t j = 0; j < dim; j += Vec::size()) at::vec::fmadd(p, Vec::loadu(vt + j), Vec::loadu(o + j)).store(o + j);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const Vec inverse(1.0f / total[g]);
+    float* o = out + g * dim;
+    for (int64_t j = 0; j < dim; j += Vec::size()) (Vec::loadu(o + j) * inverse).store(o + j);
+  }
+}
+
+// `query` [rows, heads, dim] of decode rows 0..rows-1, each attending to slot `row` of `keys` and
+// `values` [slots, kv_heads, max_len, dim] over its first `lengths[row]` positions.
+torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
+                               const torch::Tensor& lengths, double scale) {
+  TORCH_CHECK(query.dim() == 3 && query.is_contiguous() && query.scalar_type() == torch::kFloat,
+              "query: float32 [rows, heads, dim], contiguous");
+  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == torch::kFloat && values.sizes() == keys.sizes() &&
+                  values.strides() == keys.strides() && keys.stride(3) == 1 && keys.stride(2) == keys.size(3),
+              "keys, values: float32 [slots, kv_heads, max_len, dim], positions contiguous");
+  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2), kv_heads = keys.size(1);
+  TORCH_CHECK(keys.size(3) == dim && heads % kv_heads == 0 && dim % Vec::size() == 0, "head sizes");
+  TORCH_CHECK(lengths.scalar_type() == torch::kLong && lengths.is_contiguous() && lengths.numel() == rows &&
+                  rows <= keys.size(0),
+              "lengths: one per row, each row a slot");
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(length[r] >= 1 && length[r] <= keys.size(2), "a row's length lies outside its slot");
+  }
+  auto out = torch::empty_like(query);
+  const int64_t group = heads / kv_heads;
+  const float* q = query.data_ptr<float>();
+  const float* K = keys.data_ptr<float>();
+  const float* V = values.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = u / kv_heads, h = u % kv_heads, offset = r * keys.stride(0) + h * keys.stride(1);
+      scores.resize(group * length[r]);
+      attend_head(q + (r * heads + h * group) * dim, K + offset, V + offset, length[r], group, dim,
+                  static_cast<float>(scale), scores.data(), o + (r * heads + h * group) * dim);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llava_serve, m) {
+  m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor lengths, float scale) -> Tensor",
+        &decode_attention);
+}
