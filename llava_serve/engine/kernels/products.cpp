@@ -4,12 +4,13 @@
 // from memory. oneDNN's blocked kernel reads the weights at ~13 GB/s at 16 rows on two cores, where
 // the memory gives ~23: it loads a block and then computes on it, and its per-call plumbing is paid
 // ~33 times a step. Here the weight [out, in] is stored as panels of 16 outputs, [out/16][in][16]
-// (`panel_pack`), so a thread streams each panel front to back and every 64-byte load of it feeds one
-// fused multiply-add per row: 16 rows keep 16 accumulators busy while the next lines arrive.
+// (`panel_pack`), so a thread streams each panel front to back, asking for the lines ahead, and
+// every 64-byte load of it feeds one fused multiply-add per row.
 //
-// - 5-16 rows: one panel at a time, up to 16 rows (one accumulator each).
-// - 1-4 rows, and more than 16: two panels at a time, up to 12 rows (24 accumulators), so a thread
-//   has two streams in flight at a few rows and reuses each broadcast input twice at many.
+// A thread takes two panels at a time (32 outputs) and up to 12 rows (24 accumulators): it has two
+// streams in flight, and each input it broadcasts feeds two multiply-adds (against one panel at a
+// time with 16 rows: 0.65-0.72x its time at 6-16 rows, `benchmarks/micro/step_kernels.py`). An
+// odd or partial last panel goes alone.
 //
 // Each output is one float32 dot product summed in input order with fused multiply-adds: not
 // transformers' (MKL's) order, equal to float rounding, as oneDNN's is. Where the build has no
@@ -89,7 +90,7 @@ constexpr TwoPanels TWO[PAIR_ROWS + 1] = {nullptr, two_panels<1>, two_panels<2>,
                                           two_panels<8>, two_panels<9>, two_panels<10>, two_panels<11>,
                                           two_panels<12>};
 
-// Panel `p` against every row of `x`, up to `rows` at a time.
+// Panel `p` alone against every row of `x`, 16 at a time.
 void panel_rows(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, int64_t p, float* out) {
   const int cols = static_cast<int>(std::min<int64_t>(WIDTH, N - p * WIDTH));
   for (int64_t m = 0; m < M; m += WIDTH) {
@@ -99,15 +100,7 @@ void panel_rows(const float* x, int64_t M, int64_t K, const float* panels, int64
 }
 
 void products(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, float* out) {
-  const int64_t count = (N + WIDTH - 1) / WIDTH;
-  if (M > 4 && M <= WIDTH) {
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) panel_rows(x, M, K, panels, N, p, out);
-    });
-    return;
-  }
-  // Pairs of full panels, then what is left (an odd panel, a partial last one) one by one.
-  const int64_t pairs = N / (2 * WIDTH), rest = count - 2 * pairs;
+  const int64_t count = (N + WIDTH - 1) / WIDTH, pairs = N / (2 * WIDTH), rest = count - 2 * pairs;
   at::parallel_for(0, pairs + rest, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       if (u >= pairs) {

@@ -114,8 +114,8 @@ def test_the_greedy_pick_is_argmax_s_and_rows_that_are_not_finite_are_flagged(op
         assert best[row] == logits[row].argmax()
 
 
-# Row counts on each side of the kernel's paths (1-4 and 17+: two panels at a time, 12 rows a
-# block; 5-16: one panel, 16 rows), output widths that are and are not whole panels or pairs.
+# Row counts on each side of the kernel's blocks (12 rows over two panels, 16 over a lone last
+# panel), output widths that are and are not whole panels or pairs.
 ROWS = [1, 3, 4, 5, 13, 16, 17, 25, 40]
 WIDTHS = [(1000, 512), (64, 48), (40, 24), (7, 16)]
 
