@@ -356,10 +356,17 @@ async def response_events(
         yield event("response.output_item.done", output_index=0, item=call)
         output.append(call)
     else:
-        if item is None:  # an empty answer still has its message
+        if item is None:  # an empty answer still has its message and its one text part
             item_id = _id("msg")
             empty = _message_item(item_id, "", "in_progress") | {"content": []}
             yield event("response.output_item.added", output_index=0, item=empty)
+            yield event(
+                "response.content_part.added",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                part=_text(""),
+            )
         whole = "".join(text)
         part = _text(whole)
         yield event(
