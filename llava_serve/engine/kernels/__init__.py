@@ -28,6 +28,7 @@ from llava_serve.models.tiny import default_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("step_ops.cpp", "products.cpp", "attention.cpp")]
+HEADERS = [Path(__file__).with_name("vec.h")]
 # -ffp-contract=off: no fused multiply-add merges two of transformers' roundings into one (the
 # products' multiply-adds are explicit).
 # -fopenmp: `at::parallel_for` runs on torch's OpenMP threads (torch has loaded its libgomp under
@@ -49,7 +50,7 @@ def _cpu_flags() -> str:
 
 def _fingerprint() -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in [*SOURCES, *HEADERS]:
         digest.update(source.read_bytes())
     for part in (torch.__version__, " ".join(FLAGS), _cpu_flags()):
         digest.update(part.encode())

@@ -11,19 +11,13 @@
 // The arithmetic is SDPA's: scores q.k times the scale, softmax with its maximum subtracted,
 // the weighted sum of values; sums run in another order and the exponential is ATen's vector
 // one, so the result is SDPA's to float rounding.
-#if defined(__AVX512F__)
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__)
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "vec.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
-#include <limits>
 #include <vector>
 
 namespace {
@@ -43,34 +37,33 @@ inline float dot(const float* a, const float* b, int64_t dim) {
   return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
 }
 
+// `exp(s - peak)` over `s[0..n)` in place; returns their sum.
+float exp_sum(float* s, int64_t n, float peak) {
+  Vec sums(0.0f);
+  int64_t t = 0;
+  for (; t + Vec::size() <= n; t += Vec::size()) {
+    const Vec e = (Vec::loadu(s + t) - Vec(peak)).exp();
+    e.store(s + t);
+    sums = sums + e;
+  }
+  if (t < n) (Vec::loadu(s + t, n - t) - Vec(peak)).exp().store(s + t, n - t);
+  float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sums);
+  for (; t < n; ++t) sum += s[t];
+  return sum;
+}
+
 // One row's queries of one key head (`group` of them, [group][dim]) against `length` keys and
-// values (position stride `dim`), into `out` [group][dim]; `scores` holds group x length floats.
+// values (position stride `dim`), into `out` [group][dim]; `scores` holds group x length floats
+// and `totals` group.
 void attend_head(const float* q, const float* k, const float* v, int64_t length, int64_t group, int64_t dim,
-                 float scale, float* scores, float* out) {
+                 float scale, float* scores, float* totals, float* out) {
   for (int64_t t = 0; t < length; ++t) {
     prefetch_row(k + (t + AHEAD) * dim, dim);
     for (int64_t g = 0; g < group; ++g) scores[g * length + t] = dot(q + g * dim, k + t * dim, dim) * scale;
   }
-  std::vector<float> total(group);
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * length;
-    const float peak = *std::max_element(s, s + length);
-    float sum = 0.0f;
-    int64_t t = 0;
-    Vec sums(0.0f);
-    for (; t + Vec::size() <= length; t += Vec::size()) {
-      Vec e = (Vec::loadu(s + t) - Vec(peak)).exp();
-      e.store(s + t);
-      sums = sums + e;
-    }
-    if (t < length) {
-      Vec e = (Vec::loadu(s + t, length - t) - Vec(peak)).exp();
-      e.store(s + t, length - t);
-      float tail[Vec::size()];
-      e.store(tail, length - t);
-      for (int64_t i = 0; i < length - t; ++i) sum += tail[i];
-    }
-    total[g] = sum + at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sums);
+    totals[g] = exp_sum(s, length, *std::max_element(s, s + length));
     std::fill(out + g * dim, out + (g + 1) * dim, 0.0f);
   }
   for (int64_t t = 0; t < length; ++t) {
@@ -83,7 +76,7 @@ void attend_head(const float* q, const float* k, const float* v, int64_t length,
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    const Vec inverse(1.0f / total[g]);
+    const Vec inverse(1.0f / totals[g]);
     float* o = out + g * dim;
     for (int64_t j = 0; j < dim; j += Vec::size()) (Vec::loadu(o + j) * inverse).store(o + j);
   }
@@ -114,12 +107,12 @@ torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& 
   const float* V = values.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, totals(group);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / kv_heads, h = u % kv_heads, offset = r * keys.stride(0) + h * keys.stride(1);
       scores.resize(group * length[r]);
       attend_head(q + (r * heads + h * group) * dim, K + offset, V + offset, length[r], group, dim,
-                  static_cast<float>(scale), scores.data(), o + (r * heads + h * group) * dim);
+                  static_cast<float>(scale), scores.data(), totals.data(), o + (r * heads + h * group) * dim);
     }
   });
   return out;

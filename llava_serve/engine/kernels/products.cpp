@@ -20,6 +20,8 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -35,60 +37,46 @@ constexpr int64_t AHEAD = 64;
 
 #if defined(__AVX512F__)
 
-// Rows `0..R-1` of `x` (row stride `ldx`) times one panel `w` [K][16], into `out` (row stride
-// `ldo`), its first `cols` columns.
-template <int R>
-void one_panel(const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo, int cols) {
-  __m512 acc[R];
+// Rows `0..R-1` of `x` (row stride `ldx`) times `P` panels side by side from `w` (each [K][16],
+// one after another), into `out` (row stride `ldo`): the last panel's first `cols` columns.
+template <int R, int P>
+void block(const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo, int cols) {
+  __m512 acc[P][R];
 #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int i = 0; i < R; ++i)
+    for (int p = 0; p < P; ++p) acc[p][i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + (k + AHEAD) * WIDTH), _MM_HINT_T0);
-    const __m512 wk = _mm512_loadu_ps(w + k * WIDTH);
+    __m512 wk[P];
+    for (int p = 0; p < P; ++p) {
+      const float* panel = w + p * K * WIDTH;
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (k + AHEAD) * WIDTH), _MM_HINT_T0);
+      wk[p] = _mm512_loadu_ps(panel + k * WIDTH);
+    }
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), wk, acc[i]);
-  }
-  const __mmask16 mask = cols >= WIDTH ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-#pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(out + i * ldo, mask, acc[i]);
-}
-
-// The same over two full panels side by side (32 columns).
-template <int R>
-void two_panels(const float* x, int64_t ldx, const float* w0, const float* w1, int64_t K, float* out,
-                int64_t ldo) {
-  __m512 a0[R], a1[R];
-#pragma GCC unroll 12
-  for (int i = 0; i < R; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    _mm_prefetch(reinterpret_cast<const char*>(w0 + (k + AHEAD) * WIDTH), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w1 + (k + AHEAD) * WIDTH), _MM_HINT_T0);
-    const __m512 v0 = _mm512_loadu_ps(w0 + k * WIDTH), v1 = _mm512_loadu_ps(w1 + k * WIDTH);
-#pragma GCC unroll 12
     for (int i = 0; i < R; ++i) {
       const __m512 xi = _mm512_set1_ps(x[i * ldx + k]);
-      a0[i] = _mm512_fmadd_ps(xi, v0, a0[i]);
-      a1[i] = _mm512_fmadd_ps(xi, v1, a1[i]);
+      for (int p = 0; p < P; ++p) acc[p][i] = _mm512_fmadd_ps(xi, wk[p], acc[p][i]);
     }
   }
-#pragma GCC unroll 12
+  const __mmask16 last = cols >= WIDTH ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+#pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
-    _mm512_storeu_ps(out + i * ldo, a0[i]);
-    _mm512_storeu_ps(out + i * ldo + WIDTH, a1[i]);
+    for (int p = 0; p < P; ++p) {
+      _mm512_mask_storeu_ps(out + i * ldo + p * WIDTH, p == P - 1 ? last : __mmask16(0xFFFF), acc[p][i]);
+    }
   }
 }
 
-using OnePanel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int);
-using TwoPanels = void (*)(const float*, int64_t, const float*, const float*, int64_t, float*, int64_t);
+using Block = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int);
 
-constexpr OnePanel ONE[WIDTH + 1] = {nullptr, one_panel<1>, one_panel<2>, one_panel<3>, one_panel<4>,
-                                     one_panel<5>, one_panel<6>, one_panel<7>, one_panel<8>, one_panel<9>,
-                                     one_panel<10>, one_panel<11>, one_panel<12>, one_panel<13>,
-                                     one_panel<14>, one_panel<15>, one_panel<16>};
-constexpr TwoPanels TWO[PAIR_ROWS + 1] = {nullptr, two_panels<1>, two_panels<2>, two_panels<3>,
-                                          two_panels<4>, two_panels<5>, two_panels<6>, two_panels<7>,
-                                          two_panels<8>, two_panels<9>, two_panels<10>, two_panels<11>,
-                                          two_panels<12>};
+// `block<rows, P>` by row count, 1..sizeof...(R).
+template <int P, int... R>
+constexpr std::array<Block, sizeof...(R) + 1> blocks(std::integer_sequence<int, R...>) {
+  return {nullptr, block<R + 1, P>...};
+}
+
+constexpr auto ONE = blocks<1>(std::make_integer_sequence<int, WIDTH>{});
+constexpr auto TWO = blocks<2>(std::make_integer_sequence<int, PAIR_ROWS>{});
 
 // Panel `p` alone against every row of `x`, 16 at a time.
 void panel_rows(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, int64_t p, float* out) {
@@ -110,7 +98,7 @@ void products(const float* x, int64_t M, int64_t K, const float* panels, int64_t
       const float* w0 = panels + 2 * u * K * WIDTH;
       for (int64_t m = 0; m < M; m += PAIR_ROWS) {
         const int rows = static_cast<int>(std::min<int64_t>(PAIR_ROWS, M - m));
-        TWO[rows](x + m * K, K, w0, w0 + K * WIDTH, K, out + m * N + 2 * u * WIDTH, N);
+        TWO[rows](x + m * K, K, w0, K, out + m * N + 2 * u * WIDTH, N, WIDTH);
       }
     }
   });

@@ -7,14 +7,9 @@
 // no fused multiply-add merges two of them), and a bfloat16 model's values are rounded to
 // bfloat16 wherever transformers' ops return bfloat16 tensors. The RMS norm's mean and SiLU are
 // the exceptions: a sum reduced in another order, and SiLU's vector form, equal to float rounding.
-// ATen's vectors at the width this build targets (-march=native), for SiLU's exponential.
-#if defined(__AVX512F__)
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__)
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "vec.h"  // ATen's vectors, for SiLU's exponential
+
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 #include <torch/types.h>
