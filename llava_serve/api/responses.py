@@ -297,9 +297,23 @@ async def response_events(
     def event(kind: str, **fields) -> dict:
         return {"type": kind, "sequence_number": next(numbers), **fields}
 
+    def message_added(item_id: str) -> list[dict]:
+        """The message item and its one text part, both still empty."""
+        item = _message_item(item_id, "", "in_progress") | {"content": []}
+        return [
+            event("response.output_item.added", output_index=0, item=item),
+            event(
+                "response.content_part.added",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                part=_text(""),
+            ),
+        ]
+
     yield event("response.created", response=envelope)
     yield event("response.in_progress", response=envelope)
-    item_id, item, text, finish, usage = None, None, [], None, None
+    item_id, text, finish, usage = None, [], None, None
     call: dict | None = None
     async for chunk in chunks:
         if chunk.usage is not None:
@@ -319,17 +333,10 @@ async def response_events(
                         output_index=0,
                         delta=tc.function.arguments,
                     )
-            if delta.content and item is None and call is None:  # the answer's text begins
+            if delta.content and item_id is None:  # the answer's text begins
                 item_id = _id("msg")
-                item = _message_item(item_id, "", "in_progress") | {"content": []}
-                yield event("response.output_item.added", output_index=0, item=item)
-                yield event(
-                    "response.content_part.added",
-                    item_id=item_id,
-                    output_index=0,
-                    content_index=0,
-                    part=_text(""),
-                )
+                for added in message_added(item_id):
+                    yield added
             if delta.content:
                 text.append(delta.content)
                 yield event(
@@ -356,17 +363,10 @@ async def response_events(
         yield event("response.output_item.done", output_index=0, item=call)
         output.append(call)
     else:
-        if item is None:  # an empty answer still has its message and its one text part
+        if item_id is None:  # an empty answer still has its message and its one text part
             item_id = _id("msg")
-            empty = _message_item(item_id, "", "in_progress") | {"content": []}
-            yield event("response.output_item.added", output_index=0, item=empty)
-            yield event(
-                "response.content_part.added",
-                item_id=item_id,
-                output_index=0,
-                content_index=0,
-                part=_text(""),
-            )
+            for added in message_added(item_id):
+                yield added
         whole = "".join(text)
         part = _text(whole)
         yield event(
