@@ -20,7 +20,8 @@ call for an input and sliced for the others.
 
 With the engine's ops built for an AVX-512 CPU (`kernels`), the decoder's float32 products and the
 output head run on the engine's own kernel instead (`kernels/products.cpp`: the weight as panels
-of 16 outputs), which streams the weights faster at decode row counts (`benchmarks/decode_step.py`).
+of 16 outputs, kept on 2 MB pages: `memory`), which streams the weights faster at decode row counts
+(`benchmarks/decode_step.py`).
 
 The packed weight replaces the layer's own (the memory is not held twice), so a model packed here
 belongs to its engine: its arithmetic is oneDNN's for every caller. Results are the same products
@@ -33,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llava_serve.engine import memory
 from llava_serve.engine.modules import replace_modules
 
 # The row count the reorder is tuned for; any count runs on the packed weight.
@@ -65,7 +67,7 @@ class PackedLinear(nn.Module):
         self.dtype = weight.dtype
         self.ops = ops if panels(ops, weight) else None
         if self.ops is not None:
-            self.packed = self.ops.panel_pack(weight.detach())
+            self.packed = memory.copy(self.ops.panel_pack(weight.detach()))
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
         self.bias = None if bias is None else bias.detach().clone()

@@ -7,10 +7,12 @@
 // (`panel_pack`), so a thread streams each panel front to back, asking for the lines ahead, and
 // every 64-byte load of it feeds one fused multiply-add per row.
 //
-// A thread takes two panels at a time (32 outputs) and up to 12 rows (24 accumulators): it has two
-// streams in flight, and each input it broadcasts feeds two multiply-adds (against one panel at a
-// time with 16 rows: 0.65-0.72x its time at 6-16 rows, `benchmarks/micro/step_kernels.py`). An
-// odd or partial last panel goes alone.
+// A thread takes two panels at a time (32 outputs) and up to 16 rows: it has two streams in
+// flight, and each input it broadcasts feeds two multiply-adds (against one panel at a time with
+// 16 rows: 0.65-0.72x its time at 6-16 rows, `benchmarks/micro/step_kernels.py`). At 13-16 rows
+// the 32 accumulators leave no register for the weights, and the compiler keeps two or three of
+// them on the stack; that one pass over the pair still beat 12 rows and then 4 (0.90x at 16 rows,
+// where the second block had read the pair again). An odd or partial last panel goes alone.
 //
 // Each output is one float32 dot product summed in input order with fused multiply-adds: not
 // transformers' (MKL's) order, equal to float rounding, as oneDNN's is. Where the build has no
@@ -30,7 +32,7 @@
 namespace {
 
 constexpr int64_t WIDTH = 16;  // outputs a panel holds: one 512-bit vector of float32
-constexpr int64_t PAIR_ROWS = 12;
+constexpr int64_t PAIR_ROWS = 16;
 // How far ahead in a panel a thread asks for lines (in rows of 16 floats, one line each): the
 // hardware prefetcher alone leaves a core waiting on memory at a few rows.
 constexpr int64_t AHEAD = 64;

@@ -150,7 +150,11 @@ def test_the_panel_products_refuse_a_weight_of_another_width(ops):
         ops.panel_linear(torch.randn(2, 8), panels, None, 48)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 64), (4, 4, 32), (8, 1, 128)])
+# Head sizes and groups that take each of the kernel's paths: sums in registers for 2, 4 or 1
+# queries at a time, and (160 floats) the loop over any size.
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(8, 4, 64), (4, 4, 32), (8, 1, 128), (16, 4, 64), (6, 2, 48), (2, 1, 160)]
+)
 def test_decode_attention_is_sdpa_s_over_each_row_s_own_length(ops, heads, kv_heads, dim):
     """Each row's query heads against its own slot's first `lengths[row]` keys and values (the
     query heads sharing a key head as transformers' `repeat_kv` pairs them), as SDPA computes it."""
