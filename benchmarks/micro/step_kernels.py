@@ -10,9 +10,10 @@
   oneDNN on weights reordered once (`torch.ops.mkldnn._linear_pointwise`, what `packed.py` ran
   before), at each row count (above 64 rows, prompt chunks: no head).
 - **decode attention**: one layer's decode rows (8 query heads on 4 key heads of 64, slots of
-  336 positions) on the engine's decode attention (`kernels/attention.cpp`) against SDPA as
-  `attention.attend` runs it (the heads sharing a key head as its queries; a boolean mask when the
-  rows' lengths differ), with every row at 290 positions and with lengths spread over 40-300.
+  336 positions, float32 and bfloat16) on the engine's decode attention (`kernels/attention.cpp`)
+  against SDPA as `attention.attend` runs it (the heads sharing a key head as its queries; a
+  boolean mask when the rows' lengths differ), with every row at 290 positions and with lengths
+  spread over 40-300.
 
 The figure is the median of `--repeats`; the largest difference between the sides' outputs says
 they compute the same thing. Prints a table, writes JSON with the commit it ran on.
@@ -88,12 +89,12 @@ def products(ops, rows: int, repeats: int) -> dict:
 
 
 @torch.inference_mode()
-def attention(ops, rows: int, ragged: bool, repeats: int) -> dict:
+def attention(ops, rows: int, ragged: bool, dtype: torch.dtype, repeats: int) -> dict:
     heads, kv_heads, dim, slot_len = 8, 4, 64, 336
     g = torch.Generator().manual_seed(rows)
-    query = torch.randn(rows, heads, dim, generator=g)
-    keys = torch.randn(rows, kv_heads, slot_len, dim, generator=g)
-    values = torch.randn(rows, kv_heads, slot_len, dim, generator=g)
+    query = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    keys = torch.randn(rows, kv_heads, slot_len, dim, generator=g).to(dtype)
+    values = torch.randn(rows, kv_heads, slot_len, dim, generator=g).to(dtype)
     lengths = torch.linspace(40, 300, rows).long() if ragged else torch.full((rows,), 290)
     kv_len = int(lengths.max())
     mask = (torch.arange(kv_len)[None] < lengths[:, None])[:, None, None] if ragged else None
@@ -111,9 +112,10 @@ def attention(ops, rows: int, ragged: bool, repeats: int) -> dict:
     return {
         "rows": rows,
         "lengths": "40-300" if ragged else "290",
+        "dtype": str(dtype).removeprefix("torch."),
         "ours_ms": ms["ours"],
         "sdpa_ms": ms["sdpa"],
-        "max_abs_diff": (out["ours"] - out["sdpa"]).abs().max().item(),
+        "max_abs_diff": (out["ours"].float() - out["sdpa"].float()).abs().max().item(),
     }
 
 
@@ -156,13 +158,19 @@ def main() -> None:
             ],
         )
     )
-    attn = [attention(ops, rows, ragged, args.repeats) for rows in (4, 16, 32) for ragged in (False, True)]
+    attn = [
+        attention(ops, rows, ragged, dtype, args.repeats)
+        for dtype in (torch.float32, torch.bfloat16)
+        for rows in (4, 16, 32)
+        for ragged in (False, True)
+    ]
     print()
     print(
         table(
-            ["decode rows", "lengths", "ours ms", "SDPA ms", "ours/SDPA", "max |diff|"],
+            ["slots", "decode rows", "lengths", "ours ms", "SDPA ms", "ours/SDPA", "max |diff|"],
             [
                 [
+                    r["dtype"],
                     r["rows"],
                     r["lengths"],
                     f"{r['ours_ms']:.3f}",

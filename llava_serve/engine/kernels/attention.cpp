@@ -1,5 +1,5 @@
 // Decode attention on CPU: each decode row's one query per head against its own slot's keys and
-// values, over that row's own length (no mask), float32.
+// values, over that row's own length (no mask); slots in float32 or bfloat16, arithmetic in float32.
 //
 // A decode step's attention reads every running row's keys and values once and does ~1 flop per
 // byte: its speed is the speed it streams the slots. SDPA's CPU kernel does it as small matrix
@@ -10,7 +10,8 @@
 //
 // The arithmetic is SDPA's: scores q.k times the scale, softmax with its maximum subtracted,
 // the weighted sum of values; sums run in another order and the exponential is ATen's vector
-// one, so the result is SDPA's to float rounding.
+// one, so the result is SDPA's to float rounding. bfloat16 slots are widened to float32 as they
+// are read and the result rounded to bfloat16 once, as SDPA's CPU kernel does for that type.
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -29,14 +30,24 @@ using Vec = at::vec::Vectorized<float>;
 // Keys (or values) ahead of the one being read that a thread asks the memory for.
 constexpr int64_t AHEAD = 4;
 
-inline void prefetch_row(const float* row, int64_t dim) {
-  for (int64_t j = 0; j < dim; j += 16) __builtin_prefetch(row + j);
+template <typename T>
+inline void prefetch_row(const T* row, int64_t dim) {
+  for (int64_t j = 0; j < dim; j += 64 / sizeof(T)) __builtin_prefetch(row + j);
 }
 
-inline float dot(const float* a, const float* b, int64_t dim) {
+// `Vec::size()` elements of a slot as float32.
+inline Vec load(const float* p) { return Vec::loadu(p); }
+inline Vec load(const at::BFloat16* p) {
+  Vec out;
+  at::vec::load_fp32_from_bf16(p, out);
+  return out;
+}
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t dim) {
   Vec acc(0.0f);
-  for (int64_t j = 0; j < dim; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  return at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, acc);
+  for (int64_t j = 0; j < dim; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), load(b + j), acc);
+  return acc.reduce_add();
 }
 
 // `exp(s - peak)` over `s[0..n)` in place; returns their sum.
@@ -57,8 +68,9 @@ float exp_sum(float* s, int64_t n, float peak) {
 // One row's queries of one key head (`group` of them, [group][dim]) against `length` keys and
 // values (position stride `dim`), into `out` [group][dim]; `scores` holds group x length floats
 // and `totals` group. Any head size: the queries and the sums live in memory.
-void attend_head(const float* q, const float* k, const float* v, int64_t length, int64_t group, int64_t dim,
-                 float scale, float* scores, float* totals, float* out) {
+template <typename T>
+void attend_head(const float* q, const T* k, const T* v, int64_t length, int64_t group, int64_t dim, float scale,
+                 float* scores, float* totals, float* out) {
   for (int64_t t = 0; t < length; ++t) {
     prefetch_row(k + (t + AHEAD) * dim, dim);
     for (int64_t g = 0; g < group; ++g) scores[g * length + t] = dot(q + g * dim, k + t * dim, dim) * scale;
@@ -70,11 +82,11 @@ void attend_head(const float* q, const float* k, const float* v, int64_t length,
   }
   for (int64_t t = 0; t < length; ++t) {
     prefetch_row(v + (t + AHEAD) * dim, dim);
-    const float* vt = v + t * dim;
+    const T* vt = v + t * dim;
     for (int64_t g = 0; g < group; ++g) {
       const Vec p(scores[g * length + t]);
       float* o = out + g * dim;
-      for (int64_t j = 0; j < dim; j += Vec::size()) at::vec::fmadd(p, Vec::loadu(vt + j), Vec::loadu(o + j)).store(o + j);
+      for (int64_t j = 0; j < dim; j += Vec::size()) at::vec::fmadd(p, load(vt + j), Vec::loadu(o + j)).store(o + j);
     }
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -84,82 +96,103 @@ void attend_head(const float* q, const float* k, const float* v, int64_t length,
   }
 }
 
-// The same for heads of `D` vectors, `T` queries at a time: the queries, a key or value row and
+// The same for heads of `D` vectors, `Q` queries at a time: the queries, a key or value row and
 // the weighted sums stay in registers, where the loop above reloads and stores the sums at every
 // position. On slots in the core's L2: 28 cycles a (row, key head, position) against 52.
-template <int D, int T>
-void attend_head_regs(const float* q, const float* k, const float* v, int64_t length, int64_t group, int64_t,
-                      float scale, float* scores, float* totals, float* out) {
+template <typename T, int D, int Q>
+void attend_head_regs(const float* q, const T* k, const T* v, int64_t length, int64_t group, int64_t, float scale,
+                      float* scores, float* totals, float* out) {
   constexpr int64_t dim = D * Vec::size();
-  for (int64_t g0 = 0; g0 < group; g0 += T) {
-    Vec query[T][D];
-    for (int g = 0; g < T; ++g)
+  for (int64_t g0 = 0; g0 < group; g0 += Q) {
+    Vec query[Q][D];
+    for (int g = 0; g < Q; ++g)
       for (int j = 0; j < D; ++j) query[g][j] = Vec::loadu(q + (g0 + g) * dim + j * Vec::size());
     float* s = scores + g0 * length;
     for (int64_t t = 0; t < length; ++t) {
       prefetch_row(k + (t + AHEAD) * dim, dim);
       Vec key[D];
-      for (int j = 0; j < D; ++j) key[j] = Vec::loadu(k + t * dim + j * Vec::size());
-      for (int g = 0; g < T; ++g) {
+      for (int j = 0; j < D; ++j) key[j] = load(k + t * dim + j * Vec::size());
+      for (int g = 0; g < Q; ++g) {
         Vec acc = query[g][0] * key[0];
         for (int j = 1; j < D; ++j) acc = at::vec::fmadd(query[g][j], key[j], acc);
         s[g * length + t] = acc.reduce_add() * scale;
       }
     }
-    for (int g = 0; g < T; ++g) {
+    for (int g = 0; g < Q; ++g) {
       float* sg = s + g * length;
       totals[g] = exp_sum(sg, length, *std::max_element(sg, sg + length));
     }
-    Vec sums[T][D];
-    for (int g = 0; g < T; ++g)
+    Vec sums[Q][D];
+    for (int g = 0; g < Q; ++g)
       for (int j = 0; j < D; ++j) sums[g][j] = Vec(0.0f);
     for (int64_t t = 0; t < length; ++t) {
       prefetch_row(v + (t + AHEAD) * dim, dim);
       Vec value[D];
-      for (int j = 0; j < D; ++j) value[j] = Vec::loadu(v + t * dim + j * Vec::size());
-      for (int g = 0; g < T; ++g) {
+      for (int j = 0; j < D; ++j) value[j] = load(v + t * dim + j * Vec::size());
+      for (int g = 0; g < Q; ++g) {
         const Vec p(s[g * length + t]);
         for (int j = 0; j < D; ++j) sums[g][j] = at::vec::fmadd(p, value[j], sums[g][j]);
       }
     }
-    for (int g = 0; g < T; ++g) {
+    for (int g = 0; g < Q; ++g) {
       const Vec inverse(1.0f / totals[g]);
       for (int j = 0; j < D; ++j) (sums[g][j] * inverse).store(out + (g0 + g) * dim + j * Vec::size());
     }
   }
 }
 
-using Head = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, float, float*, float*,
-                      float*);
+template <typename T>
+using Head = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, float, float*, float*, float*);
 
 // Head sizes of 1..8 vectors (up to 128 floats on AVX-512) keep their sums in registers; the tile
 // is the most queries of a group (4, 2 or 1, dividing it) whose sums fit in 16 of them.
-template <int... D>
-constexpr std::array<std::array<Head, 3>, sizeof...(D) + 1> heads_by_size(std::integer_sequence<int, D...>) {
-  return {std::array<Head, 3>{nullptr, nullptr, nullptr},
-          std::array<Head, 3>{attend_head_regs<D + 1, 1>, attend_head_regs<D + 1, 2>,
-                              attend_head_regs<D + 1, 4>}...};
+template <typename T, int... D>
+constexpr std::array<std::array<Head<T>, 3>, sizeof...(D) + 1> heads_by_size(std::integer_sequence<int, D...>) {
+  return {std::array<Head<T>, 3>{nullptr, nullptr, nullptr},
+          std::array<Head<T>, 3>{attend_head_regs<T, D + 1, 1>, attend_head_regs<T, D + 1, 2>,
+                                 attend_head_regs<T, D + 1, 4>}...};
 }
-constexpr auto REGS = heads_by_size(std::make_integer_sequence<int, 8>{});
 
-Head head_kernel(int64_t dim, int64_t group) {
+template <typename T>
+Head<T> head_kernel(int64_t dim, int64_t group) {
+  static constexpr auto regs = heads_by_size<T>(std::make_integer_sequence<int, 8>{});
   const int64_t vectors = dim / Vec::size();
-  if (vectors >= static_cast<int64_t>(REGS.size())) return attend_head;
+  if (vectors >= static_cast<int64_t>(regs.size())) return attend_head<T>;
   for (int tile : {4, 2}) {
-    if (group % tile == 0 && tile * vectors <= 16) return REGS[vectors][tile / 2];
+    if (group % tile == 0 && tile * vectors <= 16) return regs[vectors][tile / 2];
   }
-  return REGS[vectors][0];
+  return regs[vectors][0];
+}
+
+// Rows 0..rows-1 of `q` (float32 [rows, heads, dim]) against their slots, into `o` (the same).
+template <typename T>
+void attend_rows(const float* q, const torch::Tensor& keys, const torch::Tensor& values, const int64_t* length,
+                 int64_t rows, int64_t heads, float scale, float* o) {
+  const int64_t kv_heads = keys.size(1), dim = keys.size(3), group = heads / kv_heads;
+  const Head<T> attend = head_kernel<T>(dim, group);
+  const T* K = keys.data_ptr<T>();
+  const T* V = values.data_ptr<T>();
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, totals(group);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = u / kv_heads, h = u % kv_heads, offset = r * keys.stride(0) + h * keys.stride(1);
+      scores.resize(group * length[r]);
+      attend(q + (r * heads + h * group) * dim, K + offset, V + offset, length[r], group, dim, scale, scores.data(),
+             totals.data(), o + (r * heads + h * group) * dim);
+    }
+  });
 }
 
 // `query` [rows, heads, dim] of decode rows 0..rows-1, each attending to slot `row` of `keys` and
 // `values` [slots, kv_heads, max_len, dim] over its first `lengths[row]` positions.
 torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
                                const torch::Tensor& lengths, double scale) {
-  TORCH_CHECK(query.dim() == 3 && query.is_contiguous() && query.scalar_type() == torch::kFloat,
-              "query: float32 [rows, heads, dim], contiguous");
-  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == torch::kFloat && values.sizes() == keys.sizes() &&
+  const auto dtype = keys.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "keys, values: float32 or bfloat16");
+  TORCH_CHECK(query.dim() == 3 && query.scalar_type() == dtype, "query: [rows, heads, dim] in the slots' dtype");
+  TORCH_CHECK(keys.dim() == 4 && values.scalar_type() == dtype && values.sizes() == keys.sizes() &&
                   values.strides() == keys.strides() && keys.stride(3) == 1 && keys.stride(2) == keys.size(3),
-              "keys, values: float32 [slots, kv_heads, max_len, dim], positions contiguous");
+              "keys, values: [slots, kv_heads, max_len, dim], positions contiguous");
   const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2), kv_heads = keys.size(1);
   TORCH_CHECK(keys.size(3) == dim && heads % kv_heads == 0 && dim % Vec::size() == 0, "head sizes");
   TORCH_CHECK(lengths.scalar_type() == torch::kLong && lengths.is_contiguous() && lengths.numel() == rows &&
@@ -169,23 +202,14 @@ torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& 
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK(length[r] >= 1 && length[r] <= keys.size(2), "a row's length lies outside its slot");
   }
-  auto out = torch::empty_like(query);
-  const int64_t group = heads / kv_heads;
-  const Head attend = head_kernel(dim, group);
-  const float* q = query.data_ptr<float>();
-  const float* K = keys.data_ptr<float>();
-  const float* V = values.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, totals(group);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t r = u / kv_heads, h = u % kv_heads, offset = r * keys.stride(0) + h * keys.stride(1);
-      scores.resize(group * length[r]);
-      attend(q + (r * heads + h * group) * dim, K + offset, V + offset, length[r], group, dim,
-             static_cast<float>(scale), scores.data(), totals.data(), o + (r * heads + h * group) * dim);
-    }
-  });
-  return out;
+  const auto q = query.to(torch::kFloat).contiguous();
+  auto out = torch::empty(query.sizes(), q.options());
+  if (dtype == torch::kFloat) {
+    attend_rows<float>(q.data_ptr<float>(), keys, values, length, rows, heads, scale, out.data_ptr<float>());
+  } else {
+    attend_rows<at::BFloat16>(q.data_ptr<float>(), keys, values, length, rows, heads, scale, out.data_ptr<float>());
+  }
+  return out.to(dtype);
 }
 
 }  // namespace

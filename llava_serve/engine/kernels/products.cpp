@@ -12,7 +12,9 @@
 // 16 rows: 0.65-0.72x its time at 6-16 rows, `benchmarks/micro/step_kernels.py`). At 13-16 rows
 // the 32 accumulators leave no register for the weights, and the compiler keeps two or three of
 // them on the stack; that one pass over the pair still beat 12 rows and then 4 (0.90x at 16 rows,
-// where the second block had read the pair again). An odd or partial last panel goes alone.
+// where the second block had read the pair again). Above 32 rows (prompt chunks) the spills cost
+// more than the second read (1.15x 12-row blocks' time at 512 rows), so blocks there take 14. An
+// odd or partial last panel goes alone.
 //
 // Each output is one float32 dot product summed in input order with fused multiply-adds: not
 // transformers' (MKL's) order, equal to float rounding, as oneDNN's is. Where the build has no
@@ -33,6 +35,9 @@ namespace {
 
 constexpr int64_t WIDTH = 16;  // outputs a panel holds: one 512-bit vector of float32
 constexpr int64_t PAIR_ROWS = 16;
+// Above decode row counts the products are bound by arithmetic, not memory: blocks of 14 rows
+// keep every accumulator in a register (28, the two weights and a broadcast: 31 of 32).
+constexpr int64_t WIDE_ROWS = 32, WIDE_BLOCK = 14;
 // How far ahead in a panel a thread asks for lines (in rows of 16 floats, one line each): the
 // hardware prefetcher alone leaves a core waiting on memory at a few rows.
 constexpr int64_t AHEAD = 64;
@@ -91,6 +96,7 @@ void panel_rows(const float* x, int64_t M, int64_t K, const float* panels, int64
 
 void products(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, float* out) {
   const int64_t count = (N + WIDTH - 1) / WIDTH, pairs = N / (2 * WIDTH), rest = count - 2 * pairs;
+  const int64_t block_rows = M <= WIDE_ROWS ? PAIR_ROWS : WIDE_BLOCK;
   at::parallel_for(0, pairs + rest, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       if (u >= pairs) {
@@ -98,8 +104,8 @@ void products(const float* x, int64_t M, int64_t K, const float* panels, int64_t
         continue;
       }
       const float* w0 = panels + 2 * u * K * WIDTH;
-      for (int64_t m = 0; m < M; m += PAIR_ROWS) {
-        const int rows = static_cast<int>(std::min<int64_t>(PAIR_ROWS, M - m));
+      for (int64_t m = 0; m < M; m += block_rows) {
+        const int rows = static_cast<int>(std::min<int64_t>(block_rows, M - m));
         TWO[rows](x + m * K, K, w0, K, out + m * N + 2 * u * WIDTH, N, WIDTH);
       }
     }

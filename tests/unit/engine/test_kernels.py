@@ -114,9 +114,9 @@ def test_the_greedy_pick_is_argmax_s_and_rows_that_are_not_finite_are_flagged(op
         assert best[row] == logits[row].argmax()
 
 
-# Row counts on each side of the kernel's blocks (12 rows over two panels, 16 over a lone last
-# panel), output widths that are and are not whole panels or pairs.
-ROWS = [1, 3, 4, 5, 13, 16, 17, 25, 40]
+# Row counts on each side of the kernel's blocks (16 rows over two panels up to 32 rows, 14 above;
+# 16 over a lone last panel), output widths that are and are not whole panels or pairs.
+ROWS = [1, 3, 4, 5, 13, 16, 17, 25, 32, 33, 40]
 WIDTHS = [(1000, 512), (64, 48), (40, 24), (7, 16)]
 
 
@@ -155,20 +155,25 @@ def test_the_panel_products_refuse_a_weight_of_another_width(ops):
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim"), [(8, 4, 64), (4, 4, 32), (8, 1, 128), (16, 4, 64), (6, 2, 48), (2, 1, 160)]
 )
-def test_decode_attention_is_sdpa_s_over_each_row_s_own_length(ops, heads, kv_heads, dim):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_is_sdpa_s_over_each_row_s_own_length(ops, heads, kv_heads, dim, dtype):
     """Each row's query heads against its own slot's first `lengths[row]` keys and values (the
-    query heads sharing a key head as transformers' `repeat_kv` pairs them), as SDPA computes it."""
+    query heads sharing a key head as transformers' `repeat_kv` pairs them), as SDPA computes it,
+    in the slots' dtype."""
     torch.manual_seed(heads + dim)
     rows, slots, max_len = 5, 7, 48
-    query = torch.randn(rows, heads, dim)
-    keys, values = torch.randn(slots, kv_heads, max_len, dim), torch.randn(slots, kv_heads, max_len, dim)
+    query = torch.randn(rows, heads, dim).to(dtype)
+    keys = torch.randn(slots, kv_heads, max_len, dim).to(dtype)
+    values = torch.randn(slots, kv_heads, max_len, dim).to(dtype)
     lengths = torch.tensor([1, 17, 48, 33, 16])
     got = ops.decode_attention(query, keys, values, lengths, dim**-0.5)
+    assert got.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     for row, n in enumerate(lengths.tolist()):
         expected = torch.nn.functional.scaled_dot_product_attention(
             query[row][None, :, None], keys[row, :, :n][None], values[row, :, :n][None], enable_gqa=True
         )[0, :, 0]
-        torch.testing.assert_close(got[row], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[row], expected, **tolerance)
 
 
 def test_decode_attention_refuses_a_length_outside_the_slot(ops):
