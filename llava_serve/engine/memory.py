@@ -24,9 +24,9 @@ HUGE_PAGE = 2 << 20
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor, in memory advised for 2 MB pages where that can help."""
-    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else None
+    nbytes = math.prod(shape) * dtype.itemsize
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if nbytes is None or nbytes < HUGE_PAGE or advice is None:
+    if nbytes < HUGE_PAGE or advice is None:
         return torch.empty(shape, dtype=dtype)
     # One page more than needed, so the tensor can start on a 2 MB boundary; advised before the
     # first touch, so the pages are huge from their first fault. The tensor holds the mapping.

@@ -46,6 +46,23 @@ def test_the_tensor_keeps_its_mapping_alive():
     assert view.tolist() == [2.5] * 10
 
 
+def _advised_mappings() -> int:
+    return sum(
+        1
+        for line in Path("/proc/self/smaps").read_text().splitlines()
+        if line.startswith("VmFlags:") and " hg" in line
+    )
+
+
+def test_a_freed_tensor_gives_its_mapping_back():
+    before = _advised_mappings()
+    for _ in range(20):
+        t = memory.zeros((16, 1024, 1024), torch.float32)
+        del t
+    gc.collect()
+    assert _advised_mappings() <= before
+
+
 def test_a_copy_holds_the_same_values_and_small_tensors_stay_ordinary():
     source = torch.randn(700, 1024)
     copied = memory.copy(source.t())
