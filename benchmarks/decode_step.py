@@ -12,7 +12,10 @@ on both. A process loads the preset's weights, writes `--prompt-len`-token promp
 slots and times `--steps` greedy decode steps (runner and sampling, the step's one copy of tokens
 to the host included); the figure is the median step. A step's arithmetic, from the model's
 config: 2 x (the decoder's linear weights + the output head) x rows, plus attention's 4 x layers
-x heads x head_dim x positions per row. Prints a table, writes JSON with the commit it ran on.
+x heads x head_dim x positions per row. Its bytes: every weight once and each row's keys and
+values; "reads alone" is them at the rate these threads sum 512 MB (on 2 MB pages, as the engine
+keeps its weights and slots), the time a step that did nothing but read would take. Prints a
+table, writes JSON with the commit it ran on.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def worker(args) -> dict:
                 kernel()
                 times.append(time.perf_counter() - start)
             rates[name] = 2 * n**3 / statistics.median(times) / 1e9
-        return rates
+        return {"gemm": rates, "read_gb_s": read_rate(torch)}
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -97,10 +100,31 @@ def worker(args) -> dict:
         weights = layers * per_layer + text.vocab_size * hidden
         positions = args.prompt_len + args.steps / 2
         flops = rows * (2 * weights + 4 * layers * heads * head_dim * positions)
+        # What the step must read: every weight once, and each row's keys and values.
+        size = torch.finfo(getattr(torch, args.dtype)).bits // 8
+        nbytes = size * (weights + rows * positions * layers * 2 * kv_heads * head_dim)
         step = statistics.median(times[2:])
-        return {"ms": step * 1000, "gflops": flops / step / 1e9}
+        return {"ms": step * 1000, "gflops": flops / step / 1e9, "megabytes": nbytes / 1e6}
 
     return thread.submit(run).result()
+
+
+def read_rate(torch) -> float:
+    """GB/s at which these threads sum 512 MB: the memory's read rate, on 2 MB pages where this
+    tree has them (`llava_serve.engine.memory`), as the engine's weights and slots are."""
+    try:
+        from llava_serve.engine import memory
+
+        buffer = memory.empty((128 << 20,), torch.float32)
+    except ImportError:
+        buffer = torch.empty(128 << 20)
+    buffer.fill_(1.0)
+    times = []
+    for _ in range(8):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    return buffer.numel() * 4 / statistics.median(times[2:]) / 1e9
 
 
 def measure(tree: Path, args, rows: int | None = None, gemm: bool = False, dtype: str | None = None) -> dict:
@@ -168,11 +192,17 @@ def main() -> None:
             gemm.append(measure(ROOT, args, gemm=True))
             if args.dtype != "float32":
                 fp32_gemm.append(measure(ROOT, args, gemm=True, dtype="float32"))
-    rates = {name: statistics.median(g[name] for g in gemm) for name in gemm[0]}
+    rates = {name: statistics.median(g["gemm"][name] for g in gemm) for name in gemm[0]["gemm"]}
     peak = max(rates.values())
     fp32_gemm = fp32_gemm or gemm
-    fp32_peak = max(statistics.median(g[name] for g in fp32_gemm) for name in fp32_gemm[0])
-    results = {"gemm_gflops": peak, "gemm_gflops_by_library": rates, "fp32_gemm_gflops": fp32_peak}
+    fp32_peak = max(statistics.median(g["gemm"][name] for g in fp32_gemm) for name in fp32_gemm[0]["gemm"])
+    read = statistics.median(g["read_gb_s"] for g in gemm)
+    results = {
+        "gemm_gflops": peak,
+        "gemm_gflops_by_library": rates,
+        "fp32_gemm_gflops": fp32_peak,
+        "read_gb_s": read,
+    }
     results["rows"] = []
     lines = []
     for rows in args.rows:
@@ -180,8 +210,17 @@ def main() -> None:
         v3_ms = statistics.median(m["ms"] for m in got["v3"][rows])
         v3_gflops = statistics.median(m["gflops"] for m in got["v3"][rows])
         v2_gflops = statistics.median(m["gflops"] for m in got["v2"][rows])
+        # The step's reads at the memory's rate, against the step: how near the reads alone it is.
+        floor_ms = got["v3"][rows][0]["megabytes"] / read
         results["rows"].append(
-            {"rows": rows, "v2_ms": v2_ms, "v3_ms": v3_ms, "v2_gflops": v2_gflops, "v3_gflops": v3_gflops}
+            {
+                "rows": rows,
+                "v2_ms": v2_ms,
+                "v3_ms": v3_ms,
+                "v2_gflops": v2_gflops,
+                "v3_gflops": v3_gflops,
+                "reads_ms": floor_ms,
+            }
         )
         lines.append(
             [
@@ -191,13 +230,17 @@ def main() -> None:
                 f"{v3_ms / v2_ms:.2f}x",
                 f"{v3_gflops:.1f}",
                 f"{v3_gflops / peak:.0%}",
+                f"{floor_ms:.1f}",
+                f"{floor_ms / v3_ms:.0%}",
             ]
         )
         if args.dtype != "float32":
             lines[-1].append(f"{v3_gflops / fp32_peak:.0%}")
     by_library = ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items())
     print(f"{args.dtype} GEMM 2048^3 on {args.threads} threads: {peak:.1f} GFLOP/s (faster of {by_library})")
+    print(f"memory read rate (a 512 MB sum): {read:.1f} GB/s")
     headers = ["rows", "v2 ms", "v3 ms", "v3/v2", "v3 GFLOP/s", f"share of {args.dtype} GEMM"]
+    headers += ["reads alone ms", "reads alone / v3"]
     if args.dtype != "float32":
         print(f"float32 GEMM 2048^3: {fp32_peak:.1f} GFLOP/s")
         headers.append("share of fp32 GEMM")
