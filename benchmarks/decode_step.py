@@ -101,8 +101,8 @@ def worker(args) -> dict:
         positions = args.prompt_len + args.steps / 2
         flops = rows * (2 * weights + 4 * layers * heads * head_dim * positions)
         # What the step must read: every weight once, and each row's keys and values.
-        size = torch.finfo(getattr(torch, args.dtype)).bits // 8
-        nbytes = size * (weights + rows * positions * layers * 2 * kv_heads * head_dim)
+        kv = rows * positions * layers * 2 * kv_heads * head_dim
+        nbytes = getattr(torch, args.dtype).itemsize * (weights + kv)
         step = statistics.median(times[2:])
         return {"ms": step * 1000, "gflops": flops / step / 1e9, "megabytes": nbytes / 1e6}
 
@@ -110,14 +110,12 @@ def worker(args) -> dict:
 
 
 def read_rate(torch) -> float:
-    """GB/s at which these threads sum 512 MB: the memory's read rate, on 2 MB pages where this
-    tree has them (`llava_serve.engine.memory`), as the engine's weights and slots are."""
-    try:
-        from llava_serve.engine import memory
+    """GB/s at which these threads sum 512 MB: the memory's read rate, on 2 MB pages
+    (`llava_serve.engine.memory`, this tree's: the GEMM worker always runs it), as the engine's
+    weights and slots are."""
+    from llava_serve.engine import memory
 
-        buffer = memory.empty((128 << 20,), torch.float32)
-    except ImportError:
-        buffer = torch.empty(128 << 20)
+    buffer = memory.empty((128 << 20,), torch.float32)
     buffer.fill_(1.0)
     times = []
     for _ in range(8):

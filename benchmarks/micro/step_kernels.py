@@ -63,19 +63,18 @@ def products(ops, rows: int, repeats: int) -> dict:
     inputs = {k: torch.randn(rows, k, generator=g) for k in {k for _, k in shapes}}
     out: dict[str, torch.Tensor] = {}
 
-    def ours():
-        for w, p in zip(weights, panels, strict=True):
-            out["ours"] = ops.panel_linear(inputs[w.shape[1]], p, None, w.shape[0])
+    def on(packed: list[torch.Tensor], key: str):
+        def run():
+            for w, p in zip(weights, packed, strict=True):
+                out[key] = ops.panel_linear(inputs[w.shape[1]], p, None, w.shape[0])
 
-    def four_kb():
-        for w, p in zip(weights, plain, strict=True):
-            out["4k"] = ops.panel_linear(inputs[w.shape[1]], p, None, w.shape[0])
+        return run
 
     def theirs():
         for w, p in zip(weights, onednn, strict=True):
             out["onednn"] = torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
 
-    ms = alternate({"panels": ours, "panels_4k": four_kb, "onednn": theirs}, repeats)
+    ms = alternate({"panels": on(panels, "ours"), "panels_4k": on(plain, "4k"), "onednn": theirs}, repeats)
     megabytes = sum(n * k for n, k in shapes) * 4 / 1e6
     return {
         "rows": rows,

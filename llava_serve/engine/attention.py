@@ -31,8 +31,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "llava_slots"
-# The slot dtypes the engine's decode attention reads (its arithmetic is float32 either way).
+# The slot dtypes the engine's decode attention reads (its arithmetic is float32 either way), and
+# its head sizes: multiples of 16 floats up to 512 (`kernels/attention.cpp`).
 DECODE_DTYPES = (torch.float32, torch.bfloat16)
+DECODE_MAX_DIM = 512
 
 
 @dataclass
@@ -86,12 +88,13 @@ def attend(
     With the engine's ops (`kernels.load()`), decode rows run on its decode attention."""
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [tokens, heads, dim]
     n = layout.rows
+    dim = query.shape[3]
     decode = ops is not None and query.dtype in DECODE_DTYPES and key.dtype == query.dtype
-    if n and decode and query.shape[3] % 16 == 0:
+    if n and decode and dim % 16 == 0 and dim <= DECODE_MAX_DIM:
         # Each row over its own length, read once (`kernels/attention.cpp`): no mask, no padding
         # to the longest row.
         q = query[0, :, :n].transpose(0, 1).contiguous()  # [rows, heads, dim]
-        scale = query.shape[3] ** -0.5 if scaling is None else scaling  # SDPA's default
+        scale = dim**-0.5 if scaling is None else scaling  # SDPA's default
         out[:n] = ops.decode_attention(q, key, value, layout.lengths, scale)
     elif n:
         # The query heads that share a key head (transformers' `repeat_kv` order) as that head's

@@ -66,13 +66,6 @@ def _kv_shape(config) -> tuple[int, int, int]:
     return text.num_hidden_layers, heads, head_dim
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Every decode step streams the running slots: on the host, on 2 MB pages (`memory`).
-    if torch.device(device).type == "cpu":
-        return memory.zeros(shape, dtype)
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
 class KVManager:
     def __init__(
         self,
@@ -85,8 +78,9 @@ class KVManager:
         layers, heads, head_dim = _kv_shape(config)
         shape = (slots, heads, max_len, head_dim)
         self.slots, self.max_len = slots, max_len
-        self.keys = [_zeros(shape, dtype, device) for _ in range(layers)]
-        self.values = [_zeros(shape, dtype, device) for _ in range(layers)]
+        # Every decode step streams the running slots: on the host, on 2 MB pages (`memory`).
+        self.keys = [memory.zeros(shape, dtype, device) for _ in range(layers)]
+        self.values = [memory.zeros(shape, dtype, device) for _ in range(layers)]
         self.lengths = [0] * slots  # positions written per slot, on the host
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self.prefixes = PrefixCache(0)  # none until the engine sizes it (`keep_prefixes`)

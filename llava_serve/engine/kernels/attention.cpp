@@ -11,8 +11,9 @@
 // The arithmetic is SDPA's: scores q.k times the scale, softmax with its maximum subtracted,
 // the weighted sum of values. As in SDPA's CPU kernel the maximum is a running one, block by
 // block, the sums so far scaled down when it grows; sums run in another order and the
-// exponential is ATen's vector one, so the result is SDPA's to float rounding. bfloat16 slots are widened to float32 as they
-// are read and the result rounded to bfloat16 once, as SDPA's CPU kernel does for that type.
+// exponential is ATen's vector one, so the result is SDPA's to float rounding. bfloat16 slots
+// are widened to float32 as they are read and the result rounded to bfloat16 once, as SDPA's CPU
+// kernel does for that type.
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -24,7 +25,6 @@
 #include <cmath>
 #include <limits>
 #include <utility>
-#include <vector>
 
 namespace {
 
@@ -46,74 +46,30 @@ inline Vec load(const at::BFloat16* p) {
   return out;
 }
 
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t dim) {
-  Vec acc(0.0f);
-  for (int64_t j = 0; j < dim; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), load(b + j), acc);
-  return acc.reduce_add();
-}
+// Head sizes the kernel takes, in floats: up to 512 (`attention.py` sends wider heads to SDPA).
+constexpr int64_t MAX_DIM = 512;
+constexpr int MAX_VECTORS = MAX_DIM / Vec::size();
 
-// `exp(s - peak)` over `s[0..n)` in place; returns their sum.
-float exp_sum(float* s, int64_t n, float peak) {
-  Vec sums(0.0f);
-  int64_t t = 0;
-  for (; t + Vec::size() <= n; t += Vec::size()) {
-    const Vec e = (Vec::loadu(s + t) - Vec(peak)).exp();
-    e.store(s + t);
-    sums = sums + e;
-  }
-  if (t < n) (Vec::loadu(s + t, n - t) - Vec(peak)).exp().store(s + t, n - t);
-  float sum = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, sums);
-  for (; t < n; ++t) sum += s[t];
-  return sum;
-}
-
-// One row's queries of one key head (`group` of them, [group][dim]) against `length` keys and
-// values (position stride `dim`), into `out` [group][dim]; `scores` holds group x length floats
-// and `totals` group. Any head size, in two passes (the keys, then the values) with the sums in
-// memory: the path of heads too wide for the registers.
-template <typename T>
-void attend_head(const float* q, const T* k, const T* v, int64_t length, int64_t group, int64_t dim, float scale,
-                 float* scores, float* totals, float* out) {
-  for (int64_t t = 0; t < length; ++t) {
-    prefetch_row(k + (t + AHEAD) * dim, dim);
-    for (int64_t g = 0; g < group; ++g) scores[g * length + t] = dot(q + g * dim, k + t * dim, dim) * scale;
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * length;
-    totals[g] = exp_sum(s, length, *std::max_element(s, s + length));
-    std::fill(out + g * dim, out + (g + 1) * dim, 0.0f);
-  }
-  for (int64_t t = 0; t < length; ++t) {
-    prefetch_row(v + (t + AHEAD) * dim, dim);
-    const T* vt = v + t * dim;
-    for (int64_t g = 0; g < group; ++g) {
-      const Vec p(scores[g * length + t]);
-      float* o = out + g * dim;
-      for (int64_t j = 0; j < dim; j += Vec::size()) at::vec::fmadd(p, load(vt + j), Vec::loadu(o + j)).store(o + j);
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    const Vec inverse(1.0f / totals[g]);
-    float* o = out + g * dim;
-    for (int64_t j = 0; j < dim; j += Vec::size()) (Vec::loadu(o + j) * inverse).store(o + j);
-  }
-}
-
-// The same for heads of `D` vectors, `Q` queries at a time, in one pass of 16-position blocks:
-// the queries, a key or value row and the weighted sums stay in registers (the loop above reloads
-// and stores the sums at every position: 52 cycles a (row, key head, position) on slots in the
-// core's L2, against 28 here with two passes), and keys and values stream together (0.83x the
-// two passes' time on slots coming from memory).
+// One row's queries of one key head (`group` of them, [group][dim], `Q` at a time) against
+// `length` keys and values (position stride `dim`) in blocks of 16 positions, into `out`
+// [group][dim]. A head of `D` vectors (1-16: up to 256 floats on AVX-512) keeps the queries, a key
+// or value row and the weighted sums in registers (past 8 vectors, some of them spilled); `D = 0`
+// is any head up to `MAX_DIM`, `vectors` wide, with them on the stack (1.46x the time at 256
+// floats). In registers a (row, key head, position) costs 28 cycles on slots in the core's L2,
+// against 52 when the sums were reloaded and stored at every position, and keys and values
+// streaming together take 0.83x the time of a pass over the keys and then one over the values on
+// slots coming from memory.
 template <typename T, int D, int Q>
-void attend_head_regs(const float* q, const T* k, const T* v, int64_t length, int64_t group, int64_t, float scale,
-                      float*, float*, float* out) {
-  constexpr int64_t dim = D * Vec::size(), B = Vec::size();
+void attend_head(const float* q, const T* k, const T* v, int64_t length, int64_t group, int64_t vectors,
+                 float scale, float* out) {
+  constexpr int N = D > 0 ? D : MAX_VECTORS;
+  constexpr int64_t B = Vec::size();
+  const int64_t width = D > 0 ? D : vectors, dim = width * Vec::size();
   for (int64_t g0 = 0; g0 < group; g0 += Q) {
-    Vec query[Q][D], sums[Q][D];
+    Vec query[Q][N], sums[Q][N];
     float peak[Q], total[Q];
     for (int g = 0; g < Q; ++g) {
-      for (int j = 0; j < D; ++j) {
+      for (int j = 0; j < width; ++j) {
         query[g][j] = Vec::loadu(q + (g0 + g) * dim + j * Vec::size());
         sums[g][j] = Vec(0.0f);
       }
@@ -125,11 +81,11 @@ void attend_head_regs(const float* q, const T* k, const T* v, int64_t length, in
       float s[Q][B];
       for (int64_t t = 0; t < n; ++t) {
         prefetch_row(k + (t0 + t + AHEAD) * dim, dim);
-        Vec key[D];
-        for (int j = 0; j < D; ++j) key[j] = load(k + (t0 + t) * dim + j * Vec::size());
+        Vec key[N];
+        for (int j = 0; j < width; ++j) key[j] = load(k + (t0 + t) * dim + j * Vec::size());
         for (int g = 0; g < Q; ++g) {
           Vec acc = query[g][0] * key[0];
-          for (int j = 1; j < D; ++j) acc = at::vec::fmadd(query[g][j], key[j], acc);
+          for (int j = 1; j < width; ++j) acc = at::vec::fmadd(query[g][j], key[j], acc);
           s[g][t] = acc.reduce_add() * scale;
         }
       }
@@ -138,7 +94,7 @@ void attend_head_regs(const float* q, const T* k, const T* v, int64_t length, in
         const float top = n == B ? block.reduce_max() : *std::max_element(s[g], s[g] + n);
         if (top > peak[g]) {
           const float shrink = std::exp(peak[g] - top);
-          for (int j = 0; j < D; ++j) sums[g][j] = sums[g][j] * Vec(shrink);
+          for (int j = 0; j < width; ++j) sums[g][j] = sums[g][j] * Vec(shrink);
           total[g] *= shrink;
           peak[g] = top;
         }
@@ -148,38 +104,37 @@ void attend_head_regs(const float* q, const T* k, const T* v, int64_t length, in
       }
       for (int64_t t = 0; t < n; ++t) {
         prefetch_row(v + (t0 + t + AHEAD) * dim, dim);
-        Vec value[D];
-        for (int j = 0; j < D; ++j) value[j] = load(v + (t0 + t) * dim + j * Vec::size());
+        Vec value[N];
+        for (int j = 0; j < width; ++j) value[j] = load(v + (t0 + t) * dim + j * Vec::size());
         for (int g = 0; g < Q; ++g) {
           const Vec p(s[g][t]);
-          for (int j = 0; j < D; ++j) sums[g][j] = at::vec::fmadd(p, value[j], sums[g][j]);
+          for (int j = 0; j < width; ++j) sums[g][j] = at::vec::fmadd(p, value[j], sums[g][j]);
         }
       }
     }
     for (int g = 0; g < Q; ++g) {
       const Vec inverse(1.0f / total[g]);
-      for (int j = 0; j < D; ++j) (sums[g][j] * inverse).store(out + (g0 + g) * dim + j * Vec::size());
+      for (int j = 0; j < width; ++j) (sums[g][j] * inverse).store(out + (g0 + g) * dim + j * Vec::size());
     }
   }
 }
 
 template <typename T>
-using Head = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, float, float*, float*, float*);
+using Head = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, float, float*);
 
-// Head sizes of 1..8 vectors (up to 128 floats on AVX-512) keep their sums in registers; the tile
-// is the most queries of a group (4, 2 or 1, dividing it) whose sums fit in 16 of them.
+// By head size in vectors (1-16), the tile: the most queries of a group (4, 2 or 1, dividing it)
+// whose sums fit in 16 registers.
 template <typename T, int... D>
 constexpr std::array<std::array<Head<T>, 3>, sizeof...(D) + 1> heads_by_size(std::integer_sequence<int, D...>) {
   return {std::array<Head<T>, 3>{nullptr, nullptr, nullptr},
-          std::array<Head<T>, 3>{attend_head_regs<T, D + 1, 1>, attend_head_regs<T, D + 1, 2>,
-                                 attend_head_regs<T, D + 1, 4>}...};
+          std::array<Head<T>, 3>{attend_head<T, D + 1, 1>, attend_head<T, D + 1, 2>, attend_head<T, D + 1, 4>}...};
 }
 
 template <typename T>
 Head<T> head_kernel(int64_t dim, int64_t group) {
-  static constexpr auto regs = heads_by_size<T>(std::make_integer_sequence<int, 8>{});
+  static constexpr auto regs = heads_by_size<T>(std::make_integer_sequence<int, 16>{});
   const int64_t vectors = dim / Vec::size();
-  if (vectors >= static_cast<int64_t>(regs.size())) return attend_head<T>;
+  if (vectors >= static_cast<int64_t>(regs.size())) return attend_head<T, 0, 1>;
   for (int tile : {4, 2}) {
     if (group % tile == 0 && tile * vectors <= 16) return regs[vectors][tile / 2];
   }
@@ -195,12 +150,10 @@ void attend_rows(const float* q, const torch::Tensor& keys, const torch::Tensor&
   const T* K = keys.data_ptr<T>();
   const T* V = values.data_ptr<T>();
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, totals(group);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / kv_heads, h = u % kv_heads, offset = r * keys.stride(0) + h * keys.stride(1);
-      scores.resize(group * length[r]);
-      attend(q + (r * heads + h * group) * dim, K + offset, V + offset, length[r], group, dim, scale, scores.data(),
-             totals.data(), o + (r * heads + h * group) * dim);
+      attend(q + (r * heads + h * group) * dim, K + offset, V + offset, length[r], group, dim / Vec::size(), scale,
+             o + (r * heads + h * group) * dim);
     }
   });
 }
@@ -216,7 +169,8 @@ torch::Tensor decode_attention(const torch::Tensor& query, const torch::Tensor& 
                   values.strides() == keys.strides() && keys.stride(3) == 1 && keys.stride(2) == keys.size(3),
               "keys, values: [slots, kv_heads, max_len, dim], positions contiguous");
   const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2), kv_heads = keys.size(1);
-  TORCH_CHECK(keys.size(3) == dim && heads % kv_heads == 0 && dim % Vec::size() == 0, "head sizes");
+  TORCH_CHECK(keys.size(3) == dim && heads % kv_heads == 0 && dim % Vec::size() == 0 && dim <= MAX_DIM,
+              "head sizes");
   TORCH_CHECK(lengths.scalar_type() == torch::kLong && lengths.is_contiguous() && lengths.numel() == rows &&
                   rows <= keys.size(0),
               "lengths: one per row, each row a slot");

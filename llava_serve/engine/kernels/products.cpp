@@ -85,28 +85,20 @@ constexpr std::array<Block, sizeof...(R) + 1> blocks(std::integer_sequence<int, 
 constexpr auto ONE = blocks<1>(std::make_integer_sequence<int, WIDTH>{});
 constexpr auto TWO = blocks<2>(std::make_integer_sequence<int, PAIR_ROWS>{});
 
-// Panel `p` alone against every row of `x`, 16 at a time.
-void panel_rows(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, int64_t p, float* out) {
-  const int cols = static_cast<int>(std::min<int64_t>(WIDTH, N - p * WIDTH));
-  for (int64_t m = 0; m < M; m += WIDTH) {
-    const int rows = static_cast<int>(std::min<int64_t>(WIDTH, M - m));
-    ONE[rows](x + m * K, K, panels + p * K * WIDTH, K, out + m * N + p * WIDTH, N, cols);
-  }
-}
-
 void products(const float* x, int64_t M, int64_t K, const float* panels, int64_t N, float* out) {
   const int64_t count = (N + WIDTH - 1) / WIDTH, pairs = N / (2 * WIDTH), rest = count - 2 * pairs;
-  const int64_t block_rows = M <= WIDE_ROWS ? PAIR_ROWS : WIDE_BLOCK;
+  const int64_t pair_rows = M <= WIDE_ROWS ? PAIR_ROWS : WIDE_BLOCK;
   at::parallel_for(0, pairs + rest, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      if (u >= pairs) {
-        panel_rows(x, M, K, panels, N, 2 * pairs + (u - pairs), out);
-        continue;
-      }
-      const float* w0 = panels + 2 * u * K * WIDTH;
-      for (int64_t m = 0; m < M; m += block_rows) {
-        const int rows = static_cast<int>(std::min<int64_t>(block_rows, M - m));
-        TWO[rows](x + m * K, K, w0, K, out + m * N + 2 * u * WIDTH, N, WIDTH);
+      // A pair of panels, or (past the pairs) a last panel alone, maybe partial.
+      const bool pair = u < pairs;
+      const int64_t p = pair ? 2 * u : 2 * pairs + (u - pairs), step = pair ? pair_rows : WIDTH;
+      const int64_t last = pair ? p + 1 : p;  // the panel whose `cols` first outputs are stored
+      const int cols = static_cast<int>(std::min<int64_t>(WIDTH, N - last * WIDTH));
+      const Block* kernels = pair ? TWO.data() : ONE.data();
+      for (int64_t m = 0; m < M; m += step) {
+        const int rows = static_cast<int>(std::min<int64_t>(step, M - m));
+        kernels[rows](x + m * K, K, panels + p * K * WIDTH, K, out + m * N + p * WIDTH, N, cols);
       }
     }
   });

@@ -151,9 +151,10 @@ def test_the_panel_products_refuse_a_weight_of_another_width(ops):
 
 
 # Head sizes and groups that take each of the kernel's paths: sums in registers for 2, 4 or 1
-# queries at a time, and (160 floats) the loop over any size.
+# queries at a time (160 floats: some spilled), and (288 floats) any size, on the stack.
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "dim"), [(8, 4, 64), (4, 4, 32), (8, 1, 128), (16, 4, 64), (6, 2, 48), (2, 1, 160)]
+    ("heads", "kv_heads", "dim"),
+    [(8, 4, 64), (4, 4, 32), (8, 1, 128), (16, 4, 64), (6, 2, 48), (2, 1, 160), (2, 1, 288)],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_is_sdpa_s_over_each_row_s_own_length(ops, heads, kv_heads, dim, dtype):
