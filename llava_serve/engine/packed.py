@@ -18,10 +18,11 @@ gate and up projections of each MLP. The model's own modules still call `q_proj(
 `v_proj(x)` in turn; each is a `Part` of one `Fused` product, which is computed on the first
 call for an input and sliced for the others.
 
-With the engine's ops built for an AVX-512 CPU (`kernels`), the decoder's float32 products and the
-output head run on the engine's own kernel instead (`kernels/products.cpp`: the weight as panels
-of 16 outputs, kept on 2 MB pages: `memory`), which streams the weights faster at decode row counts
-(`benchmarks/decode_step.py`).
+With the engine's ops built for this CPU (`kernels`), the decoder's products and the output head
+run on the engine's own kernels instead, the weight laid out once for them and kept on 2 MB pages
+(`memory`): float32 on AVX-512 as panels of 16 outputs (`kernels/products.cpp`), bfloat16 on AMX
+as panels of whole weight tiles (`kernels/tiles.cpp`). Both stream the weights faster than oneDNN
+at decode row counts (`benchmarks/decode_step.py`), and the tiles run prompt chunks faster too.
 
 The packed weight replaces the layer's own (the memory is not held twice), so a model packed here
 belongs to its engine: its arithmetic is oneDNN's for every caller. Results are the same products
@@ -52,22 +53,37 @@ def available(module: nn.Module) -> bool:
     )
 
 
+def kernel(ops, weight: torch.Tensor) -> str | None:
+    """Which of the engine's ops (`kernels.load()`, or None) run products of this weight on the
+    CPU: "panels" (float32, AVX-512), "tiles" (bfloat16, AMX), or None (oneDNN's)."""
+    if ops is None or weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.float32 and ops.panel_width() > 0:
+        return "panels"
+    if weight.dtype == torch.bfloat16 and ops.tile_ready():
+        return "tiles"
+    return None
+
+
 def panels(ops, weight: torch.Tensor) -> bool:
     """Whether the engine's ops (`kernels.load()`, or None) run products of this weight."""
-    return ops is not None and weight.dtype == torch.float32 and ops.panel_width() > 0
+    return kernel(ops, weight) is not None
 
 
 class PackedLinear(nn.Module):
     """`F.linear(x, weight, bias)` on a copy of `weight` laid out once for its kernel: the engine's
-    panels (`ops` given, float32, AVX-512), else oneDNN's reorder."""
+    (`ops` given: float32 panels on AVX-512, bfloat16 tiles on AMX), else oneDNN's reorder."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops=None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.dtype = weight.dtype
-        self.ops = ops if panels(ops, weight) else None
-        if self.ops is not None:
-            self.packed = memory.copy(self.ops.panel_pack(weight.detach()))
+        self.kernel = kernel(ops, weight)
+        self.ops = ops if self.kernel is not None else None
+        if self.kernel == "panels":
+            self.packed = memory.copy(ops.panel_pack(weight.detach()))
+        elif self.kernel == "tiles":
+            self.packed = memory.copy(ops.tile_pack(weight.detach()))
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
         self.bias = None if bias is None else bias.detach().clone()
@@ -90,8 +106,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.ops is not None:
+        if self.kernel == "panels":
             out = self.ops.panel_linear(flat.contiguous(), self.packed, self.bias, self.out_features)
+        elif self.kernel == "tiles":
+            out = self.ops.tile_linear(flat.contiguous(), self.packed, self.bias, self.out_features)
         else:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)

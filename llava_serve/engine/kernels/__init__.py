@@ -1,5 +1,5 @@
-"""The engine's own CPU ops (`step_ops.cpp`, `products.cpp`, `attention.cpp`), built on this
-machine at first use.
+"""The engine's own CPU ops (`step_ops.cpp`, `products.cpp`, `tiles.cpp`, `attention.cpp`), built on
+this machine at first use.
 
 They are compiled with torch's extension builder (gcc and ninja, ~25 s on two cores) for this
 CPU's instruction set, once per machine and source: the library lands in the llava-serve cache
@@ -27,7 +27,9 @@ from llava_serve.models.tiny import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("step_ops.cpp", "products.cpp", "attention.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("step_ops.cpp", "products.cpp", "tiles.cpp", "attention.cpp")
+]
 HEADERS = [Path(__file__).with_name("vec.h")]
 # -ffp-contract=off: no fused multiply-add merges two of transformers' roundings into one (the
 # products' multiply-adds are explicit).

@@ -44,8 +44,9 @@ async def test_mixed_batch_greedy_equals_solo_generate(engine, cases):
 
 
 async def test_a_bfloat16_model_s_mixed_batch_greedy_equals_generate_in_bfloat16(tiny_dir, processor, cases):
-    """`model.dtype: bfloat16` (oneDNN's bf16 products on CPU): the engine answers what
-    transformers' own `generate` answers on the same weights in the same dtype."""
+    """`model.dtype: bfloat16` (the engine's AMX tiles on CPUs that have them, oneDNN's bf16
+    products elsewhere): the engine answers what transformers' own `generate` answers on the same
+    weights in the same dtype."""
     from transformers import LlavaForConditionalGeneration
 
     reference = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
@@ -56,6 +57,8 @@ async def test_a_bfloat16_model_s_mixed_batch_greedy_equals_generate_in_bfloat16
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
     runner = ModelRunner(model, 1 << 24)
     assert runner.packed and runner.dtype == torch.bfloat16
+    tiles = runner.ops is not None and runner.ops.tile_ready()
+    assert (runner.head.packed.kernel == "tiles") == tiles
     eos = [model.config.text_config.eos_token_id]
     engine = ProbedEngine(runner, processor.tokenizer, eos, EngineConfig(max_batch_size=8, max_queue=64))
     try:

@@ -36,8 +36,10 @@ FAMILY = [(LlamaConfig, LlamaModel), (MistralConfig, MistralModel), (Qwen2Config
 
 
 def _engine_copy(decoder):
+    """Packed as the engine packs it: on this CPU's kernels (float32 panels, bfloat16 tiles) where
+    it has them."""
     mine = copy.deepcopy(decoder)
-    pack_decoder(mine)
+    pack_decoder(mine, kernels.load())
     fuse_norms(mine)
     return mine
 

@@ -150,6 +150,46 @@ def test_the_panel_products_refuse_a_weight_of_another_width(ops):
         ops.panel_linear(torch.randn(2, 8), panels, None, 48)
 
 
+# Row counts on each side of the tiles' 16- and 32-row blocks; widths that are and are not whole
+# panels, pairs of panels or 32 inputs (padded).
+TILE_ROWS = [1, 2, 15, 16, 17, 31, 32, 33, 64, 100]
+TILE_WIDTHS = [(1000, 512), (64, 48), (40, 24), (7, 16), (50, 1376)]
+
+
+@pytest.mark.parametrize("rows", TILE_ROWS)
+@pytest.mark.parametrize(("out_features", "in_features"), TILE_WIDTHS)
+def test_the_tile_products_compute_torch_s_bfloat16_linear(ops, rows, out_features, in_features):
+    if not ops.tile_ready():
+        pytest.skip("this CPU has no AMX: the engine keeps oneDNN's bfloat16 products")
+    torch.manual_seed(rows)
+    weight = torch.randn(out_features, in_features).bfloat16()
+    bias = torch.randn(out_features).bfloat16()
+    x = torch.randn(rows, in_features).bfloat16()
+    tiles = ops.tile_pack(weight)
+    assert tiles.shape == (-(-out_features // 16), -(-in_features // 32) * 16, 16, 2)
+    for b in (bias, None):
+        got = ops.tile_linear(x, tiles, b, out_features)
+        # float32 sums of the bfloat16 products, the bias added, rounded once: torch's bfloat16
+        # `linear` computes the same, its sums in another order, so a sum within float rounding of
+        # a rounding boundary may land one bfloat16 step away (and a sum near zero is as exact as
+        # float32 sums of terms of ~1 are: atol).
+        exact = x.float() @ weight.float().T + (0 if b is None else b.float())
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), exact.bfloat16().float(), rtol=2**-7, atol=1e-4)
+        assert (got != exact.bfloat16()).float().mean() < 0.01
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), rtol=2**-7, atol=1e-4)
+
+
+def test_the_tile_products_refuse_a_weight_of_another_width(ops):
+    if not ops.tile_ready():
+        pytest.skip("this CPU has no AMX")
+    tiles = ops.tile_pack(torch.randn(32, 40).bfloat16())
+    with pytest.raises(RuntimeError, match="as wide as x"):
+        ops.tile_linear(torch.randn(2, 8).bfloat16(), tiles, None, 32)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ops.tile_linear(torch.randn(2, 40).bfloat16(), tiles, None, 48)
+
+
 # Head sizes and groups that take each of the kernel's paths: sums in registers for 2, 4 or 1
 # queries at a time (160 floats: some spilled), and (288 floats) any size, on the stack.
 @pytest.mark.parametrize(

@@ -92,3 +92,15 @@ def test_the_panels_a_packed_product_streams_are_advised():
     assert _advised(product.packed)
     x = torch.randn(3, 1024)
     torch.testing.assert_close(product(x), x @ weight.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_the_tiles_a_bfloat16_product_streams_are_advised():
+    ops = kernels.load()
+    if ops is None or not ops.tile_ready():
+        pytest.skip("the tiles need the engine's ops on an AMX CPU")
+    weight = torch.randn(1024, 1024).bfloat16()
+    product = PackedLinear(weight, None, ops)
+    assert product.kernel == "tiles"
+    assert _advised(product.packed)
+    x = torch.randn(3, 1024).bfloat16()
+    torch.testing.assert_close(product(x), x @ weight.t(), rtol=2**-7, atol=1e-4)
