@@ -9,6 +9,9 @@
   engine keeps them (`engine/memory.py`), the same panels on torch's ordinary 4 KB pages, and
   oneDNN on weights reordered once (`torch.ops.mkldnn._linear_pointwise`, what `packed.py` ran
   before), at each row count (above 64 rows, prompt chunks: no head).
+- **bfloat16 products**: the same products in bfloat16 (79 MB) on the engine's AMX tiles
+  (`kernels/tiles.cpp`) on 2 MB pages, the same tiles on 4 KB pages, and oneDNN's bfloat16 kernel
+  (AMX too) on weights reordered once, where this CPU has AMX.
 - **decode attention**: one layer's decode rows (8 query heads on 4 key heads of 64, slots of
   336 positions, float32 and bfloat16) on the engine's decode attention (`kernels/attention.cpp`)
   against SDPA as `attention.attend` runs it (the heads sharing a key head as its queries; a
@@ -88,6 +91,41 @@ def products(ops, rows: int, repeats: int) -> dict:
 
 
 @torch.inference_mode()
+def tiles(ops, rows: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(rows)
+    shapes = LAYER * LAYERS + ([(VOCAB, HIDDEN)] if rows <= 64 else [])
+    weights = [(torch.randn(n, k, generator=g) / k**0.5).bfloat16() for n, k in shapes]
+    plain = [ops.tile_pack(w) for w in weights]
+    packed = [memory.copy(p) for p in plain]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
+    inputs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in {k for _, k in shapes}}
+    out: dict[str, torch.Tensor] = {}
+
+    def on(tiled: list[torch.Tensor], key: str):
+        def run():
+            for w, t in zip(weights, tiled, strict=True):
+                out[key] = ops.tile_linear(inputs[w.shape[1]], t, None, w.shape[0])
+
+        return run
+
+    def theirs():
+        for w, p in zip(weights, onednn, strict=True):
+            out["onednn"] = torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
+
+    ms = alternate({"tiles": on(packed, "ours"), "tiles_4k": on(plain, "4k"), "onednn": theirs}, repeats)
+    megabytes = sum(n * k for n, k in shapes) * 2 / 1e6
+    return {
+        "rows": rows,
+        "weights_mb": round(megabytes),
+        "tiles_ms": ms["tiles"],
+        "tiles_4k_ms": ms["tiles_4k"],
+        "onednn_ms": ms["onednn"],
+        "tiles_gb_s": megabytes / ms["tiles"],
+        "max_abs_diff": (out["ours"].float() - out["onednn"].float()).abs().max().item(),
+    }
+
+
+@torch.inference_mode()
 def attention(ops, rows: int, ragged: bool, dtype: torch.dtype, repeats: int) -> dict:
     heads, kv_heads, dim, slot_len = 8, 4, 64, 336
     g = torch.Generator().manual_seed(rows)
@@ -157,6 +195,36 @@ def main() -> None:
             ],
         )
     )
+    tiled = [tiles(ops, rows, args.repeats) for rows in args.rows] if ops.tile_ready() else []
+    if tiled:
+        print()
+        print(
+            table(
+                [
+                    "rows",
+                    "bf16 weights MB",
+                    "tiles ms",
+                    "4 KB pages ms",
+                    "oneDNN bf16 ms",
+                    "tiles/oneDNN",
+                    "tiles GB/s",
+                    "max |diff|",
+                ],
+                [
+                    [
+                        r["rows"],
+                        r["weights_mb"],
+                        f"{r['tiles_ms']:.2f}",
+                        f"{r['tiles_4k_ms']:.2f}",
+                        f"{r['onednn_ms']:.2f}",
+                        f"{r['tiles_ms'] / r['onednn_ms']:.2f}x",
+                        f"{r['tiles_gb_s']:.1f}",
+                        f"{r['max_abs_diff']:.1e}",
+                    ]
+                    for r in tiled
+                ],
+            )
+        )
     attn = [
         attention(ops, rows, ragged, dtype, args.repeats)
         for dtype in (torch.float32, torch.bfloat16)
@@ -181,7 +249,7 @@ def main() -> None:
             ],
         )
     )
-    save({"products": prods, "attention": attn}, args)
+    save({"products": prods, "tiles": tiled, "attention": attn}, args)
 
 
 if __name__ == "__main__":

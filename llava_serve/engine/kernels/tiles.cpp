@@ -8,8 +8,8 @@
 // One instruction covers 16 rows x 32 inputs x 16 outputs: at a decode step's 1-32 rows the products
 // are bound by the memory alone, and a prompt chunk's hundreds of rows reuse each panel from the
 // L2. oneDNN's AMX kernel on its own reordered weights reads them at ~17 GB/s at 16 rows on two
-// cores; these tiles at ~22 (0.72-0.76x its time at 1-32 rows, 0.89x at 512:
-// `benchmarks/micro/step_kernels.py`).
+// cores, these tiles at ~24: 0.70-0.72x its time at 1-32 rows, 0.84x at 512 rows
+// (`benchmarks/micro/step_kernels.py`, where the outputs are equal to oneDNN's).
 //
 // A thread takes two panels at a time (32 outputs) and 32 rows: two x tiles, two weight tiles and
 // four sums, the eight tile registers. An odd last panel goes alone. Each output is float32 sums
