@@ -8,7 +8,11 @@ code right after a product has streamed megabytes of weights through the core's 
 same layers as straight-line code over the step's flattened tokens: the packed products
 (`packed.py`) and the engine's slot attention as before, and between them the engine's own ops
 (`kernels/step_ops.cpp`): a residual add with the next RMS norm, rotary q and k with the key and
-value written to their slots, and SiLU times up, each computed as transformers computes it.
+value written to their slots, and SiLU times up, each computed as transformers computes it. The
+rotary cos and sin are rows of a table the model's own rotary module computed once for every
+position a slot holds, where its frequencies never change (each entry is one product and a cos or
+sin of it, so equal to the module's at any batch shape); dynamic and long-context RoPE types run
+the module each step.
 
 It takes the Llama-shaped decoder layer that Llama, Mistral and Qwen2 share (the LLaVA family's
 language models): pre-norm attention with rotary q and k, then a gated SiLU MLP, each added to the
@@ -30,6 +34,8 @@ from llava_serve.engine.kv import KVManager
 # Mistral and Qwen2 repeat; their attention and MLP forwards differ only in what the engine's slot
 # attention does not read: Mistral's and Qwen2's `sliding_window` keyword).
 LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
+# RoPE types whose frequencies change with the positions seen (transformers' `dynamic_rope_update`).
+ROPE_PER_STEP = ("dynamic", "longrope")
 # Norms computing `weight * (x * rsqrt(mean(x^2) + eps))` (`norms.FusedRMSNorm` is Llama's as one op).
 NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "FusedRMSNorm"})
 
@@ -68,6 +74,24 @@ class StepDecoder:
         self.scaling = head_dim**-0.5
         self.q_width = heads * head_dim
         self.ops = ops
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        self.rope_table = isinstance(rope_type, str) and not any(t in rope_type for t in ROPE_PER_STEP)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, head_dim]
+
+    def rotation(
+        self, x: torch.Tensor, positions: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos and sin [tokens, head_dim] at `positions` (all below `length`), in x's dtype."""
+        if not self.rope_table:
+            cos, sin = self.rotary(x[None], positions[None])
+            return cos[0], sin[0]
+        table = self._table
+        stale = table is None or table[0].shape[0] < length
+        if stale or table[0].dtype != x.dtype or table[0].device != x.device:
+            every = torch.arange(length, device=x.device)
+            cos, sin = self.rotary(x[None, :1], every[None])
+            table = self._table = (cos[0], sin[0])
+        return table[0][positions], table[1][positions]
 
     @classmethod
     def of(cls, decoder: nn.Module, ops) -> StepDecoder | None:
@@ -99,7 +123,7 @@ class StepDecoder:
         """The last hidden states [tokens, hidden] of the step's tokens `x` [tokens, hidden] at
         `positions` [tokens], each writing its key and value where `kv.plan` says."""
         ops, tokens = self.ops, x.shape[0]
-        cos, sin = self.rotary(x[None], positions[None])  # [1, tokens, head_dim]
+        cos, sin = self.rotation(x, positions, kv.max_len)  # [tokens, head_dim]
         plan = kv.plan
         slots = plan.slot
         if plan.tokens is not None:  # padding rows write nothing: slot -1
@@ -113,7 +137,7 @@ class StepDecoder:
                 x, h = ops.add_rms_norm(x, delta, norm.weight, norm.eps)
             keys, values = kv.keys[layer.index], kv.values[layer.index]
             q = ops.rotate_write(
-                layer.qkv(h), cos[0], sin[0], self.heads, self.kv_heads, keys, values, slots, positions
+                layer.qkv(h), cos, sin, self.heads, self.kv_heads, keys, values, slots, positions
             )
             attended = attend(q.transpose(0, 1)[None], keys, values, layout, self.scaling, ops)
             norm = layer.post_norm

@@ -73,3 +73,29 @@ def test_decoders_of_another_shape_or_left_unpacked_run_transformers_forward():
     assert StepDecoder.of(_engine_copy(gemma), kernels.load()) is None  # its norm is `1 + weight`
     assert StepDecoder.of(LlamaModel(LlamaConfig(**SIZES)).eval(), kernels.load()) is None  # not packed
     assert StepDecoder.of(_engine_copy(LlamaModel(LlamaConfig(**SIZES)).eval()), None) is None  # no ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotary_table_holds_what_the_model_s_rotary_module_computes_at_each_position(dtype):
+    """Rows of the table, at positions in any order and batch, equal the module's own cos and sin
+    computed for just those positions, bit for bit."""
+    reference = LlamaModel(LlamaConfig(**SIZES)).eval().to(dtype)
+    step = StepDecoder.of(_engine_copy(reference), kernels.load())
+    assert step is not None and step.rope_table
+    x = torch.randn(5, SIZES["hidden_size"]).to(dtype)
+    for positions in (torch.tensor([0, 7, 3, 200, 511]), torch.tensor([42]), torch.arange(5)):
+        cos, sin = step.rotation(x[: len(positions)], positions, 512)
+        own_cos, own_sin = reference.rotary_emb(x[None, : len(positions)], positions[None])
+        assert cos.dtype == dtype and torch.equal(cos, own_cos[0]) and torch.equal(sin, own_sin[0])
+    assert step._table[0].shape[0] == 512
+
+
+def test_a_dynamic_rope_runs_the_rotary_module_at_each_step():
+    config = LlamaConfig(**SIZES, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    reference = LlamaModel(config).eval()
+    step = StepDecoder.of(_engine_copy(reference), kernels.load())
+    assert step is not None and not step.rope_table
+    x, positions = torch.randn(2, SIZES["hidden_size"]), torch.tensor([3, 9])
+    cos, _ = step.rotation(x, positions, 512)
+    assert torch.equal(cos, reference.rotary_emb(x[None], positions[None])[0][0])
+    assert step._table is None
