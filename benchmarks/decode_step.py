@@ -9,8 +9,9 @@ on the same cores in the same run (the faster of MKL's and oneDNN's).
 Each side runs in its own fresh process (v2's from `git archive` of `--v2-commit`), the sides
 taking turns for `--rounds` rounds with the order rotated, so drift in the machine's speed lands
 on both. A process loads the preset's weights, writes `--prompt-len`-token prompts into `rows`
-slots and times `--steps` greedy decode steps (runner and sampling, the step's one copy of tokens
-to the host included); the figure is the median step. A step's arithmetic, from the model's
+slots and times `--steps` greedy decode steps (the runner, the greedy pick its engine makes: its
+`argmax_finite` op where the tree has one, else torch's argmax, and the step's one copy of tokens to
+the host); the figure is the median step. A step's arithmetic, from the model's
 config: 2 x (the decoder's linear weights + the output head) x rows, plus attention's 4 x layers
 x heads x head_dim x positions per row. Its bytes: every weight once and each row's keys and
 values; "reads alone" is them at the rate these threads sum 512 MB (on 2 MB pages, as the engine
@@ -85,10 +86,20 @@ def worker(args) -> dict:
         ids = torch.randint(10, runner.vocab_size - 10, (rows, args.prompt_len), generator=g).tolist()
         logits = runner.prefill_whole(list(range(rows)), [(p, []) for p in ids])
         runner.commit(logits.argmax(-1).tolist())
+        ops = getattr(runner, "ops", None)
+        if ops is not None and hasattr(ops, "argmax_finite"):  # the engine's greedy pick (`Sampler`)
+
+            def pick(logits):
+                return ops.argmax_finite(logits)[0]
+        else:
+
+            def pick(logits):
+                return logits.argmax(-1)
+
         times = []
         for _ in range(args.steps):
             start = time.perf_counter()
-            tokens = runner.decode().argmax(-1)
+            tokens = pick(runner.decode())
             runner.set_last_tokens(tokens.tolist())
             times.append(time.perf_counter() - start)
         text = model.config.get_text_config()
