@@ -7,7 +7,7 @@
 // no fused multiply-add merges two of them), and a bfloat16 model's values are rounded to
 // bfloat16 wherever transformers' ops return bfloat16 tensors. The RMS norm's mean and SiLU are
 // the exceptions: a sum reduced in another order, and SiLU's vector form, equal to float rounding.
-#include "vec.h"  // ATen's vectors, for SiLU's exponential
+#include "vec.h"  // ATen's vectors
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -15,7 +15,9 @@
 #include <torch/types.h>
 
 #include <cmath>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -33,18 +35,43 @@ inline float narrow(float x) {
   return static_cast<float>(static_cast<T>(x));
 }
 
+// The same over ATen's vectors, `V` values at a time (each rounding to bfloat16 is the scalar one's:
+// to nearest, ties to even); a row's last `n % V` values take the scalar forms.
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t V = Vec::size();
+
+inline Vec load(const float* p) { return Vec::loadu(p); }
+inline Vec load(const BFloat16* p) {
+  Vec out;
+  at::vec::load_fp32_from_bf16(p, out);
+  return out;
+}
+inline void store(float* p, const Vec& v) { v.store(p); }
+inline void store(BFloat16* p, const Vec& v) { at::vec::convert_float_bfloat16(v, v).store(p, V); }
+template <typename T>
+inline Vec narrow(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
+  }
+}
+
 // LlamaRMSNorm: x in float32, x * rsqrt(mean(x^2) + eps), back to the model's dtype, times weight.
 template <typename T>
 void norm_row(const T* x, const T* weight, T* out, int64_t n, float eps) {
-  float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = widen(x[i]);
-    sum += v * v;
+  Vec squares(0.f);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    const Vec v = load(x + i);
+    squares = squares + v * v;
   }
+  float sum = squares.reduce_add();
+  for (; i < n; ++i) sum += widen(x[i]) * widen(x[i]);
   const float scale = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<T>(widen(weight[i]) * narrow<T>(widen(x[i]) * scale));
-  }
+  i = 0;
+  for (; i + V <= n; i += V) store(out + i, load(weight + i) * narrow<T>(load(x + i) * Vec(scale)));
+  for (; i < n; ++i) out[i] = static_cast<T>(widen(weight[i]) * narrow<T>(widen(x[i]) * scale));
 }
 
 template <typename T>
@@ -69,8 +96,13 @@ void add_rms_norm_impl(const torch::Tensor& x, const torch::Tensor& delta, const
   T* od = out.data_ptr<T>();
   at::parallel_for(0, x.size(0), GRAIN, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t i = 0; i < n; ++i) sd[t * n + i] = static_cast<T>(widen(xd[t * n + i]) + widen(dd[t * n + i]));
-      norm_row(sd + t * n, wd, od + t * n, n, static_cast<float>(eps));
+      const T* a = xd + t * n;
+      const T* b = dd + t * n;
+      T* c = sd + t * n;
+      int64_t i = 0;
+      for (; i + V <= n; i += V) store(c + i, load(a + i) + load(b + i));
+      for (; i < n; ++i) c[i] = static_cast<T>(widen(a[i]) + widen(b[i]));
+      norm_row(c, wd, od + t * n, n, static_cast<float>(eps));
     }
   });
 }
@@ -80,7 +112,17 @@ void add_rms_norm_impl(const torch::Tensor& x, const torch::Tensor& delta, const
 template <typename T>
 inline void rotate_head(const T* x, const T* cos, const T* sin, T* out, int64_t dim) {
   const int64_t half = dim / 2;
-  for (int64_t d = 0; d < dim; ++d) {
+  int64_t d = 0;
+  if (half % V == 0) {
+    for (; d < half; d += V) {
+      const Vec a = narrow<T>(load(x + d) * load(cos + d));
+      store(out + d, a + narrow<T>(load(x + d + half).neg() * load(sin + d)));
+      const Vec c = narrow<T>(load(x + d + half) * load(cos + d + half));
+      store(out + d + half, c + narrow<T>(load(x + d) * load(sin + d + half)));
+    }
+    return;
+  }
+  for (; d < dim; ++d) {
     const float turned = d < half ? -widen(x[d + half]) : widen(x[d - half]);
     const float a = narrow<T>(widen(x[d]) * widen(cos[d]));
     const float b = narrow<T>(turned * widen(sin[d]));
@@ -112,7 +154,7 @@ void rotate_write_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const
       const T* v = k + kv_heads * dim;
       for (int64_t h = 0; h < kv_heads; ++h) {
         rotate_head(k + h * dim, c, s, kd + base + h * s1, dim);
-        for (int64_t d = 0; d < dim; ++d) vd[base + h * s1 + d] = v[h * dim + d];
+        std::memcpy(vd + base + h * s1, v + h * dim, dim * sizeof(T));
       }
     }
   });
@@ -123,24 +165,24 @@ void rotate_write_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const
 // rounded to the model's dtype, times up.
 template <typename T>
 void silu_mul_impl(const torch::Tensor& gate_up, torch::Tensor& out) {
-  using Vec = at::vec::Vectorized<float>;
   const int64_t n = out.size(1), width = gate_up.stride(0);
   const T* in = gate_up.data_ptr<T>();
   T* od = out.data_ptr<T>();
   at::parallel_for(0, out.size(0), GRAIN, [&](int64_t begin, int64_t end) {
-    std::vector<float> act(n);
     const Vec one(1.f);
     for (int64_t t = begin; t < end; ++t) {
       const T* g = in + t * width;
       const T* u = g + n;
-      for (int64_t i = 0; i < n; ++i) act[i] = widen(g[i]);
+      T* o = od + t * n;
       int64_t i = 0;
-      for (; i + Vec::size() <= n; i += Vec::size()) {
-        const Vec x = Vec::loadu(act.data() + i);
-        (x / (one + x.neg().exp())).store(act.data() + i);
+      for (; i + V <= n; i += V) {
+        const Vec x = load(g + i);
+        store(o + i, narrow<T>(x / (one + x.neg().exp())) * load(u + i));
       }
-      for (; i < n; ++i) act[i] = act[i] / (1.f + std::exp(-act[i]));
-      for (int64_t j = 0; j < n; ++j) od[t * n + j] = static_cast<T>(narrow<T>(act[j]) * widen(u[j]));
+      for (; i < n; ++i) {
+        const float x = widen(g[i]);
+        o[i] = static_cast<T>(narrow<T>(x / (1.f + std::exp(-x))) * widen(u[i]));
+      }
     }
   });
 }

@@ -28,11 +28,13 @@ def _norm(width: int, dtype: torch.dtype, eps: float = 1e-5) -> LlamaRMSNorm:
     return norm.to(dtype)
 
 
+# Widths of whole vectors and with a remainder (the ops' scalar tail).
+@pytest.mark.parametrize("width", [96, 100])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_the_residual_add_and_rms_norm_compute_llama_s(ops, dtype):
+def test_the_residual_add_and_rms_norm_compute_llama_s(ops, dtype, width):
     torch.manual_seed(0)
-    norm = _norm(96, dtype)
-    x, delta = torch.randn(37, 96).to(dtype) * 3, torch.randn(37, 96).to(dtype)
+    norm = _norm(width, dtype)
+    x, delta = torch.randn(37, width).to(dtype) * 3, torch.randn(37, width).to(dtype)
     total, normed = ops.add_rms_norm(x, delta, norm.weight.detach(), norm.variance_epsilon)
     assert torch.equal(total, x + delta)  # one rounding, as transformers' add
     with torch.inference_mode():
@@ -46,12 +48,14 @@ def test_the_residual_add_and_rms_norm_compute_llama_s(ops, dtype):
     )
 
 
+# Heads whose halves are and are not whole vectors (16 floats on AVX-512: the vector path from 32).
+@pytest.mark.parametrize("dim", [16, 24, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_q_and_k_are_transformers_bits_and_k_and_v_land_in_their_slots(ops, dtype):
+def test_rotary_q_and_k_are_transformers_bits_and_k_and_v_land_in_their_slots(ops, dtype, dim):
     """q and k rotated exactly as `apply_rotary_pos_emb` rotates them; each token's key and value
     go to its slot at its position, and a token of slot -1 (a padding row) writes nothing."""
     torch.manual_seed(0)
-    tokens, heads, kv_heads, dim = 5, 4, 2, 16
+    tokens, heads, kv_heads = 5, 4, 2
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
     angles = torch.rand(tokens, dim // 2) * 6
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
