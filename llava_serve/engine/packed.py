@@ -25,9 +25,9 @@ as panels of whole weight tiles (`kernels/tiles.cpp`). Both stream the weights f
 at decode row counts (`benchmarks/decode_step.py`), and the tiles run prompt chunks faster too.
 
 The packed weight replaces the layer's own (the memory is not held twice), so a model packed here
-belongs to its engine: its arithmetic is oneDNN's for every caller. Results are the same products
-summed in another order, equal to float rounding; greedy parity with `generate` (on an unpacked
-copy) is what the engine tests check.
+belongs to its engine: its arithmetic is the packed kernel's for every caller. Results are the
+same products summed in another order, equal to float rounding; greedy parity with `generate` (on
+an unpacked copy) is what the engine tests check.
 """
 
 from __future__ import annotations
