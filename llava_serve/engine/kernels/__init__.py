@@ -1,7 +1,7 @@
 """The engine's own CPU ops (`step_ops.cpp`, `products.cpp`, `tiles.cpp`, `attention.cpp`), built on
 this machine at first use.
 
-They are compiled with torch's extension builder (gcc and ninja, ~25 s on two cores) for this
+They are compiled with torch's extension builder (gcc and ninja, ~35 s on two cores) for this
 CPU's instruction set, once per machine and source: the library lands in the llava-serve cache
 directory (`LLAVA_SERVE_CACHE`, default `~/.cache/llava-serve`) under a name made of the source's,
 torch's and the CPU's fingerprints, and every later process loads it in milliseconds. Each build
