@@ -55,21 +55,31 @@ def alternate(sides: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
+# The engine's two product kernels: how each lays out a weight, computes, and in what dtype.
+KERNELS = {
+    "panels": (torch.float32, "panel_pack", "panel_linear"),
+    "tiles": (torch.bfloat16, "tile_pack", "tile_linear"),
+}
+
+
 @torch.inference_mode()
-def products(ops, rows: int, repeats: int) -> dict:
+def products(ops, rows: int, repeats: int, kernel: str) -> dict:
+    """One step's products on `kernel` (on 2 MB pages as the engine keeps them, and on torch's own
+    4 KB pages) against oneDNN on weights reordered once, in the kernel's dtype."""
+    dtype, pack, linear = KERNELS[kernel]
     g = torch.Generator().manual_seed(rows)
     shapes = LAYER * LAYERS + ([(VOCAB, HIDDEN)] if rows <= 64 else [])
-    weights = [torch.randn(n, k, generator=g) / k**0.5 for n, k in shapes]
-    plain = [ops.panel_pack(w) for w in weights]
-    panels = [memory.copy(p) for p in plain]  # as the engine keeps them: on 2 MB pages
+    weights = [(torch.randn(n, k, generator=g) / k**0.5).to(dtype) for n, k in shapes]
+    plain = [getattr(ops, pack)(w) for w in weights]
+    ours = [memory.copy(p) for p in plain]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
-    inputs = {k: torch.randn(rows, k, generator=g) for k in {k for _, k in shapes}}
+    inputs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
     out: dict[str, torch.Tensor] = {}
 
     def on(packed: list[torch.Tensor], key: str):
         def run():
             for w, p in zip(weights, packed, strict=True):
-                out[key] = ops.panel_linear(inputs[w.shape[1]], p, None, w.shape[0])
+                out[key] = getattr(ops, linear)(inputs[w.shape[1]], p, None, w.shape[0])
 
         return run
 
@@ -77,52 +87,41 @@ def products(ops, rows: int, repeats: int) -> dict:
         for w, p in zip(weights, onednn, strict=True):
             out["onednn"] = torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
 
-    ms = alternate({"panels": on(panels, "ours"), "panels_4k": on(plain, "4k"), "onednn": theirs}, repeats)
-    megabytes = sum(n * k for n, k in shapes) * 4 / 1e6
+    ms = alternate({"ours": on(ours, "ours"), "ours_4k": on(plain, "4k"), "onednn": theirs}, repeats)
+    megabytes = sum(n * k for n, k in shapes) * dtype.itemsize / 1e6
     return {
+        "kernel": kernel,
         "rows": rows,
         "weights_mb": round(megabytes),
-        "panels_ms": ms["panels"],
-        "panels_4k_ms": ms["panels_4k"],
+        "ours_ms": ms["ours"],
+        "ours_4k_ms": ms["ours_4k"],
         "onednn_ms": ms["onednn"],
-        "panels_gb_s": megabytes / ms["panels"],
-        "max_abs_diff": (out["ours"] - out["onednn"]).abs().max().item(),
-    }
-
-
-@torch.inference_mode()
-def tiles(ops, rows: int, repeats: int) -> dict:
-    g = torch.Generator().manual_seed(rows)
-    shapes = LAYER * LAYERS + ([(VOCAB, HIDDEN)] if rows <= 64 else [])
-    weights = [(torch.randn(n, k, generator=g) / k**0.5).bfloat16() for n, k in shapes]
-    plain = [ops.tile_pack(w) for w in weights]
-    packed = [memory.copy(p) for p in plain]
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
-    inputs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in {k for _, k in shapes}}
-    out: dict[str, torch.Tensor] = {}
-
-    def on(tiled: list[torch.Tensor], key: str):
-        def run():
-            for w, t in zip(weights, tiled, strict=True):
-                out[key] = ops.tile_linear(inputs[w.shape[1]], t, None, w.shape[0])
-
-        return run
-
-    def theirs():
-        for w, p in zip(weights, onednn, strict=True):
-            out["onednn"] = torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
-
-    ms = alternate({"tiles": on(packed, "ours"), "tiles_4k": on(plain, "4k"), "onednn": theirs}, repeats)
-    megabytes = sum(n * k for n, k in shapes) * 2 / 1e6
-    return {
-        "rows": rows,
-        "weights_mb": round(megabytes),
-        "tiles_ms": ms["tiles"],
-        "tiles_4k_ms": ms["tiles_4k"],
-        "onednn_ms": ms["onednn"],
-        "tiles_gb_s": megabytes / ms["tiles"],
+        "gb_s": megabytes / ms["ours"],
         "max_abs_diff": (out["ours"].float() - out["onednn"].float()).abs().max().item(),
     }
+
+
+def product_table(results: list[dict]) -> str:
+    kernel = results[0]["kernel"]
+    dtype = "" if kernel == "panels" else "bf16 "
+    header = ["rows", f"{dtype}weights MB", f"{kernel} ms", "4 KB pages ms", f"oneDNN {dtype}ms"]
+    header += [f"{kernel}/oneDNN", f"{kernel} GB/s", "max |diff|"]
+    return table(
+        header,
+        [
+            [
+                r["rows"],
+                r["weights_mb"],
+                f"{r['ours_ms']:.2f}",
+                f"{r['ours_4k_ms']:.2f}",
+                f"{r['onednn_ms']:.2f}",
+                f"{r['ours_ms'] / r['onednn_ms']:.2f}x",
+                f"{r['gb_s']:.1f}",
+                f"{r['max_abs_diff']:.1e}",
+            ]
+            for r in results
+        ],
+    )
 
 
 @torch.inference_mode()
@@ -167,64 +166,12 @@ def main() -> None:
     ops = kernels.load()
     if ops is None or ops.panel_width() == 0:
         sys.exit("the engine's kernels are not built for this CPU (no compiler, or no AVX-512)")
-    prods = [products(ops, rows, args.repeats) for rows in args.rows]
-    print(
-        table(
-            [
-                "rows",
-                "weights MB",
-                "panels ms",
-                "4 KB pages ms",
-                "oneDNN ms",
-                "panels/oneDNN",
-                "panels GB/s",
-                "max |diff|",
-            ],
-            [
-                [
-                    r["rows"],
-                    r["weights_mb"],
-                    f"{r['panels_ms']:.2f}",
-                    f"{r['panels_4k_ms']:.2f}",
-                    f"{r['onednn_ms']:.2f}",
-                    f"{r['panels_ms'] / r['onednn_ms']:.2f}x",
-                    f"{r['panels_gb_s']:.1f}",
-                    f"{r['max_abs_diff']:.1e}",
-                ]
-                for r in prods
-            ],
-        )
-    )
-    tiled = [tiles(ops, rows, args.repeats) for rows in args.rows] if ops.tile_ready() else []
+    prods = [products(ops, rows, args.repeats, "panels") for rows in args.rows]
+    print(product_table(prods))
+    tiled = [products(ops, rows, args.repeats, "tiles") for rows in args.rows] if ops.tile_ready() else []
     if tiled:
         print()
-        print(
-            table(
-                [
-                    "rows",
-                    "bf16 weights MB",
-                    "tiles ms",
-                    "4 KB pages ms",
-                    "oneDNN bf16 ms",
-                    "tiles/oneDNN",
-                    "tiles GB/s",
-                    "max |diff|",
-                ],
-                [
-                    [
-                        r["rows"],
-                        r["weights_mb"],
-                        f"{r['tiles_ms']:.2f}",
-                        f"{r['tiles_4k_ms']:.2f}",
-                        f"{r['onednn_ms']:.2f}",
-                        f"{r['tiles_ms'] / r['onednn_ms']:.2f}x",
-                        f"{r['tiles_gb_s']:.1f}",
-                        f"{r['max_abs_diff']:.1e}",
-                    ]
-                    for r in tiled
-                ],
-            )
-        )
+        print(product_table(tiled))
     attn = [
         attention(ops, rows, ragged, dtype, args.repeats)
         for dtype in (torch.float32, torch.bfloat16)

@@ -20,7 +20,7 @@ class OutputHead:
     def __init__(self, linear: nn.Linear, ops=None):
         self.weight = linear.weight
         self.bias = linear.bias
-        usable = packed.available(linear) or packed.panels(ops, linear.weight)
+        usable = packed.available(linear) or packed.kernel(ops, linear.weight) is not None
         self.packed = packed.PackedLinear(linear.weight, linear.bias, ops) if usable else None
 
     @property

@@ -65,11 +65,6 @@ def kernel(ops, weight: torch.Tensor) -> str | None:
     return None
 
 
-def panels(ops, weight: torch.Tensor) -> bool:
-    """Whether the engine's ops (`kernels.load()`, or None) run products of this weight."""
-    return kernel(ops, weight) is not None
-
-
 class PackedLinear(nn.Module):
     """`F.linear(x, weight, bias)` on a copy of `weight` laid out once for its kernel: the engine's
     (`ops` given: float32 panels on AVX-512, bfloat16 tiles on AMX), else oneDNN's reorder."""

@@ -192,11 +192,13 @@ torch::Tensor tile_linear(const torch::Tensor& x, const torch::Tensor& tiles, co
     // The x tiles read 32 inputs at a time: a width short of that is padded with zeros.
     auto input = x.size(1) == depth ? x.contiguous() : torch::zeros({rows, depth}, x.options());
     if (x.size(1) != depth) input.slice(1, 0, x.size(1)).copy_(x);
-    std::optional<torch::Tensor> wide;
-    if (bias.has_value()) wide = torch::zeros({tiles.size(0) * WIDTH}, x.options().dtype(torch::kFloat));
-    if (wide.has_value()) wide->slice(0, 0, out_features).copy_(*bias);
+    torch::Tensor wide;  // the bias in float32, padded to whole panels
+    if (bias.has_value()) {
+      wide = torch::zeros({tiles.size(0) * WIDTH}, x.options().dtype(torch::kFloat));
+      wide.slice(0, 0, out_features).copy_(*bias);
+    }
     products(input.data_ptr<at::BFloat16>(), rows, depth, tiles.data_ptr<at::BFloat16>(), out_features,
-             wide.has_value() ? wide->data_ptr<float>() : nullptr, out.data_ptr<at::BFloat16>());
+             wide.defined() ? wide.data_ptr<float>() : nullptr, out.data_ptr<at::BFloat16>());
   }
 #endif
   return out;
