@@ -89,7 +89,14 @@ def test_an_image_whose_resize_would_explode_is_a_400_before_resizing(serve_url,
 
 def test_a_client_cannot_switch_off_serve_s_disconnect_handling(serve_url):
     """`x-request-disconnect-disabled: ?1` would keep generating after the client left."""
-    body = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 1500, "stream": True}
+    # As long as the tiny model's context allows, with no early end-of-sequence: left alone, its
+    # reply to "Talk." ends in ~1 s, inside the time a busy machine may take to notice the leaving.
+    body = {
+        "messages": [{"role": "user", "content": "Talk."}],
+        "max_tokens": 2000,
+        "min_tokens": 2000,
+        "stream": True,
+    }
     model = serve.get_deployment_handle("LlavaModel", "llava")
     before = model.stats.remote().result()["cancelled"]
     headers = {"x-request-disconnect-disabled": "?1"}
