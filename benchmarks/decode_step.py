@@ -15,8 +15,10 @@ the host); the figure is the median step. A step's arithmetic, from the model's
 config: 2 x (the decoder's linear weights + the output head) x rows, plus attention's 4 x layers
 x heads x head_dim x positions per row. Its bytes: every weight once and each row's keys and
 values; "reads alone" is them at the rate these threads sum 512 MB (on 2 MB pages, as the engine
-keeps its weights and slots), the time a step that did nothing but read would take. Prints a
-table, writes JSON with the commit it ran on.
+keeps its weights and slots), the time a step that did nothing but read would take, and "share at
+reads alone" the share of the GEMM such a step would reach: the most any kernel's step can reach
+on these cores, since every step reads its bytes at least once. Prints a table, writes JSON with
+the commit it ran on.
 """
 
 from __future__ import annotations
@@ -221,6 +223,9 @@ def main() -> None:
         v2_gflops = statistics.median(m["gflops"] for m in got["v2"][rows])
         # The step's reads at the memory's rate, against the step: how near the reads alone it is.
         floor_ms = got["v3"][rows][0]["megabytes"] / read
+        # The share of the GEMM a step would reach if it took only that long (its arithmetic free):
+        # no kernel's share of the GEMM can pass it on these cores.
+        ceiling = v3_gflops * v3_ms / floor_ms / peak
         results["rows"].append(
             {
                 "rows": rows,
@@ -229,6 +234,7 @@ def main() -> None:
                 "v2_gflops": v2_gflops,
                 "v3_gflops": v3_gflops,
                 "reads_ms": floor_ms,
+                "share_at_reads_alone": ceiling,
             }
         )
         lines.append(
@@ -241,6 +247,7 @@ def main() -> None:
                 f"{v3_gflops / peak:.0%}",
                 f"{floor_ms:.1f}",
                 f"{floor_ms / v3_ms:.0%}",
+                f"{ceiling:.0%}",
             ]
         )
         if args.dtype != "float32":
@@ -249,7 +256,7 @@ def main() -> None:
     print(f"{args.dtype} GEMM 2048^3 on {args.threads} threads: {peak:.1f} GFLOP/s (faster of {by_library})")
     print(f"memory read rate (a 512 MB sum): {read:.1f} GB/s")
     headers = ["rows", "v2 ms", "v3 ms", "v3/v2", "v3 GFLOP/s", f"share of {args.dtype} GEMM"]
-    headers += ["reads alone ms", "reads alone / v3"]
+    headers += ["reads alone ms", "reads alone / v3", "share at reads alone"]
     if args.dtype != "float32":
         print(f"float32 GEMM 2048^3: {fp32_peak:.1f} GFLOP/s")
         headers.append("share of fp32 GEMM")
