@@ -1,8 +1,10 @@
 """An image through the vision tower and projector: the checkpoint's own `nn.Linear`s (MKL) next
-to the engine's oneDNN-packed ones, in one process, the sides alternating.
+to them packed for oneDNN and packed for the engine's own kernels (`kernels/products.cpp` in
+float32, `kernels/tiles.cpp` in bfloat16, as the engine runs them), in one process, the sides
+taking turns in a rotated order.
 
     python benchmarks/micro/vision_pack.py                    # small-336 preset and a CLIP-L/14-336 tower
-    python benchmarks/micro/vision_pack.py --towers small-336 --images 4 --repeats 20
+    python benchmarks/micro/vision_pack.py --towers clip-l --dtypes bfloat16 --repeats 20
 
 `small-336` is the tiny checkpoint (576 tokens an image); `clip-l` is LLaVA-1.5's tower shape
 (CLIP ViT-L/14 at 336 px: 24 layers of width 1024, 577 positions) with random weights, built in
@@ -25,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.report import save, table  # noqa: E402
+from benchmarks.report import rotated, save, table  # noqa: E402
+from llava_serve.engine import kernels  # noqa: E402
 from llava_serve.engine.packed import pack_vision  # noqa: E402
 
 
@@ -52,54 +55,74 @@ def load(tower: str):
 
 
 @torch.inference_mode()
-def measure(tower: str, images: int, repeats: int) -> dict:
-    mkl = load(tower)
-    packed = copy.deepcopy(mkl)
-    pack_vision(packed)
+def measure(tower: str, images: int, repeats: int, dtype: torch.dtype) -> dict:
+    mkl = load(tower).to(dtype)
+    onednn, engine = copy.deepcopy(mkl), copy.deepcopy(mkl)
+    pack_vision(onednn)
+    pack_vision(engine, kernels.load())
     size = mkl.config.vision_config.image_size
-    pixels = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0))
-    sides = {"mkl": mkl, "onednn": packed}
+    pixels = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    sides = {"mkl": mkl, "onednn": onednn, "engine": engine}
     times: dict[str, list[float]] = {name: [] for name in sides}
     out = {}
     for r in range(repeats + 2):
-        for name, model in sides.items() if r % 2 else reversed(sides.items()):
+        for name in rotated(list(sides), r):
             start = time.perf_counter()
-            out[name] = model.model.get_image_features(pixel_values=pixels).pooler_output
+            out[name] = sides[name].model.get_image_features(pixel_values=pixels).pooler_output
             if r >= 2:  # the first two are warm-up
                 times[name].append(time.perf_counter() - start)
-    features = [torch.cat(list(out[name])) for name in sides]
+    features = {name: torch.cat(list(out[name])).float() for name in sides}
     ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
     return {
         "tower": tower,
+        "dtype": str(dtype).removeprefix("torch."),
         "images": images,
-        "tokens": features[0].shape[0],
-        "mkl_ms": ms["mkl"],
-        "onednn_ms": ms["onednn"],
-        "max_abs_diff": (features[0] - features[1]).abs().max().item(),
+        "tokens": features["mkl"].shape[0],
+        **{f"{name}_ms": ms[name] for name in sides},
+        "onednn_max_abs_diff": (features["onednn"] - features["mkl"]).abs().max().item(),
+        "engine_max_abs_diff": (features["engine"] - features["mkl"]).abs().max().item(),
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--towers", nargs="+", default=["small-336", "clip-l"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--images", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/vision_pack.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [measure(tower, args.images, args.repeats) for tower in args.towers]
+    rows = [
+        measure(tower, args.images, args.repeats, getattr(torch, dtype))
+        for tower in args.towers
+        for dtype in args.dtypes
+    ]
     print(
         table(
-            ["tower", "images (tokens)", "MKL ms", "oneDNN packed ms", "packed/MKL", "max |diff|"],
+            [
+                "tower",
+                "dtype",
+                "images (tokens)",
+                "MKL ms",
+                "oneDNN packed ms",
+                "engine's kernels ms",
+                "oneDNN/MKL",
+                "engine/oneDNN",
+                "max |diff| oneDNN / engine vs MKL",
+            ],
             [
                 [
                     r["tower"],
+                    r["dtype"],
                     f"{r['images']} ({r['tokens']})",
                     f"{r['mkl_ms']:.1f}",
                     f"{r['onednn_ms']:.1f}",
+                    f"{r['engine_ms']:.1f}",
                     f"{r['onednn_ms'] / r['mkl_ms']:.2f}x",
-                    f"{r['max_abs_diff']:.1e}",
+                    f"{r['engine_ms'] / r['onednn_ms']:.2f}x",
+                    f"{r['onednn_max_abs_diff']:.1e} / {r['engine_max_abs_diff']:.1e}",
                 ]
                 for r in rows
             ],

@@ -10,8 +10,9 @@ order its kernel wants, at every row count: `benchmarks/decode_step.py` measures
 
 The vision tower and the projector are packed as they are (`pack_vision`): an image's patches
 are a few hundred rows, where the kernel's choice matters as much: MKL picks its code by CPU
-vendor and runs AVX2 on AMD's AVX-512 cores, where oneDNN's runs ~2.2x faster at 256-577 rows
-(`benchmarks/micro/vision_pack.py`).
+vendor and runs AVX2 on AMD's AVX-512 cores, where oneDNN's runs ~2.2x faster at 256-577 rows, and
+the engine's own kernels below beat oneDNN there too (a CLIP-L/14 image at 336 px in 0.86x its
+time in float32, 0.89-0.91x in bfloat16; `benchmarks/micro/vision_pack.py`).
 
 Projections of the same input become one product: q, k and v of each attention layer, and the
 gate and up projections of each MLP. The model's own modules still call `q_proj(x)`, `k_proj(x)`,
@@ -159,10 +160,11 @@ def pack_linears(module: nn.Module, ops=None) -> int:
     )
 
 
-def pack_vision(model: nn.Module) -> int:
-    """Pack the linears of a LLaVA-family model's vision tower and projector; returns how many."""
+def pack_vision(model: nn.Module, ops=None) -> int:
+    """Pack the linears of a LLaVA-family model's vision tower and projector, for the engine's ops
+    (`kernels.load()`) where given; returns how many."""
     parts = (getattr(model.model, name, None) for name in VISION_PARTS)
-    return sum(pack_linears(part) for part in parts if part is not None)
+    return sum(pack_linears(part, ops) for part in parts if part is not None)
 
 
 def pack_decoder(decoder: nn.Module, ops=None) -> int:

@@ -77,8 +77,8 @@ class ModelRunner:
         # On CPU its linear layers run on prepacked, fused weights: the engine's product kernel
         # where the ops have it (float32 on AVX-512), else oneDNN (`packed.py`).
         self.packed = pack_decoder(self.decoder, self.ops) > 0
-        # The vision tower and projector too (oneDNN: an image is hundreds of rows, its best case).
-        pack_vision(model)
+        # The vision tower and projector too (an image is hundreds of rows; the same kernels).
+        pack_vision(model, self.ops)
         fuse_norms(self.decoder)
         # A packed Llama-shaped decoder runs a step as straight-line code over them (`decoder.py`).
         self.step_decoder = StepDecoder.of(self.decoder, self.ops)

@@ -72,20 +72,34 @@ def test_the_decoder_s_projections_are_fused_and_packed_and_compute_the_model_s_
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_the_vision_tower_and_projector_are_packed_and_compute_the_model_s_own_features(model, hf_model):
-    """On CPU the image path's linears are oneDNN-packed too, and an image's features are the
-    unpacked model's own `get_image_features`, to float rounding."""
-    WholeRunner(model, 0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_vision_tower_and_projector_run_on_the_engine_s_products_and_compute_the_model_s_own_features(
+    tiny_dir, dtype
+):
+    """On CPU the image path's linears are packed for the engine's kernels too (float32 panels on
+    AVX-512, bfloat16 tiles on AMX, oneDNN elsewhere), and an image's features are the unpacked
+    model's own `get_image_features`, to float rounding."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=dtype).eval()
+    reference = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=dtype).eval()
+    ops = WholeRunner(model, 0).ops
+    if dtype == torch.float32:
+        kernel = "panels" if ops is not None and ops.panel_width() > 0 else None
+    else:
+        kernel = "tiles" if ops is not None and ops.tile_ready() else None
     for part in (model.model.vision_tower, model.model.multi_modal_projector):
-        assert any(isinstance(m, PackedLinear) for m in part.modules())
-        assert not any(type(m) is torch.nn.Linear for m in part.modules())
-    size = hf_model.config.vision_config.image_size
-    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        linears = [m for m in part.modules() if isinstance(m, PackedLinear)]
+        assert linears and not any(type(m) is torch.nn.Linear for m in part.modules())
+        assert all(m.kernel == kernel for m in linears)
+    size = reference.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.inference_mode():
         got = model.model.get_image_features(pixel_values=pixels).pooler_output
-        expected = hf_model.model.get_image_features(pixel_values=pixels).pooler_output
+        expected = reference.model.get_image_features(pixel_values=pixels).pooler_output
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 2e-2}
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g, e, **tolerance)
 
 
 GiB = 1 << 30
