@@ -10,9 +10,10 @@ order its kernel wants, at every row count: `benchmarks/decode_step.py` measures
 
 The vision tower and the projector are packed as they are (`pack_vision`): an image's patches
 are a few hundred rows, where the kernel's choice matters as much: MKL picks its code by CPU
-vendor and runs AVX2 on AMD's AVX-512 cores, where oneDNN's runs ~2.2x faster at 256-577 rows, and
-the engine's own kernels below beat oneDNN there too (a CLIP-L/14 image at 336 px in 0.86x its
-time in float32, 0.89-0.91x in bfloat16; `benchmarks/micro/vision_pack.py`).
+vendor and runs AVX2 on AMD's AVX-512 cores, where oneDNN's runs ~2.2x faster at 256-577 rows.
+Where the engine's own kernels below are built, they run the image path (on an Intel AMX machine,
+a CLIP-L/14 image at 336 px in 0.86x oneDNN's time in float32 and 0.89-0.91x in bfloat16;
+`benchmarks/micro/vision_pack.py`).
 
 Projections of the same input become one product: q, k and v of each attention layer, and the
 gate and up projections of each MLP. The model's own modules still call `q_proj(x)`, `k_proj(x)`,
