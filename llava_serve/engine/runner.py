@@ -74,8 +74,8 @@ class ModelRunner:
         self.decoder = model.get_decoder()
         self.embed_tokens = model.get_input_embeddings()
         self.head = OutputHead(model.get_output_embeddings(), self.ops)
-        # On CPU its linear layers run on prepacked, fused weights: the engine's product kernel
-        # where the ops have it (float32 on AVX-512), else oneDNN (`packed.py`).
+        # On CPU its linear layers run on prepacked, fused weights: the engine's product kernels
+        # where the ops have them (float32 on AVX-512, bfloat16 on AMX), else oneDNN (`packed.py`).
         self.packed = pack_decoder(self.decoder, self.ops) > 0
         # The vision tower and projector too (an image is hundreds of rows; the same kernels).
         pack_vision(model, self.ops)

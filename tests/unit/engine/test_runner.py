@@ -3,6 +3,7 @@ and image features must fit their slots."""
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import inspect
 from collections.abc import Iterator
@@ -74,15 +75,13 @@ def test_the_decoder_s_projections_are_fused_and_packed_and_compute_the_model_s_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_vision_tower_and_projector_run_on_the_engine_s_products_and_compute_the_model_s_own_features(
-    tiny_dir, dtype
+    tiny_dir, hf_model, dtype
 ):
     """On CPU the image path's linears are packed for the engine's kernels too (float32 panels on
     AVX-512, bfloat16 tiles on AMX, oneDNN elsewhere), and an image's features are the unpacked
     model's own `get_image_features`, to float rounding."""
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=dtype).eval()
-    reference = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=dtype).eval()
+    model = fresh_model(tiny_dir).to(dtype)
+    reference = hf_model if dtype == torch.float32 else copy.deepcopy(hf_model).to(dtype)
     ops = WholeRunner(model, 0).ops
     if dtype == torch.float32:
         kernel = "panels" if ops is not None and ops.panel_width() > 0 else None
